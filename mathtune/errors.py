@@ -1,0 +1,41 @@
+"""Errors that reach the user as one line, never as a traceback.
+
+Every input that can be wrong (a flag, a file line, a model spec) raises a ``MathtuneError`` whose
+message names the culprit and the fix; ``mathtune.cli`` prints it as ``error: <message>`` and exits 2.
+"""
+
+
+class MathtuneError(Exception):
+    """A user-facing failure: the message is the whole story (what was wrong and how to fix it)."""
+
+
+class InputError(MathtuneError):
+    """A problem in an input file, located as ``path:line``."""
+
+    def __init__(self, path, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+class ConfigError(MathtuneError):
+    """One or more invalid settings; the message lists every problem at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems: " + "; ".join(self.problems))
+
+
+class TrainingHalted(MathtuneError):
+    """A guard stopped training; the message names the likely cause and the fix."""
+
+    def __init__(self, check: str, message: str, step: int | None = None):
+        self.check = check
+        self.step = step
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"{check}{where}: {message}")
