@@ -1,0 +1,296 @@
+"""Run configurations as dataclasses: one field per setting, its flag and help text beside it.
+
+Settings come from three layers, later wins: the dataclass default, a YAML file (``--config``), the
+command-line flags the user actually typed. ``validate()`` collects every problem and raises once
+(``ConfigError``), so a user fixes a bad command in one go instead of one flag per run.
+
+The CLI flags are generated from the fields (``add_config_arguments``) so a new setting is one new
+field, never a field plus a flag plus a merge rule that can drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mathtune.errors import ConfigError, MathtuneError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+METHODS = ("lora", "full")
+# Fields that are never written to the saved run config (secrets or where to find them).
+SECRET_FIELDS = ("wandb_key_file",)
+
+
+def setting(default, help: str, **flag_options):
+    """A config field with its help text; ``flag_options`` go to ``argparse.add_argument``."""
+    factory = None
+    if isinstance(default, list):
+        factory, default = (lambda d=default: list(d)), dataclasses.MISSING
+    kwargs = {"metadata": {"help": help, **flag_options}}
+    if factory is not None:
+        return field(default_factory=factory, **kwargs)
+    return field(default=default, **kwargs)
+
+
+@dataclass
+class ModelSettings:
+    """Settings shared by every command that loads a model and a task."""
+
+    model: str = setting("smollm2-135m", "model spec: alias (smollm2-135m), hub id, local dir, .gguf file or LoRA adapter dir")
+    task: str = setting("gsm8k", "task name: gsm8k, unit-conversion or file")
+    train_file: str | None = setting(None, "local training data (GSM8K JSONL, or JSONL/JSON/CSV with question,answer)")
+    eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
+    strip_calculator: bool = setting(False, "remove GSM8K calculator annotations <<a*b=c>> from targets")
+    seed: int = setting(42, "random seed (data order, generated tasks, initialisation, sampling)")
+    device: str = setting("auto", "where to run", choices=DEVICES)
+    precision: str = setting("auto", "auto picks bf16/fp16/fp32 from the hardware", choices=PRECISIONS)
+    trust_remote_code: bool = setting(False, "allow model repos to run their own Python code (off by default)")
+    allow_pickle: bool = setting(False, "allow loading pickle (.bin) checkpoints; safetensors is used otherwise")
+
+    def _common_problems(self) -> list[str]:
+        problems = []
+        for flag, path in (("--train-file", self.train_file), ("--eval-file", self.eval_file)):
+            if path is not None and not Path(path).is_file():
+                problems.append(f"{flag} {path}: no such file")
+        if self.task == "file" and self.train_file is None and self.eval_file is None:
+            problems.append("--task file needs --train-file and/or --eval-file")
+        return problems
+
+
+@dataclass
+class TrainConfig(ModelSettings):
+    """Everything ``mathtune train`` needs; saved as mathtune_config.yaml in the run dir."""
+
+    max_samples: int = setting(-1, "training rows to use from the start of the train split (-1: all)")
+    max_length: int = setting(512, "longest tokenized prompt+answer; longer rows are dropped and counted")
+    batch_size: int = setting(8, "rows per micro-batch (per device)")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    num_epochs: float = setting(1.0, "passes over the training rows (ignored when --max-steps is set)")
+    max_steps: int = setting(-1, "optimizer steps to run; overrides --num-epochs when > 0")
+    learning_rate: float = setting(2e-4, "peak learning rate (LoRA default; use ~2e-5 for --full)")
+    lr_scheduler: str = setting("cosine", "transformers scheduler name, e.g. cosine, linear, constant")
+    warmup_ratio: float = setting(0.03, "fraction of steps spent warming up the learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables clipping)")
+    max_time: float | None = setting(None, "time budget in seconds: stop at the next step boundary and save")
+    output_dir: str = setting("runs/latest", "run directory (model, metrics, report)")
+    save_steps: int = setting(0, "write a checkpoint every N optimizer steps (0: only the final model)")
+    save_total_limit: int | None = setting(3, "keep at most this many checkpoints")
+    logging_steps: int = setting(1, "log metrics every N optimizer steps")
+    method: str = setting("lora", "lora (default) or full fine-tuning", choices=METHODS)
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = setting(0.0, "LoRA dropout")
+    target_modules: list[str] = setting(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names LoRA adapts",
+        nargs="+",
+    )
+    gradient_checkpointing: bool = setting(False, "recompute activations to save memory (slower)")
+    resume: str | None = setting(None, "resume from 'auto' (newest complete checkpoint in --output-dir) or a checkpoint dir", nargs="?", const="auto")
+    eval_samples: int = setting(0, "after training, compare base vs trained on N held-out items (0: skip)")
+    eval_batch_size: int = setting(32, "generation batch size for --eval-samples")
+    max_new_tokens: int = setting(256, "generation limit for --eval-samples and collapse samples")
+    sample_every: int = setting(50, "collapse check: generate from fixed prompts every N steps (0: only at the end)")
+    guards: bool = setting(True, "run the preflight and in-training guards (--no-guards only to measure their cost)")
+    wandb: bool = setting(False, "log to Weights & Biases (key from WANDB_API_KEY or --wandb-key-file)")
+    wandb_project: str = setting("mathtune", "W&B project name")
+    wandb_key_file: str | None = setting(None, "file holding the W&B API key (never printed or saved)")
+
+    def validate(self) -> "TrainConfig":
+        problems = self._common_problems()
+        positive = ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "lora_alpha", "logging_steps", "eval_batch_size", "max_new_tokens")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
+        if self.max_samples == 0 or self.max_samples < -1:
+            problems.append(f"--max-samples must be a positive count or -1 for all (got {self.max_samples})")
+        if self.max_steps <= 0 and self.max_steps != -1:
+            problems.append(f"--max-steps must be > 0, or -1 to use --num-epochs (got {self.max_steps})")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            problems.append(f"--num-epochs must be > 0 (got {self.num_epochs})")
+        if not self.learning_rate > 0:
+            problems.append(f"--learning-rate must be > 0 (got {self.learning_rate})")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.max_grad_norm < 0:
+            problems.append(f"--max-grad-norm must be >= 0 (got {self.max_grad_norm})")
+        if self.max_time is not None and self.max_time <= 0:
+            problems.append(f"--max-time must be > 0 seconds (got {self.max_time})")
+        for name in ("save_steps", "eval_samples", "sample_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.method == "lora" and not self.target_modules:
+            problems.append("--target-modules needs at least one module name")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            problems.append(f"--resume {self.resume}: not a checkpoint directory (use --resume auto or a checkpoint-N dir)")
+        if self.wandb_key_file is not None and not Path(self.wandb_key_file).is_file():
+            problems.append(f"--wandb-key-file {self.wandb_key_file}: no such file")
+        if self.eval_samples > 0 and self.task == "file" and self.eval_file is None:
+            problems.append("--eval-samples with --task file needs --eval-file")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    @property
+    def rows_per_step(self) -> int:
+        # batch × accumulation = rows per optimizer step (per device)
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+@dataclass
+class EvalConfig(ModelSettings):
+    """Everything ``mathtune eval`` / ``compare`` need."""
+
+    max_samples: int = setting(200, "held-out items to evaluate from the start of the eval split (-1: all)")
+    all: bool = setting(False, "evaluate the whole eval split (same as --max-samples -1)")
+    batch_size: int = setting(32, "prompts generated together")
+    max_new_tokens: int = setting(256, "longest answer generated")
+    temperature: float = setting(0.0, "0 = greedy; > 0 samples")
+    top_p: float = setting(1.0, "nucleus sampling threshold (with --temperature > 0)")
+    num_samples: int = setting(1, "samples per question for pass@k and maj@k (needs --temperature > 0 when > 1)")
+    stop: list[str] = setting([], "extra stop strings (generation also stops at end-of-turn)", nargs="*")
+    output: str | None = setting(None, "directory for per-item JSONL and summary JSON (default: eval/ in the model's run dir or ./eval)")
+    no_cache: bool = setting(False, "ignore cached per-item results and evaluate again")
+
+    def validate(self) -> "EvalConfig":
+        problems = self._common_problems()
+        if self.all:
+            self.max_samples = -1
+        if self.max_samples == 0 or self.max_samples < -1:
+            problems.append(f"--max-samples must be a positive count or -1 for all (got {self.max_samples})")
+        for name in ("batch_size", "max_new_tokens", "num_samples"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.num_samples > 1 and self.temperature == 0:
+            problems.append("--num-samples > 1 needs --temperature > 0 (greedy samples are all identical)")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
+                         skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field. Every flag defaults to None so we can tell what was typed."""
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip:
+            continue
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool) or f.type in ("bool", bool):
+            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
+            continue
+        kind = _field_type(f)
+        if kind is not None and "type" not in meta and "nargs" not in meta:
+            meta["type"] = kind
+        if "nargs" in meta and kind is not None and kind is not str and "type" not in meta:
+            meta["type"] = kind
+        parser.add_argument(f"--{_flag(f.name)}", default=None, help=f"{help_text} (default: {default})", **meta)
+
+
+def _field_type(f: dataclasses.Field):
+    text = str(f.type)
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if text.startswith(name) or text.startswith(f"list[{name}"):
+            return kind
+    return None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MathtuneError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise MathtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise MathtuneError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Defaults < YAML < typed flags, then validate(). Unknown YAML keys are errors with a suggestion."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    problems = []
+    if yaml_path is not None:
+        for key, value in load_yaml(yaml_path).items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"{yaml_path}: unknown setting '{key}'{hint}")
+                continue
+            problem = _type_problem(names[key], value)
+            if problem:
+                problems.append(f"{yaml_path}: {key}: {problem}")
+                continue
+            values[key] = value
+    if problems:
+        raise ConfigError(problems)
+    for key, value in (overrides or {}).items():
+        if value is not None and key in names:
+            values[key] = value
+    if isinstance(values.get("target_modules"), str):
+        values["target_modules"] = [m.strip() for m in values["target_modules"].split(",") if m.strip()]
+    if isinstance(values.get("stop"), str):
+        values["stop"] = [values["stop"]]
+    config = cls(**values)
+    return config.validate()
+
+
+def _type_problem(f: dataclasses.Field, value: Any) -> str | None:
+    text = str(f.type)
+    if value is None:
+        return None if "None" in text else "must not be empty"
+    if text.startswith("bool"):
+        return None if isinstance(value, bool) else f"expected true/false, got {value!r}"
+    if text.startswith("int"):
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, got {value!r}"
+    if text.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {value!r}"
+    if text.startswith("list"):
+        return None if isinstance(value, (list, str)) else f"expected a list, got {value!r}"
+    if text.startswith("str"):
+        return None if isinstance(value, str) else f"expected a string, got {value!r}"
+    return None
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Build a validated config from parsed flags (and ``--config`` YAML when the parser has it)."""
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return build_config(cls, getattr(args, "config", None), overrides)
+
+
+def to_yaml_dict(config) -> dict[str, Any]:
+    """The resolved config as plain data, without secrets (for mathtune_config.yaml)."""
+    data = dataclasses.asdict(config)
+    for name in SECRET_FIELDS:
+        data.pop(name, None)
+    return data
+
+
+def save_config(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
