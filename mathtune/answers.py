@@ -1,0 +1,153 @@
+"""Answer extraction and judging: pure functions on strings, no model code.
+
+Two scores, as in lm-evaluation-harness's GSM8K task: ``extract_strict`` reads only a ``#### N``
+line (the format we train), ``extract`` also accepts the usual ways a model states a final answer.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+# One number as written in text: optional minus, optional "$", then "1,234" (thousands groups of
+# exactly three digits, so "3,4" is two numbers, not 34) or plain digits, an optional decimal part,
+# and an optional "/denominator" for fractions like 3/4. The minus counts only when it is not
+# preceded by a word character or ")" so that "5-3" reads as 5 and 3, not 5 and -3.
+_NUMBER = (
+    r"(?:(?<![\w)])(?P<neg>[-−]))?\$?(?P<neg2>-)?"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+    r"(?:/(?P<den>\d+(?:\.\d+)?)(?![\d.]))?"
+)
+_NUMBER_RE = re.compile(_NUMBER)
+_WHOLE_NUMBER_RE = re.compile(r"\+?" + _NUMBER + r"%?")
+
+# `####` then the number; only spaces, "$" or "**" (markdown bold) may sit in between.
+_HASHES_RE = re.compile(r"####[ \t*]*" + _NUMBER)
+_BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+# "The answer is 5", "the final answer is: $1,234.", "The answer is **42**".
+_ANSWER_IS_RE = re.compile(
+    r"the\s+(?:final\s+)?answer\s+is\s*[:=]?[ \t*]*(?:\\\(|\$\$?)?[ \t]*" + _NUMBER, re.IGNORECASE
+)
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
+
+METHODS = ("####", "boxed", "answer_is", "answer_tag", "last_number", "none")
+
+
+def _value(match: re.Match) -> float | None:
+    """The float a ``_NUMBER`` match denotes; None for a zero denominator."""
+    value = float(match.group("num").replace(",", ""))
+    if match.group("den") is not None:
+        den = float(match.group("den"))
+        if den == 0:
+            return None
+        value /= den
+    if match.group("neg") or match.group("neg2"):
+        value = -value
+    return value
+
+
+def parse_number(text: str) -> float | None:
+    """``"1,234"`` -> 1234.0, ``"$18.00"`` -> 18.0, ``"3/4"`` -> 0.75, ``"12%"`` -> 12.0; else None."""
+    text = text.strip()
+    # a sentence-final period ("5.") is punctuation, not a decimal point
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    match = _WHOLE_NUMBER_RE.fullmatch(text)
+    return _value(match) if match else None
+
+
+def _first_number(text: str) -> float | None:
+    for match in _NUMBER_RE.finditer(text):
+        value = _value(match)
+        if value is not None:
+            return value
+    return None
+
+
+def extract_strict(text: str) -> float | None:
+    """The number right after the first ``####``; None when that is missing or not a number.
+
+    Only the first occurrence counts: a model that keeps generating after its answer (a new
+    "Question: ..." with its own ``####``) must not change the result.
+    """
+    start = text.find("####")
+    if start < 0:
+        return None
+    match = _HASHES_RE.match(text, start)
+    return _value(match) if match else None
+
+
+def _boxed(text: str) -> float | None:
+    match = _BOXED_RE.search(text)
+    if match is None:
+        return None
+    inner = _FRAC_RE.sub(r"\1/\2", match.group(1))  # \frac{3}{4} -> 3/4
+    inner = inner.replace("\\$", "$").replace("\\,", ",").replace("\\!", "")
+    return _first_number(inner)
+
+
+def extract(text: str) -> tuple[float | None, str]:
+    """Flexible extraction: ``(value, method)`` with method in ``METHODS``, tried in that order.
+
+    Marker-based methods take the first occurrence (text generated after a stated answer is
+    noise); ``last_number`` is the fallback for free-form reasoning that ends on its result.
+    """
+    value = extract_strict(text)
+    if value is not None:
+        return value, "####"
+    value = _boxed(text)
+    if value is not None:
+        return value, "boxed"
+    for match in _ANSWER_IS_RE.finditer(text):
+        value = _value(match)
+        if value is not None:
+            return value, "answer_is"
+    for match in _ANSWER_TAG_RE.finditer(text):
+        value = _first_number(match.group(1))
+        if value is not None:
+            return value, "answer_tag"
+    values = [v for v in map(_value, _NUMBER_RE.finditer(text)) if v is not None]
+    if values:
+        return values[-1], "last_number"
+    return None, "none"
+
+
+def parse_gold(answer_text: str) -> float:
+    """The gold number after ``####`` (to the end of that line); ValueError(reason) otherwise."""
+    start = answer_text.find("####")
+    if start < 0:
+        raise ValueError("no '#### <number>' final line")
+    rest = answer_text[start + 4 :].split("\n", 1)[0].strip()
+    if not rest:
+        raise ValueError("nothing after '####'; write the final number there, e.g. '#### 42'")
+    value = parse_number(rest)
+    if value is None:
+        raise ValueError(f"gold after '####' is not a number: {rest!r}; write e.g. '#### 42'")
+    return value
+
+
+def judge(value: float | None, gold: float, rule: str) -> bool:
+    """Is ``value`` right? ``exact``: equal up to float noise; ``rel_tol=0.05``: within 5 % of gold."""
+    if rule == "exact":
+        tol = 1e-6 * max(1.0, abs(gold))
+    elif rule == "rel_tol=0.05":
+        tol = 0.05 * abs(gold)  # gold 0 -> tolerance 0 -> exact
+    else:
+        raise ValueError(f"unknown judge rule {rule!r}; use 'exact' or 'rel_tol=0.05'")
+    if value is None:
+        return False
+    return abs(value - gold) <= tol
+
+
+def strip_calculator(text: str) -> str:
+    """Remove GSM8K calculator annotations: ``48/2 = <<48/2=24>>24`` -> ``48/2 = 24``."""
+    return _CALCULATOR_RE.sub("", text)
+
+
+def format_number(value: float | Decimal) -> str:
+    """Shortest plain rendering: 3500.0 -> "3500", 0.1 + 0.2 -> "0.3" (6 decimals at most)."""
+    exact = value if isinstance(value, Decimal) else Decimal(str(round(float(value), 6)))
+    text = f"{exact.normalize():f}"
+    return "0" if text == "-0" else text
