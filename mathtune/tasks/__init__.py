@@ -1,0 +1,70 @@
+"""Task registry: a task name -> rows ``Example(id, question, answer_text, gold)`` per split.
+
+Each task module defines one ``Task`` subclass; they are imported on demand so that asking for
+the generated unit-conversion task never imports ``datasets``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mathtune.errors import MathtuneError
+
+TASK_NAMES: list[str] = ["gsm8k", "unit-conversion", "file"]
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str  # stable, e.g. "gsm8k-train-00012" or "file.jsonl:13"
+    question: str
+    answer_text: str  # worked solution ending in "#### N" (the training target)
+    gold: float
+
+
+class Task:
+    """A named source of examples plus the rule that judges answers to them."""
+
+    name: str = ""
+    judge_rule: str = "exact"  # "exact" | "rel_tol=0.05" (see mathtune.answers.judge)
+
+    def __init__(self) -> None:
+        self._cache: dict[str, list[Example]] = {}
+
+    def examples(self, split: str) -> list[Example]:
+        """The full split in a deterministic order; loaded once, then served from memory."""
+        if split not in SPLITS:
+            raise MathtuneError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        if split not in self._cache:
+            self._cache[split] = self._load(split)
+        return list(self._cache[split])  # a copy: callers may shuffle or slice theirs
+
+    def _load(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+
+def get_task(
+    name: str, *, train_file=None, eval_file=None, strip_calculator: bool = False, seed: int = 0
+) -> Task:
+    """Build the task ``name``; file paths are checked when a split is first read."""
+    if name == "gsm8k":
+        from mathtune.tasks.gsm8k import GSM8KTask
+
+        return GSM8KTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator)
+    if name == "unit-conversion":
+        if train_file is not None or eval_file is not None:
+            # silently ignoring the files would train on data the user did not ask for
+            raise MathtuneError(
+                "task 'unit-conversion' is generated and reads no files: drop --train-file/--eval-file,"
+                " or use --task file to train on your own file"
+            )
+        from mathtune.tasks.unit_conversion import UnitConversionTask
+
+        return UnitConversionTask(seed=seed)
+    if name == "file":
+        if train_file is None and eval_file is None:
+            raise MathtuneError("task 'file' needs --train-file and/or --eval-file (JSONL, JSON or CSV)")
+        from mathtune.tasks.files import FileTask
+
+        return FileTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator)
+    raise MathtuneError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")

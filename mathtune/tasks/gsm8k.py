@@ -1,0 +1,154 @@
+"""GSM8K: grade-school math word problems, solutions ending in ``#### N``.
+
+Rows come from local JSONL files in the GSM8K schema (``{"question": ..., "answer": ...}``) or
+from the Hugging Face hub (``openai/gsm8k``, config ``main``; our eval split is its test split).
+The row checks here are shared with the custom-file task (``mathtune.tasks.files``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+from mathtune.answers import format_number, parse_gold, parse_number, strip_calculator
+from mathtune.errors import InputError, MathtuneError
+from mathtune.tasks import Example, Task
+
+HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
+HUB_SPLITS = {"train": "train", "eval": "test"}
+SPLIT_FLAGS = {"train": "--train-file", "eval": "--eval-file"}
+
+
+def read_text(path: Path, flag: str) -> str:
+    """The file's UTF-8 text; a missing or undecodable file is an InputError naming ``flag``."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise InputError(path, None, f"file {what}; check the path given to {flag}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(path, line, "not UTF-8 text; re-save the file as UTF-8") from err
+
+
+def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """``(line_number, parsed_value)`` per non-blank line (1-based); broken JSON is an error."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines separate nothing and hold no data: allowed
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(
+                path, number, f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
+            ) from err
+
+
+def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, float]:
+    """Validate one ``{question, answer}`` row -> ``(question, answer_text, gold)``.
+
+    Raises ValueError(reason) with the fix; the caller adds the file and line. With
+    ``bare_number_ok`` an answer that is just a number becomes the target ``"#### N"``.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object with 'question' and 'answer', got {type(row).__name__}")
+    missing = [key for key in ("question", "answer") if row.get(key) is None]
+    if missing:
+        names = " and ".join(repr(key) for key in missing)
+        raise ValueError(f"missing {names}; every row needs both 'question' and 'answer'")
+    question, answer = row["question"], row["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("'question' must be a non-empty string")
+    if bare_number_ok and isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):
+            raise ValueError(f"'answer' {answer} is not a finite number")
+        return question.strip(), f"#### {format_number(answer)}", float(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("'answer' must be a non-empty string ending in '#### <number>'")
+    answer = answer.strip()
+    if "####" not in answer:
+        if bare_number_ok:
+            value = parse_number(answer)
+            if value is None:
+                raise ValueError(
+                    f"'answer' {answer[:40]!r} is neither a solution ending in '#### <number>' nor a bare number"
+                )
+            return question.strip(), f"#### {format_number(value)}", value
+        raise ValueError("'answer' has no final '#### <number>' line; end the solution with e.g. '#### 42'")
+    if answer.count("####") > 1:
+        raise ValueError("'answer' has more than one '####'; keep only the final '#### <number>' line")
+    gold = parse_gold(answer)
+    if "\n" in answer.split("####", 1)[1]:
+        # a target that goes on after its answer teaches the model to keep talking
+        raise ValueError("text after the '#### <number>' line; the final answer must be the last line")
+    return question.strip(), answer, gold
+
+
+def make_example(
+    example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False
+) -> Example:
+    """``check_row`` plus optional calculator stripping; ValueError(reason) on a bad row."""
+    question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok)
+    if strip_calc:
+        answer_text = strip_calculator(answer_text)
+    return Example(id=example_id, question=question, answer_text=answer_text, gold=gold)
+
+
+def require_rows(path: Path, examples: list[Example], hint: str) -> list[Example]:
+    """An input with no data is an error: training or scoring on nothing proves nothing."""
+    if not examples:
+        raise InputError(path, None, f"no examples: the file is empty; {hint}")
+    return examples
+
+
+def read_jsonl_examples(path: Path, flag: str, *, strip_calc: bool, bare_number_ok: bool = False) -> list[Example]:
+    """Examples from a JSONL file, ids ``"<filename>:<line>"``; any bad line is an InputError."""
+    examples = []
+    for number, row in iter_jsonl(path, read_text(path, flag)):
+        try:
+            examples.append(make_example(f"{path.name}:{number}", row, strip_calc=strip_calc, bare_number_ok=bare_number_ok))
+        except ValueError as err:
+            raise InputError(path, number, str(err)) from err
+    return require_rows(path, examples, "write one JSON object per line with 'question' and 'answer'")
+
+
+def load_hub_rows(split: str) -> list[dict]:
+    """GSM8K rows from the hub; any failure (offline, renamed dataset) becomes one clear line."""
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(HUB_ID, HUB_CONFIG, split=HUB_SPLITS[split]))
+    except Exception as err:  # network, auth and schema errors all end the same way for the user
+        raise MathtuneError(
+            f"could not load GSM8K from the Hugging Face hub ({HUB_ID}: {type(err).__name__}); "
+            "offline? pass --train-file/--eval-file with GSM8K JSONL"
+        ) from err
+
+
+class GSM8KTask(Task):
+    name = "gsm8k"
+    judge_rule = "exact"
+
+    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False):
+        super().__init__()
+        self.files = {"train": train_file, "eval": eval_file}
+        self.strip_calculator = strip_calculator
+
+    def _load(self, split: str) -> list[Example]:
+        path = self.files[split]
+        if path is not None:
+            return read_jsonl_examples(Path(path), SPLIT_FLAGS[split], strip_calc=self.strip_calculator)
+        if any(self.files.values()):
+            # mixing a local file with the hub would silently change the data source
+            raise MathtuneError(f"no {split} data: pass {SPLIT_FLAGS[split]} (GSM8K JSONL) as well")
+        hub_split = HUB_SPLITS[split]
+        examples = []
+        for index, row in enumerate(load_hub_rows(split)):
+            try:
+                examples.append(make_example(f"gsm8k-{hub_split}-{index:05d}", row, strip_calc=self.strip_calculator))
+            except ValueError as err:
+                raise MathtuneError(f"{HUB_ID} {hub_split} row {index}: {err}") from err
+        return examples
