@@ -1,0 +1,44 @@
+"""``mathtune data``: show exactly what training will see, before spending time on it."""
+
+from __future__ import annotations
+
+import argparse
+
+from mathtune.config import TrainConfig, add_config_arguments, config_from_args
+from mathtune.data import is_chat_model, prepare_examples, render_supervised, take
+from mathtune.models import load_tokenizer
+from mathtune.tasks import get_task
+
+FLAGS = ("model", "task", "train_file", "strip_calculator", "seed", "max_length", "max_samples", "trust_remote_code")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with settings (flags win)")
+    add_config_arguments(parser, TrainConfig, only=FLAGS)
+    parser.add_argument("--show", type=int, default=1, help="rendered examples to print (default: 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(TrainConfig, args)
+    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
+                    strip_calculator=config.strip_calculator, seed=config.seed)
+    examples = take(task.examples("train"), config.max_samples, "train")
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    rows, stats = prepare_examples(examples, tokenizer, config.max_length)
+    style = "chat template" if is_chat_model(tokenizer) else "plain 'Question: ... Answer:' prompt"
+    print(f"task {config.task} (train split), model {config.model} ({style}), --max-length {config.max_length}")
+    print(f"rows: read {stats.read}, kept {stats.kept}, dropped {stats.dropped_total}")
+    for reason, count in stats.dropped.items():
+        ids = ", ".join(stats.dropped_ids[reason][:5])
+        print(f"  dropped {count}: {reason} (e.g. {ids})")
+    for which in ("prompt", "completion"):
+        pct = stats.percentiles(which)
+        print(f"{which + ' tokens:':<19}" + "  ".join(f"{k} {v}" for k, v in pct.items()))
+    per_row = [row.supervised_tokens for row in rows]
+    print(f"supervised tokens per row: mean {sum(per_row) / len(per_row):.1f}, min {min(per_row)}, "
+          f"max {max(per_row)}; total {sum(per_row)}")
+    for row in rows[: max(args.show, 0)]:
+        print(f"\nrow {row.id}: non-masked labels: {row.supervised_tokens} of {len(row.input_ids)} tokens")
+        print("rendered, supervised span between \u27e6 \u27e7:")
+        print(render_supervised(tokenizer, row))
+    return 0

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and a tiny random-weight Llama built on it.
+
+The tiny model (2 layers, hidden 32) has the real vocabulary and chat template, so every code path
+(formatting, masking, generation stop tokens, LoRA targets) is the real one, yet a training step
+takes milliseconds. Nothing is downloaded: the tokenizer comes from the bundled GGUF, converted
+once into the mathtune cache.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from mathtune.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def tokenizer(smol_tokenizer):
+    """A private copy, so a test may change padding side or the template without leaking."""
+    return copy.deepcopy(smol_tokenizer)
+
+
+@pytest.fixture
+def base_tokenizer(smol_tokenizer):
+    """The same vocabulary without a chat template: exercises the plain 'Question: ... Answer:' path."""
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A saved tiny model dir: a valid `--model` spec for the CLI and mathtune.load()."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(smol_tokenizer).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(smol_tokenizer):
+    return build_tiny_model(smol_tokenizer)
+
+
+@pytest.fixture
+def gsm8k_file():
+    if not SHARED_GSM8K.is_file():
+        pytest.skip("shared GSM8K training file not present")
+    return SHARED_GSM8K
