@@ -1,0 +1,230 @@
+"""The failure zoo: every known way fine-tuning fails silently, reproduced on the tiny model through
+``training.setup``/``training.run``, and caught by the guards with a message that names the fix.
+
+For each failure the test checks three things:
+  * the run stops with ``TrainingHalted`` naming the right check and fix;
+  * it stops within one optimizer step of the failure (the poisoned step is never applied; a
+    collapse is caught at the next sample check);
+  * no weights with NaN/inf are written: every ``*.safetensors`` under the run dir (checkpoints
+    and final model) is read back and must be finite, and no final model is saved after a halt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mathtune import guards, training
+from mathtune.config import TrainConfig
+from mathtune.data import IGNORE_INDEX, PreparedRow, RowDataset
+from mathtune.errors import TrainingHalted
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _write_task(tmp_path: Path) -> tuple[str, str]:
+    """Train/eval JSONL files of small sums: the zoo depends on no task generator."""
+    paths = []
+    for split, offset in (("train", 0), ("eval", 100)):
+        path = tmp_path / f"{split}.jsonl"
+        lines = []
+        for i in range(offset, offset + 40):
+            a, b = i + 3, 2 * i + 1
+            lines.append(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}))
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def _config(model_dir: Path, tmp_path: Path, **overrides) -> TrainConfig:
+    train_file, eval_file = _write_task(tmp_path)
+    settings = dict(model=str(model_dir), task="file", train_file=train_file, eval_file=eval_file,
+                    max_samples=32, batch_size=4, max_steps=4,
+                    save_steps=1, save_total_limit=None, sample_every=0, logging_steps=1, device="cpu",
+                    precision="fp32", output_dir=str(tmp_path / "run"))
+    settings.update(overrides)
+    return TrainConfig(**settings).validate()
+
+
+def _saved_weights(run_dir: Path) -> list[Path]:
+    """Every safetensors file under the run dir, each asserted all-finite."""
+    files = sorted(Path(run_dir).rglob("*.safetensors"))
+    for path in files:
+        for name, tensor in load_file(str(path)).items():
+            assert torch.isfinite(tensor).all(), f"{path}: {name} holds NaN/inf"
+    return files
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in Path(run_dir).glob("checkpoint-*"))
+
+
+def _assert_halted_cleanly(session, halted: TrainingHalted, *, last_good_step: int) -> None:
+    run_dir = session.run_dir
+    # the failing step is never applied: the trainer's count stops at the last good step
+    assert session.trainer.state.global_step == last_good_step
+    assert halted.step in (last_good_step, last_good_step + 1)
+    assert _checkpoints(run_dir) == [f"checkpoint-{s}" for s in range(1, last_good_step + 1)]
+    # no final model after a halt; what was saved (checkpoints) is finite, as are the live weights
+    assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "model.safetensors").exists()
+    assert len(_saved_weights(run_dir)) == last_good_step
+    assert all(torch.isfinite(p).all() for p in session.model.parameters())
+
+
+def _poison_at(session, step: int, transform):
+    """Apply ``transform`` to the first decoder MLP's output while training computes optimizer step ``step``."""
+    trainer = session.trainer
+
+    def hook(module, inputs, output):
+        if module.training and trainer.state.global_step == step - 1:
+            return transform(output)
+        return output
+
+    mlp = session.model.get_base_model().model.layers[0].mlp
+    return mlp.register_forward_hook(hook)
+
+
+def test_nan_injected_mid_run_is_stopped_before_the_update(tiny_model_dir, tmp_path):
+    session = training.setup(_config(tiny_model_dir, tmp_path, learning_rate=1e-3))
+    _poison_at(session, 3, lambda out: out * float("nan"))
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "nonfinite_loss" and exc.value.step == 3
+    assert "loss/gradients diverged: lower --learning-rate (now 0.001), keep --max-grad-norm 1.0" in str(exc.value)
+    _assert_halted_cleanly(session, exc.value, last_good_step=2)
+
+
+def test_forced_fp16_overflow_names_bf16_or_fp32(tiny_model_dir, tmp_path):
+    """CPU cannot train in fp16 (setup refuses it), so the guard is told the run is fp16, as it is on a
+    CUDA fp16 run without loss scaling, and the overflow is real fp16 arithmetic: activations scaled past
+    fp16's maximum (65504) and rounded through half precision become inf, then NaN after the norm."""
+    session = training.setup(_config(tiny_model_dir, tmp_path))
+    numeric = next(cb for cb in session.callbacks["guards"] if isinstance(cb, guards.NumericGuard))
+    numeric.precision = "fp16"
+    # activations growing until their largest is 1e5, past fp16's max, then rounded to half precision
+    overflow = lambda out: (out * (1e5 / out.abs().max())).half().float()
+    _poison_at(session, 2, overflow)
+    # the same activations are finite in fp32: it is the fp16 range that overflows
+    probe = session.model.get_base_model().model.layers[0].mlp(torch.randn(1, 3, 32))
+    assert torch.isfinite(probe * (1e5 / probe.abs().max())).all() and not torch.isfinite(overflow(probe)).all()
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "nonfinite_loss" and exc.value.step == 2
+    assert "fp16 overflow: use --precision bf16 or fp32" in str(exc.value)
+    _assert_halted_cleanly(session, exc.value, last_good_step=1)
+
+
+def _truncated_rows(rows: list[PreparedRow]) -> list[PreparedRow]:
+    """What naive truncation to the prompt length does: the answers are cut away, every label -100."""
+    return [PreparedRow(r.id, r.input_ids[: r.prompt_len], [IGNORE_INDEX] * r.prompt_len, r.prompt_len) for r in rows]
+
+
+def _replace_rows(session, rows: list[PreparedRow]) -> None:
+    session.rows = rows
+    session.trainer.train_dataset = RowDataset(rows)
+
+
+def test_every_label_masked_is_refused_by_preflight(tiny_model_dir, tmp_path):
+    session = training.setup(_config(tiny_model_dir, tmp_path))
+    _replace_rows(session, _truncated_rows(session.rows))
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "supervised_tokens"
+    assert "every label -100: answers truncated away" in str(exc.value) and "raise --max-length" in str(exc.value)
+    assert session.trainer.state.global_step == 0 and _saved_weights(session.run_dir) == []
+
+
+def test_every_label_masked_mid_training_stops_at_that_step(tiny_model_dir, tmp_path):
+    """Rows that reach the trainer without passing preflight (the in-training guard alone)."""
+    session = training.setup(_config(tiny_model_dir, tmp_path))
+    _replace_rows(session, _truncated_rows(session.rows))
+    with pytest.raises(TrainingHalted) as exc:
+        session.trainer.train()
+    assert exc.value.check == "zero_supervised_tokens" and exc.value.step == 1
+    assert guards.ZERO_SUPERVISED_MESSAGE in str(exc.value)
+    assert session.trainer.state.global_step == 0 and _saved_weights(session.run_dir) == []
+
+
+def test_pre_shifted_labels_are_refused(tiny_model_dir, tmp_path):
+    session = training.setup(_config(tiny_model_dir, tmp_path))
+    shifted = []
+    for r in session.rows:
+        labels = [IGNORE_INDEX] * len(r.input_ids)
+        for i in range(r.prompt_len - 1, len(r.input_ids) - 1):
+            labels[i] = r.input_ids[i + 1]  # "helpfully" shifted for next-token prediction
+        shifted.append(PreparedRow(r.id, r.input_ids, labels, r.prompt_len))
+    _replace_rows(session, shifted)
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "labels_aligned"
+    assert "labels are pre-shifted by one; the model shifts them itself: pass unshifted labels" in str(exc.value)
+    assert session.trainer.state.global_step == 0 and _saved_weights(session.run_dir) == []
+
+
+def _nan_logits(session, *, only_in_eval: bool):
+    head = session.model.get_base_model().lm_head
+
+    def hook(module, inputs, output):
+        if only_in_eval and module.training:
+            return output
+        return output * float("nan")
+
+    return head.register_forward_hook(hook)
+
+
+def test_nan_logits_are_refused_by_preflight_and_by_the_first_step(tiny_model_dir, tmp_path):
+    session = training.setup(_config(tiny_model_dir, tmp_path))
+    _nan_logits(session, only_in_eval=False)
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "forward_backward" and "non-finite loss (nan)" in str(exc.value)
+    # without preflight, the in-training guard stops the very first step, before its update
+    with pytest.raises(TrainingHalted) as exc:
+        session.trainer.train()
+    assert exc.value.check == "nonfinite_loss" and exc.value.step == 1
+    assert session.trainer.state.global_step == 0 and _saved_weights(session.run_dir) == []
+
+
+def test_nan_logits_at_inference_are_caught_by_the_collapse_detector(tiny_model_dir, tmp_path):
+    """Training numerics fine, generation broken (NaN logits in eval mode only): the loss guards see
+    nothing; the collapse detector sees empty output (greedy picks token 0, end-of-text in SmolLM2)."""
+    session = training.setup(_config(tiny_model_dir, tmp_path, sample_every=1))
+    _nan_logits(session, only_in_eval=True)
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "collapse" and exc.value.step == 2  # the second sample check
+    message = str(exc.value)
+    assert "model collapsed: outputs are empty" in message and "likely NaN logits" in message
+    samples = [json.loads(l) for l in (session.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and len(samples) == 2 * len(session.sample_prompts)
+    assert all(s["output"] == "" and "empty" in s["flags"] for s in samples)
+    # stopped in on_step_end of step 2, before that step's checkpoint was written
+    assert _checkpoints(session.run_dir) == ["checkpoint-1"]
+    assert not (session.run_dir / "adapter_model.safetensors").exists()
+    assert len(_saved_weights(session.run_dir)) == 1
+
+
+def test_peft_model_without_label_names_is_refused(tiny_model_dir, tmp_path):
+    session = training.setup(_config(tiny_model_dir, tmp_path))
+    session.trainer.args.label_names = None  # the Trainer default
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check == "label_names"
+    assert "PEFT models hide the forward signature, so Trainer ignores the labels: set label_names=['labels']" in str(exc.value)
+    assert session.trainer.state.global_step == 0 and _saved_weights(session.run_dir) == []
+
+
+def test_exploding_learning_rate_is_stopped_before_nan_reaches_the_weights(tiny_model_dir, tmp_path):
+    session = training.setup(_config(tiny_model_dir, tmp_path, learning_rate=1000.0, max_steps=8))
+    with pytest.raises(TrainingHalted) as exc:
+        training.run(session)
+    assert exc.value.check in ("nonfinite_loss", "nonfinite_grad")
+    assert "lower --learning-rate (now 1000)" in str(exc.value)
+    # it diverged after a few updates (not at once), and the diverging step was not applied
+    last_good = session.trainer.state.global_step
+    assert 1 <= last_good < 8 and exc.value.step == last_good + 1
+    _assert_halted_cleanly(session, exc.value, last_good_step=last_good)
