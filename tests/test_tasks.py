@@ -128,7 +128,8 @@ def test_missing_file_names_the_flag(tmp_path):
 
 def test_non_utf8_file_reports_the_line(tmp_path):
     path = tmp_path / "latin.jsonl"
-    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + '{"question": "caf\xe9?", "answer": "#### 1"}'.encode("latin-1"))
+    latin = '{"question": "caf\xe9?", "answer": "#### 1"}'.encode("latin-1")
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + latin)
     with pytest.raises(InputError, match="not UTF-8") as info:
         get_task("gsm8k", train_file=path).examples("train")
     assert info.value.line == 2
@@ -188,7 +189,8 @@ def test_shared_gsm8k_file_through_get_task():
 
 
 def test_file_task_jsonl_accepts_bare_numbers(tmp_path):
-    path = write_jsonl(tmp_path / "mine.jsonl", [{"question": "2+2?", "answer": "4"}, {"question": "Half of 5?", "answer": 2.5}, ROWS[0]])
+    bare = [{"question": "2+2?", "answer": "4"}, {"question": "Half of 5?", "answer": 2.5}]
+    path = write_jsonl(tmp_path / "mine.jsonl", bare + ROWS[:1])
     task = get_task("file", train_file=path)
     assert task.name == "file" and task.judge_rule == "exact"
     rows = task.examples("train")
@@ -277,7 +279,8 @@ def test_file_task_empty_csv(tmp_path, text):
 def test_file_task_unknown_extension(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text("Q? 1\n", encoding="utf-8")
-    with pytest.raises(MathtuneError, match=r"unsupported file type '\.txt' for --train-file; use one of \.jsonl, \.json, \.csv"):
+    expected = r"unsupported file type '\.txt' for --train-file; use one of \.jsonl, \.json, \.csv"
+    with pytest.raises(MathtuneError, match=expected):
         get_task("file", train_file=path).examples("train")
 
 
@@ -340,14 +343,18 @@ def test_unit_conversion_every_category_in_both_splits(uc_splits):
 
 
 def test_unit_conversion_both_directions_present(uc_splits):
-    _, train, _ = uc_splits
-    pairs = {_step_units(r) for r in train}
-    for a, b in [("km", "m"), ("GB", "MB"), ("°C", "°F"), ("°C", "K"), ("in", "cm"), ("m/s", "km/h"), ("h", "min")]:
-        assert (a, b) in pairs and (b, a) in pairs, (a, b)
+    _, train, evals = uc_splits
+    keys = {c.key for conversions in uc.CONVERSIONS.values() for c in conversions}
+    for key in keys:  # every unit pair is offered both ways round
+        src, dst = key.split("->")
+        assert f"{dst}->{src}" in keys, key
+    assert {"->".join(_step_units(r)) for r in train} == keys
+    # eval draws ~1/11 of each pair's problems: a pair with few problems may have none there
+    assert len({"->".join(_step_units(r)) for r in evals}) >= len(keys) - 2
 
 
 STEP = re.compile(r"^(?P<expr>.+?) = (?P<result>-?[\d.]+) (?P<unit>\S+)$")
-UNIT = re.compile(r"[A-Za-z°]+(?:/[A-Za-z°]+)*")
+UNIT = re.compile(r"[A-Za-z°³]+(?:/[A-Za-z°³]+)*")
 
 
 def _step_units(row):

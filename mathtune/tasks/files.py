@@ -1,8 +1,8 @@
 """Task "file": your own problems from JSONL, a JSON list, or CSV (columns question, answer).
 
 The answer is a worked solution ending in ``#### N`` or a bare number (target ``"#### N"``).
-Row checks are GSM8K's (``mathtune.tasks.gsm8k.check_row``), so both tasks accept and reject
-exactly the same rows. Locations: JSONL and CSV by line (the CSV header is line 1), JSON by item.
+Rows are checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task accepts is
+one the gsm8k task accepts too. Locations: JSONL and CSV by line (the CSV header is line 1), JSON by item.
 """
 
 from __future__ import annotations
@@ -11,34 +11,30 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Iterator
 
 from mathtune.errors import InputError, MathtuneError
 from mathtune.tasks import Example, Task
-from mathtune.tasks.gsm8k import SPLIT_FLAGS, make_example, read_jsonl_examples, read_text, require_rows
+from mathtune.tasks.gsm8k import SPLIT_FLAGS, build_examples, read_jsonl_examples, read_text
 
 SUPPORTED = (".jsonl", ".json", ".csv")
 
 
-def _read_json_list(path: Path, flag: str, strip_calc: bool) -> list[Example]:
-    text = read_text(path, flag)
+def _json_items(path: Path, text: str) -> list:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(path, err.lineno, f"not valid JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(items, list):
-        raise InputError(path, None, f"expected a JSON list of objects, got {type(items).__name__}; use .jsonl for one object per line")
-    examples = []
-    for number, item in enumerate(items, start=1):  # "item 1" is the first, as a person counts
-        try:
-            examples.append(make_example(f"{path.name}:{number}", item, strip_calc=strip_calc, bare_number_ok=True))
-        except ValueError as err:
-            raise InputError(path, None, f"item {number}: {err}") from err
-    return require_rows(path, examples, "write a list of objects with 'question' and 'answer'")
+        kind = type(items).__name__
+        raise InputError(path, None, f"expected a JSON list of objects, got {kind}; use .jsonl for one object per line")
+    return items
 
 
-def _read_csv(path: Path, flag: str, strip_calc: bool) -> list[Example]:
-    reader = csv.reader(io.StringIO(read_text(path, flag), newline=""))
-    examples, header, end = [], None, 0
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """``(line, {column: value})`` per record; the header is line 1, blank lines are skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, end = None, 0
     for record in reader:
         # a quoted field may span lines: report the line the record starts on
         number, end = end + 1, reader.line_num
@@ -50,13 +46,9 @@ def _read_csv(path: Path, flag: str, strip_calc: bool) -> list[Example]:
                 raise InputError(path, number, f"header must name the columns 'question' and 'answer', found {header}")
             continue
         if len(record) > len(header):
-            raise InputError(path, number, f"{len(record)} fields but the header has {len(header)}; quote fields that contain commas")
-        row = dict(zip(header, record))
-        try:
-            examples.append(make_example(f"{path.name}:{number}", row, strip_calc=strip_calc, bare_number_ok=True))
-        except ValueError as err:
-            raise InputError(path, number, str(err)) from err
-    return require_rows(path, examples, "write a header row 'question,answer' and one row per problem")
+            reason = f"{len(record)} fields but the header has {len(header)}; quote fields that contain commas"
+            raise InputError(path, number, reason)
+        yield number, dict(zip(header, record))  # a short record lacks 'answer': check_row reports it
 
 
 def read_examples(path, flag: str, *, strip_calc: bool = False) -> list[Example]:
@@ -66,10 +58,15 @@ def read_examples(path, flag: str, *, strip_calc: bool = False) -> list[Example]
     if suffix == ".jsonl":
         return read_jsonl_examples(path, flag, strip_calc=strip_calc, bare_number_ok=True)
     if suffix == ".json":
-        return _read_json_list(path, flag, strip_calc)
+        items = enumerate(_json_items(path, read_text(path, flag)), start=1)  # "item 1" is the first
+        hint = "write a list of objects with 'question' and 'answer'"
+        return build_examples(path, items, strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True)
     if suffix == ".csv":
-        return _read_csv(path, flag, strip_calc)
-    raise MathtuneError(f"{path}: unsupported file type {suffix or '(none)'!r} for {flag}; use one of {', '.join(SUPPORTED)}")
+        rows = _csv_rows(path, read_text(path, flag))
+        hint = "write a header row 'question,answer' and one row per problem"
+        return build_examples(path, rows, strip_calc=strip_calc, bare_number_ok=True, hint=hint)
+    kind = suffix or "(none)"
+    raise MathtuneError(f"{path}: unsupported file type {kind!r} for {flag}; use one of {', '.join(SUPPORTED)}")
 
 
 class FileTask(Task):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from mathtune.answers import format_number, parse_gold, parse_number, strip_calculator
 from mathtune.errors import InputError, MathtuneError
@@ -42,9 +42,8 @@ def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(
-                path, number, f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
-            ) from err
+            reason = f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
+            raise InputError(path, number, reason) from err
 
 
 def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, float]:
@@ -73,9 +72,8 @@ def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, f
         if bare_number_ok:
             value = parse_number(answer)
             if value is None:
-                raise ValueError(
-                    f"'answer' {answer[:40]!r} is neither a solution ending in '#### <number>' nor a bare number"
-                )
+                raise ValueError(f"'answer' {answer[:40]!r} is neither a solution ending in '#### <number>'"
+                                 " nor a bare number")
             return question.strip(), f"#### {format_number(value)}", value
         raise ValueError("'answer' has no final '#### <number>' line; end the solution with e.g. '#### 42'")
     if answer.count("####") > 1:
@@ -87,9 +85,7 @@ def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, f
     return question.strip(), answer, gold
 
 
-def make_example(
-    example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False
-) -> Example:
+def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False) -> Example:
     """``check_row`` plus optional calculator stripping; ValueError(reason) on a bad row."""
     question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok)
     if strip_calc:
@@ -97,22 +93,34 @@ def make_example(
     return Example(id=example_id, question=question, answer_text=answer_text, gold=gold)
 
 
-def require_rows(path: Path, examples: list[Example], hint: str) -> list[Example]:
-    """An input with no data is an error: training or scoring on nothing proves nothing."""
-    if not examples:
+def build_examples(
+    path: Path, numbered_rows: Iterable[tuple[int, object]], *, strip_calc: bool, bare_number_ok: bool,
+    hint: str, by_item: bool = False,
+) -> list[Example]:
+    """Examples with ids ``"<filename>:<number>"``; a bad row is an InputError at its line.
+
+    ``by_item``: numbers are JSON list positions, reported as "item N" rather than as lines.
+    """
+    examples = []
+    for number, row in numbered_rows:
+        try:
+            examples.append(
+                make_example(f"{path.name}:{number}", row, strip_calc=strip_calc, bare_number_ok=bare_number_ok)
+            )
+        except ValueError as err:
+            if by_item:
+                raise InputError(path, None, f"item {number}: {err}") from err
+            raise InputError(path, number, str(err)) from err
+    if not examples:  # training or scoring on nothing proves nothing
         raise InputError(path, None, f"no examples: the file is empty; {hint}")
     return examples
 
 
 def read_jsonl_examples(path: Path, flag: str, *, strip_calc: bool, bare_number_ok: bool = False) -> list[Example]:
-    """Examples from a JSONL file, ids ``"<filename>:<line>"``; any bad line is an InputError."""
-    examples = []
-    for number, row in iter_jsonl(path, read_text(path, flag)):
-        try:
-            examples.append(make_example(f"{path.name}:{number}", row, strip_calc=strip_calc, bare_number_ok=bare_number_ok))
-        except ValueError as err:
-            raise InputError(path, number, str(err)) from err
-    return require_rows(path, examples, "write one JSON object per line with 'question' and 'answer'")
+    """Examples from a JSONL file, one object per line; any bad line is an InputError."""
+    rows = iter_jsonl(path, read_text(path, flag))
+    hint = "write one JSON object per line with 'question' and 'answer'"
+    return build_examples(path, rows, strip_calc=strip_calc, bare_number_ok=bare_number_ok, hint=hint)
 
 
 def load_hub_rows(split: str) -> list[dict]:
@@ -149,6 +157,6 @@ class GSM8KTask(Task):
         for index, row in enumerate(load_hub_rows(split)):
             try:
                 examples.append(make_example(f"gsm8k-{hub_split}-{index:05d}", row, strip_calc=self.strip_calculator))
-            except ValueError as err:
+            except ValueError as err:  # the hub schema changed under us
                 raise MathtuneError(f"{HUB_ID} {hub_split} row {index}: {err}") from err
         return examples
