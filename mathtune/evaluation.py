@@ -1,0 +1,421 @@
+"""Evaluation: generate for held-out items, judge each output, write the per-item log and a summary.
+
+Two entry points:
+
+  evaluate_items(examples, generate, judge_rule)   any generator callable (questions -> list of
+                                                   completions per question); pure, used by tests
+  evaluate_model(spec, config, output_dir)         loads the model, runs the batched Generator,
+                                                   caches the generations, writes the files
+
+Scores, as in lm-evaluation-harness's GSM8K task:
+  accuracy         flexible extraction (``answers.extract``) of the first sample, judged by the task's rule
+  strict_accuracy  only a ``#### N`` line counts (``answers.extract_strict``): the trained format
+  answer_rate      fraction of items where any number could be extracted at all
+  pass_at_k        (k > 1) fraction of items where at least one of the k samples is right
+  maj_at_k         (k > 1) fraction where the most common extracted value (ties: earliest sample) is right
+
+File formats (read by comparison.py and report.py) are in the module constants' docstrings below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mathtune.answers import extract, extract_strict, judge
+from mathtune.errors import MathtuneError
+from mathtune.generate import GenerationSettings
+
+# Bumped when the cached payload (generations) changes meaning; part of every cache key.
+CACHE_VERSION = 1
+
+# Files in a model dir that decide what it generates: weights, architecture, tokenizer, template.
+# Other files in a run dir (metrics.jsonl, eval/, checkpoints) change without changing the model.
+_IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".gguf", ".safetensors.index.json")
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def _finite(value: float | None) -> float | None:
+    # A 400-digit "number" parses to inf, which JSON cannot hold and no gold equals: no answer.
+    return value if value is not None and math.isfinite(value) else None
+
+
+def majority_value(values: Sequence[float | None]) -> float | None:
+    """Most common non-null value; a tie goes to the value seen first (the earliest sample)."""
+    counts = Counter(v for v in values if v is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(v for v in values if v is not None and counts[v] == best)
+
+
+def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: Sequence[int] | None = None) -> dict:
+    """The per-item log record for one example and its sampled outputs (first = the scored one)."""
+    judged = []
+    for text in outputs:
+        value, method = extract(text)
+        value = _finite(value)
+        judged.append((value, method if value is not None else "none"))
+    first_value, first_method = judged[0]
+    strict = _finite(extract_strict(outputs[0]))
+    record = {
+        "id": example.id,
+        "question": example.question,
+        "gold": example.gold,
+        "output": outputs[0],
+        "outputs": list(outputs),
+        "extracted": first_value,
+        "method": first_method,
+        "strict_extracted": strict,
+        "correct": judge(first_value, example.gold, judge_rule),
+        "strict_correct": judge(strict, example.gold, judge_rule),
+        "answered": first_value is not None,
+    }
+    values = [value for value, _ in judged]
+    if len(outputs) > 1:
+        record["sample_correct"] = [judge(v, example.gold, judge_rule) for v in values]
+    record["majority"] = majority_value(values)
+    # all samples' tokens: what the item cost to generate (None when the generator does not count)
+    record["output_tokens"] = int(sum(token_counts)) if token_counts is not None else None
+    return record
+
+
+def items_sha(examples) -> str:
+    """sha256 of the items' ids and questions: two evals are comparable only when these match."""
+    payload = json.dumps([[e.id, e.question] for e in examples], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def metrics(records: Sequence[dict], num_samples: int, judge_rule: str) -> dict:
+    """Accuracy figures of judged records (see the module docstring for definitions)."""
+    n = len(records)
+    if n == 0:
+        raise MathtuneError("no items to score: the eval set is empty (check --eval-file / --max-samples)")
+    out = {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "strict_accuracy": sum(r["strict_correct"] for r in records) / n,
+        "answer_rate": sum(r["answered"] for r in records) / n,
+    }
+    if num_samples > 1:
+        out["k"] = num_samples
+        out["pass_at_k"] = sum(any(r["sample_correct"]) for r in records) / n
+        out["maj_at_k"] = sum(
+            judge(r["majority"], r["gold"], judge_rule) for r in records
+        ) / n
+        # mean over all n*k samples: a lower-variance estimate of single-sample accuracy
+        out["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in records) / (n * num_samples)
+    out["methods"] = dict(Counter(r["method"] for r in records).most_common())
+    return out
+
+
+def _check_generations(outputs, n: int, num_samples: int | None) -> int:
+    if len(outputs) != n:
+        raise MathtuneError(f"the generator returned {len(outputs)} results for {n} questions: it must return one list per question")
+    k = len(outputs[0]) if n else 0
+    for i, samples in enumerate(outputs):
+        if isinstance(samples, str) or not all(isinstance(s, str) for s in samples):
+            raise MathtuneError(f"the generator's result {i} is not a list of strings: return list[list[str]]")
+        if len(samples) == 0 or len(samples) != k or (num_samples is not None and len(samples) != num_samples):
+            want = num_samples if num_samples is not None else k
+            raise MathtuneError(f"the generator returned {len(samples)} samples for question {i}, expected {want} for every question")
+    return k
+
+
+def evaluate_items(examples: Sequence, generate: Callable[[list[str]], Sequence[Sequence[str]]], judge_rule: str,
+                   *, num_samples: int | None = None) -> tuple[list[dict], dict]:
+    """Generate for ``examples`` through ``generate`` and judge: ``(records, metrics)``.
+
+    ``generate(questions) -> list[list[str]]`` returns, per question, its samples (first = scored).
+    A ``generate.Generations`` result also carries token counts and timing, which go into the
+    metrics (``tokens_generated``, ``seconds``); a plain list leaves them None.
+    """
+    examples = list(examples)
+    if not examples:
+        raise MathtuneError("no items to evaluate: the eval set is empty (check --eval-file / --max-samples)")
+    start = time.perf_counter()
+    outputs = generate([e.question for e in examples])
+    wall = time.perf_counter() - start
+    return judge_generations(examples, outputs, judge_rule, num_samples=num_samples, wall_seconds=wall)
+
+
+def judge_generations(examples: Sequence, outputs, judge_rule: str, *, num_samples: int | None = None,
+                      wall_seconds: float | None = None) -> tuple[list[dict], dict]:
+    """Judge given generations (e.g. from the cache); see ``evaluate_items``."""
+    examples = list(examples)
+    k = _check_generations(outputs, len(examples), num_samples)
+    counts = getattr(outputs, "token_counts", None)
+    records = [
+        judge_item(e, samples, judge_rule, counts[i] if counts is not None else None)
+        for i, (e, samples) in enumerate(zip(examples, outputs))
+    ]
+    result = metrics(records, k, judge_rule)
+    seconds = getattr(outputs, "seconds", wall_seconds)
+    tokens = sum(r["output_tokens"] for r in records) if counts is not None else None
+    result["tokens_generated"] = tokens
+    result["seconds"] = round(seconds, 3) if seconds is not None else None
+    result["tokens_per_second"] = round(tokens / seconds, 2) if tokens is not None and seconds else None
+    return records, result
+
+
+# --------------------------------------------------------------------------- files
+
+
+def log_paths(output_dir: str | Path, model_tag: str, task: str) -> tuple[Path, Path]:
+    """(per-item JSONL, summary JSON) for a model and task under ``output_dir``."""
+    base = Path(output_dir) / f"{model_tag}-{task}"
+    return base.with_name(base.name + ".jsonl"), base.with_name(base.name + ".summary.json")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file + rename: a reader never sees half a log, a crash leaves the old one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_eval_log(output_dir: str | Path, model_tag: str, task: str, records: Sequence[dict], summary: dict) -> tuple[Path, Path]:
+    """Write ``<dir>/<model_tag>-<task>.jsonl`` (one record per item) and ``.summary.json``."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MathtuneError(f"--output {output_dir}: cannot create the directory ({exc.strerror}); pick a writable path") from exc
+    items_path, summary_path = log_paths(output_dir, model_tag, task)
+    # allow_nan=False: a NaN would make the file unreadable by strict JSON readers; fail loudly instead
+    lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+    _atomic_write(items_path, lines)
+    summary = dict(summary, per_item_path=str(items_path))
+    _atomic_write(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return items_path, summary_path
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _file_fingerprints(root: Path) -> list[list]:
+    if root.is_file():
+        stat = root.stat()
+        return [[root.name, stat.st_size, stat.st_mtime_ns]]
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.is_file() and (path.name in _IDENTITY_FILES or path.name.endswith(_IDENTITY_SUFFIXES)):
+            stat = path.stat()
+            found.append([path.name, stat.st_size, stat.st_mtime_ns])
+    return found
+
+
+def _hub_snapshot(hub_id: str) -> Path | None:
+    """The local snapshot dir of a hub model, when its config.json is in the HF cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(hub_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def model_identity(spec: str) -> dict | None:
+    """What identifies a model's weights without loading them: the spec plus size and mtime of its
+    weight, config and tokenizer files (an adapter also names its base's identity). None when the
+    weights are not on disk yet (a hub model never downloaded): such a run is not looked up."""
+    from mathtune.models import _read_adapter_base, resolve_model_source
+
+    kind, source = resolve_model_source(spec)
+    identity: dict[str, Any] = {"spec": str(spec).strip(), "kind": kind}
+    if kind == "hub":
+        snapshot = _hub_snapshot(source)
+        if snapshot is None:
+            return None
+        identity["snapshot"] = snapshot.name  # the commit hash of the cached revision
+        identity["files"] = _file_fingerprints(snapshot)
+    elif kind in ("alias-gguf", "gguf-file"):
+        # the converted checkpoint exists only after a first load; the GGUF itself identifies it
+        from mathtune.models import _bundled_gguf
+
+        gguf = _bundled_gguf(spec.strip().lower()) if kind == "alias-gguf" else Path(spec.strip()).expanduser().resolve()
+        identity["files"] = _file_fingerprints(gguf)
+    else:
+        identity["source"] = source
+        identity["files"] = _file_fingerprints(Path(source))
+        if kind == "adapter":
+            base = model_identity(_read_adapter_base(Path(source)))
+            if base is None:
+                return None
+            identity["base"] = base
+    return identity
+
+
+def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings, precision: str, device: str) -> str:
+    # precision, device and library versions change the numerics, so they change greedy outputs too
+    import torch
+    import transformers
+
+    material = {
+        "versions": [torch.__version__, transformers.__version__],
+        "version": CACHE_VERSION,
+        "model": identity,
+        "task": task,
+        "items_sha": sha,
+        "generation": settings.to_dict(),
+        "precision": precision,
+        "device": device.split(":")[0],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cache_path(key: str) -> Path:
+    from mathtune.models import cache_dir
+
+    return cache_dir() / "eval" / f"{key}.json"
+
+
+def _load_cached(key: str):
+    from mathtune.generate import Generations
+
+    path = _cache_path(key)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Generations(data["outputs"], data["token_counts"], float(data["seconds"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MathtuneError(f"eval cache entry {path} is unreadable ({type(exc).__name__}): delete it, or pass --no-cache") from exc
+
+
+def _store_cached(key: str, outputs, meta: dict) -> None:
+    path = _cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(meta, outputs=list(outputs), token_counts=outputs.token_counts, seconds=outputs.seconds)
+    _atomic_write(path, json.dumps(payload, ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------- model evaluation
+
+
+def default_output_dir(spec: str) -> Path:
+    """``<model dir>/eval`` when the spec is a local model/run or adapter dir, else ``./eval``."""
+    from mathtune.models import resolve_model_source
+
+    kind, source = resolve_model_source(spec)
+    if kind in ("local-dir", "adapter"):
+        return Path(source) / "eval"
+    return Path("eval")
+
+
+def _torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, verbose: bool = True,
+                   progress: bool | None = None) -> tuple[dict, list[dict]]:
+    """Evaluate model ``spec`` on ``config.task``'s eval split: ``(summary, per-item records)``.
+
+    ``config`` is an ``EvalConfig`` (its ``model`` field is ignored in favour of ``spec``). Files go to
+    ``output_dir`` (default ``default_output_dir(spec)``). Generations are cached under
+    ``models.cache_dir()/eval`` keyed by model identity, task, items, settings and precision, so
+    evaluating an unchanged model again only re-judges (``config.no_cache`` forces generation).
+    """
+    from mathtune.data import take
+    from mathtune.models import choose_device, choose_precision, load_model, model_tag
+    from mathtune.tasks import get_task
+
+    config.validate()
+    settings = GenerationSettings.from_config(config)
+    device, device_reason = choose_device(config.device)
+    precision, precision_reason = choose_precision(config.precision, device)
+    task = get_task(config.task, eval_file=config.eval_file, strip_calculator=config.strip_calculator, seed=config.seed)
+    examples = take(task.examples("eval"), config.max_samples, "eval")
+    if not examples:
+        raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")
+    sha = items_sha(examples)
+    tag = model_tag(spec)
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(spec)
+
+    identity = model_identity(spec)
+    key = cache_key(identity, config.task, sha, settings, precision, device) if identity is not None else None
+    outputs = None if (key is None or config.no_cache) else _load_cached(key)
+    cached = outputs is not None
+    if verbose:
+        # the precision reason's first clause (the rest describes training's autocast)
+        where = ("cached generations (pass --no-cache to generate again)" if cached
+                 else f"{device} ({device_reason}), {precision} weights ({precision_reason.split(':')[0]})")
+        print(f"evaluating {spec} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
+    if outputs is None:
+        from mathtune.generate import Generator
+
+        loaded = load_model(spec, device=device, dtype=_torch_dtype(precision),
+                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        outputs = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)([e.question for e in examples])
+        if key is None:  # a hub model downloaded just now: its identity is known from here on
+            identity = model_identity(spec)
+            key = cache_key(identity, config.task, sha, settings, precision, device) if identity is not None else None
+        if key is not None:
+            _store_cached(key, outputs, {"spec": str(spec), "task": config.task, "items_sha": sha})
+
+    records, result = judge_generations(examples, outputs, task.judge_rule, num_samples=settings.num_samples)
+    summary = {
+        "model": str(spec),
+        "model_tag": tag,
+        "task": config.task,
+        "judge_rule": task.judge_rule,
+        **result,
+        "generation": settings.to_dict(),
+        "precision": precision,
+        "device": device,
+        "items_sha": sha,
+        "cached": cached,
+        "cache_key": key,
+    }
+    items_path, summary_path = write_eval_log(output_dir, tag, config.task, records, summary)
+    summary["per_item_path"] = str(items_path)
+    if verbose:
+        print(format_summary(summary))
+        print(f"per-item log: {items_path}\nsummary:      {summary_path}")
+    return summary, records
+
+
+def format_summary(summary: dict) -> str:
+    """The headline numbers as a few readable lines."""
+    n = summary["n"]
+    lines = [
+        f"{summary['model']} on {summary['task']} ({n} items, judge {summary['judge_rule']}):",
+        f"  accuracy         {summary['accuracy']:.1%}  ({round(summary['accuracy'] * n)}/{n}, flexible extraction)",
+        f"  strict accuracy  {summary['strict_accuracy']:.1%}  ('#### N' present and right)",
+        f"  answer rate      {summary['answer_rate']:.1%}  (a number could be extracted)",
+    ]
+    if "pass_at_k" in summary:
+        k = summary["k"]
+        lines.append(f"  pass@{k}           {summary['pass_at_k']:.1%}")
+        lines.append(f"  maj@{k}            {summary['maj_at_k']:.1%}")
+    if summary.get("tokens_per_second"):
+        note = " (from the cached run)" if summary.get("cached") else ""
+        lines.append(f"  generated {summary['tokens_generated']} tokens in {summary['seconds']:.1f} s = "
+                     f"{summary['tokens_per_second']:.0f} tokens/s{note}")
+    return "\n".join(lines)

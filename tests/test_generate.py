@@ -1,0 +1,171 @@
+"""Batched generation on the tiny model: same tokens as one-at-a-time generate(), stops, order, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from mathtune.data import encode_prompt, format_prompt
+from mathtune.errors import MathtuneError
+from mathtune.generate import GenerationSettings, Generations, Generator
+
+# Different lengths, deliberately not sorted: batching sorts by length and must restore this order.
+QUESTIONS = [
+    "A farmer has 17 sheep and buys 5 more at the market on Tuesday. How many sheep does he have now?",
+    "What is 2+3?",
+    "Convert 3.5 km to m.",
+    "Tom reads 12 pages a day for 9 days and then 4 pages more. How many pages did he read?",
+    "Hi",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CI box has 2 shared cores: with 2 OpenMP threads and a busy neighbour, every tiny matmul
+    # waits for a descheduled thread (100x slower). One thread keeps these tests at ~1 s.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def varied_model(smol_tokenizer):
+    """The tiny model with larger random weights, in float64.
+
+    Larger weights: its greedy output differs from prompt to prompt (at the default init scale every
+    prompt decodes to the same repeated token). float64: batching, the shared-prefix prefill and the
+    decode attention change the float rounding (rotary angles alone are computed in float32), and a
+    random model has near-tied logits; in float32 a 1e-7 difference can flip one argmax. In float64 a
+    tie that close is vanishingly rare, so exact token equality tests the code, not the rounding.
+    """
+    model = build_tiny_model(smol_tokenizer, seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.to(torch.float64)
+
+
+def reference(model, tokenizer, question: str, max_new_tokens: int, eot: int | None = None) -> list[int]:
+    """Plain one-question generate(): no padding, no batching, no chunks."""
+    ids = torch.tensor([encode_prompt(tokenizer, format_prompt(tokenizer, question))])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eot, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[: new.index(eot) + 1] if eot is not None and eot in new else new
+
+
+def test_batched_greedy_matches_one_at_a_time(varied_model, smol_tokenizer):
+    refs = [reference(varied_model, smol_tokenizer, q, 12) for q in QUESTIONS]
+    assert len({tuple(r) for r in refs}) == len(QUESTIONS)  # the prompts really decode differently
+    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=12, batch_size=3), chunk_tokens=5)
+    out = gen(QUESTIONS)
+    assert isinstance(out, Generations) and len(out) == len(QUESTIONS)
+    for question, samples, counts, ref in zip(QUESTIONS, out, out.token_counts, refs):
+        assert samples == [smol_tokenizer.decode(ref, skip_special_tokens=True)], question
+        assert counts == [12]
+    assert out.tokens_generated == 12 * len(QUESTIONS)
+    # batch size 1 (no padding at all) gives the same texts
+    assert list(Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=12, batch_size=1))(QUESTIONS)) == list(out)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_and_plain_paths_match_the_reference(varied_model, smol_tokenizer, fast):
+    """Both decoding paths, on a batch whose prompts all have the same length (no padding: transformers
+    then passes no attention mask at all) and on one prompt alone (everything but its last token is
+    the 'shared prefix')."""
+    same_length = ["Tom has 12 apples and eats 3. How many are left?", "Amy has 15 pears and sells 7. How many left?"]
+    lengths = {len(encode_prompt(smol_tokenizer, format_prompt(smol_tokenizer, q))) for q in same_length}
+    assert len(lengths) == 1
+    original = varied_model.config._attn_implementation
+    for questions in (same_length, QUESTIONS[:1]):
+        gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=10), fast=fast, chunk_tokens=4)
+        expected = [[smol_tokenizer.decode(reference(varied_model, smol_tokenizer, q, 10), skip_special_tokens=True)]
+                    for q in questions]
+        assert list(gen(questions)) == expected
+    assert varied_model.config._attn_implementation == original  # the fast path switches back
+
+
+def test_identical_prompts_share_their_whole_prefix(varied_model, smol_tokenizer):
+    """Several samples of one prompt in a batch: the prefix is the whole prompt but its last token."""
+    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=6, temperature=1e-4, num_samples=3))
+    ref = smol_tokenizer.decode(reference(varied_model, smol_tokenizer, QUESTIONS[1], 6), skip_special_tokens=True)
+    assert gen(QUESTIONS[1:2])[0] == [ref] * 3  # a tiny temperature samples the greedy token
+
+
+def test_rows_stop_at_end_of_turn_at_different_steps(varied_model, smol_tokenizer):
+    """Pretend a token the model emits early for one prompt is the end-of-turn token: that row stops
+    there (and leaves the batch between chunks) while the others go on to max_new_tokens."""
+    free = [reference(varied_model, smol_tokenizer, q, 16) for q in QUESTIONS]
+    stop_token = free[1][2]
+    stop_after = [r.index(stop_token) + 1 if stop_token in r else 16 for r in free]
+    assert stop_after[1] <= 3 and max(stop_after) == 16  # one row stops early, another runs to the cap
+    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=16, batch_size=5), chunk_tokens=4)
+    gen.eot_id = stop_token
+    out = gen(QUESTIONS)
+    assert [c[0] for c in out.token_counts] == stop_after
+    for samples, ref, n in zip(out, free, stop_after):
+        kept = ref[: n - 1] if n < 16 or ref[15] == stop_token else ref  # the stop token itself is not in the text
+        assert samples[0] == smol_tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def test_stop_string_truncates_output(varied_model, smol_tokenizer):
+    question = QUESTIONS[0]
+    full_ids = reference(varied_model, smol_tokenizer, question, 20)
+    full = smol_tokenizer.decode(full_ids, skip_special_tokens=True)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full.find(stop)
+    assert 0 < cut < len(full) - 3
+    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=20, stop=[stop]))
+    out = gen([question, QUESTIONS[1]])
+    assert out[0] == [full[:cut]]
+    assert out.token_counts[0][0] < 20  # generation itself stopped, not just the text
+    # a stop string that never appears changes nothing
+    assert gen([question], stop=["\u2603never\u2603"])[0] == [full]
+
+
+def test_sampling_is_seeded_and_gives_num_samples(varied_model, smol_tokenizer):
+    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=8, temperature=1.0, num_samples=3, seed=7))
+    a, b = gen(QUESTIONS[:2]), gen(QUESTIONS[:2])
+    assert [len(s) for s in a] == [3, 3]
+    assert list(a) == list(b)
+    assert len(set(a[0])) > 1  # three samples of one prompt differ
+    assert list(gen(QUESTIONS[:2], seed=8)) != list(a)
+    # sampling does not disturb the caller's random stream
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    gen(QUESTIONS[:1])
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_top_p_near_zero_is_greedy(varied_model, smol_tokenizer):
+    greedy = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=8))(QUESTIONS[:2])
+    nucleus = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1e-6))(QUESTIONS[:2])
+    assert list(nucleus) == list(greedy)
+
+
+@pytest.mark.parametrize("changes, flag", [
+    (dict(num_samples=2), "--num-samples"),
+    (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(batch_size=-1), "--batch-size"),
+    (dict(temperature=-0.5), "--temperature"),
+    (dict(top_p=0.0, temperature=1.0), "--top-p"),
+    (dict(stop=[""]), "--stop"),
+])
+def test_bad_settings_name_the_flag(changes, flag):
+    with pytest.raises(MathtuneError, match=flag):
+        GenerationSettings(**changes).validate()
+
+
+def test_unknown_override_and_string_input_are_errors(tiny_model, smol_tokenizer):
+    gen = Generator(tiny_model, smol_tokenizer)
+    with pytest.raises(MathtuneError, match="unknown generation setting"):
+        gen(["q"], max_tokens=5)
+    with pytest.raises(MathtuneError, match="list of questions"):
+        gen("one string")
+    assert list(gen([])) == []
