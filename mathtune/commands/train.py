@@ -1,0 +1,49 @@
+"""``mathtune train``: fine-tune from a YAML recipe and/or flags (flags win), LoRA by default.
+
+    mathtune train --config configs/smollm2-135m/lora-unit-conversion.yaml
+    mathtune train --task gsm8k --train-file train.jsonl --full --learning-rate 2e-5 --max-steps 200
+
+Every TrainConfig field is a flag (generated, so flags and YAML keys never drift apart);
+``--lora`` / ``--full`` are short for ``--method lora`` / ``--method full``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mathtune.config import TrainConfig, add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (e.g. configs/smollm2-135m/lora-unit-conversion.yaml); flags win")
+    add_config_arguments(parser, TrainConfig)
+    method = parser.add_mutually_exclusive_group()
+    method.add_argument("--lora", dest="method", action="store_const", const="lora",
+                        help="LoRA adapters on a frozen base (same as --method lora; the default)")
+    method.add_argument("--full", dest="method", action="store_const", const="full",
+                        help="train every weight (same as --method full; use a ~10x lower --learning-rate)")
+
+
+def comparison_lines(comparison: dict) -> list[str]:
+    """Base vs trained accuracy from model_comparison.json content (the full table is printed by
+    the comparison itself; this is the one-screen end summary)."""
+    base, trained = comparison["base"], comparison["trained"]
+    line = (f"accuracy on {comparison['n']} held-out items: base {base['accuracy']:.3f} -> "
+            f"trained {trained['accuracy']:.3f} ({comparison['accuracy_difference']:+.3f}")
+    ci = comparison.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        line += f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    return [line + ")"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from mathtune import training
+
+    config = config_from_args(TrainConfig, args)
+    result = training.train(config)
+    print(training.end_summary(result))
+    if result.comparison is not None:
+        for line in comparison_lines(result.comparison):
+            print(line)
+        print(f"comparison: {result.run_dir / 'model_comparison.json'}; report: {result.run_dir / 'report.md'}")
+    return 0

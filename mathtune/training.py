@@ -1,0 +1,652 @@
+"""Fine-tuning: config -> transformers ``Trainer`` (+ PEFT LoRA, + guards) -> run directory.
+
+Named phases, one direction (as in torchtune's single-device recipes):
+
+  setup   device and precision policy, model (fp32 master weights) + LoRA, task rows -> prepared
+          rows, TrainingArguments, ``MathtuneTrainer`` with our callbacks and the guards' callbacks
+  run     preflight, ``trainer.train()``, final save (model, tokenizer, trainer_state.json)
+  train   setup + run + (with ``--eval-samples N``) base-vs-trained comparison and report
+
+There is no hand-written loop: ``Trainer`` owns forward/backward/optimizer/scheduler/checkpoints.
+``MathtuneTrainer`` only records each micro-batch into a shared ``StepStats`` (what the guards and
+the metrics logger need but callbacks never see) and saves LoRA adapters without a hub lookup.
+
+Loss normalisation, the one thing that is easy to get silently wrong: with gradient accumulation
+the loss must be (sum of token losses over ALL micro-batches of the step) / (supervised tokens in
+the whole step), not the mean of per-micro-batch means (the 2024 transformers bug: short rows get
+over-weighted). The installed Trainer does the right thing when the model accepts loss kwargs: it
+counts ``num_items_in_batch`` over the step's labels and passes it to ``forward``, where the loss
+is summed and divided by it. Llama/Qwen (and PEFT's wrapper, which forwards **kwargs) accept it;
+for a model that does not, ``setup`` installs an equivalent ``compute_loss_func`` so the count is
+still used. tests/test_training.py checks batch 8 × accumulation 1 == batch 2 × accumulation 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+
+from mathtune.config import TrainConfig, save_config
+from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
+from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.step_stats import StepStats
+
+CHECKPOINT_MARKER = "mathtune_checkpoint.json"  # written by on_save once Trainer has finished writing
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "mathtune_config.yaml"
+STATE_FILE = "trainer_state.json"
+SAMPLE_PROMPTS = 3
+# Outputs derived from a trained model: stale ones from an earlier run in the same --output-dir
+# would be reused or reported as this run's (an eval cache keyed by the run dir's name, not its weights).
+DERIVED_OUTPUTS = ("eval", "model_comparison.json", "report.md", "plots")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int  # optimizer steps done (global step, counting resumed ones)
+    stopped_reason: str  # "completed" | "max_time"
+    seconds: float  # wall time of trainer.train() in this process
+    train_tokens_per_second: float  # non-padding input tokens / seconds
+    supervised_tokens_per_second: float  # completion (loss-bearing) tokens / seconds
+    first_loss: float | None  # first logged loss of this process
+    last_loss: float | None
+    comparison: dict | None = None  # model_comparison.json content with --eval-samples N
+
+
+@dataclass
+class TrainingSession:
+    """Everything ``setup`` built; ``run`` consumes it."""
+
+    config: TrainConfig
+    trainer: MathtuneTrainer
+    model: Any  # PeftModel (LoRA) or PreTrainedModel (full)
+    tokenizer: Any
+    rows: list[PreparedRow]
+    data_stats: DataStats
+    step_stats: StepStats
+    device: str
+    device_reason: str
+    precision: str
+    precision_reason: str
+    run_dir: Path
+    sample_prompts: list[str]
+    resume_from: str | None  # checkpoint dir, resolved from --resume
+    planned_steps: int
+    trainable_params: int
+    total_params: int
+    judge_rule: str
+    sample_source: str  # where the collapse detector's prompts came from (printed in the summary)
+    callbacks: dict[str, Any] = field(default_factory=dict)  # our own callbacks by role
+
+    @property
+    def mean_row_tokens(self) -> float:
+        return sum(len(r.input_ids) for r in self.rows) / len(self.rows)
+
+    @property
+    def mean_supervised_tokens(self) -> float:
+        return sum(r.supervised_tokens for r in self.rows) / len(self.rows)
+
+
+# --------------------------------------------------------------------------- trainer subclass
+
+
+class MathtuneTrainer(Trainer):
+    """Trainer that records every micro-batch into ``StepStats`` and saves adapters offline."""
+
+    def __init__(self, *args, step_stats: StepStats, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_stats = step_stats
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        first_of_step = self.step_stats.micro_batches == 0
+        started = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The loss returned is already scaled for accumulation (this micro-batch's token-loss sum /
+        # the step's supervised tokens), so the step's recorded losses sum to its mean token loss.
+        self.step_stats.record_micro_batch(inputs, loss)
+        if first_of_step:
+            # record_micro_batch starts the step's clock after the first micro-batch ran: start it before
+            self.step_stats.step_started = started
+        return loss
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not isinstance(self.model, PeftModel):
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        # save_embedding_layers="auto" (peft's default) asks the hub whether the base config's vocab
+        # changed, taking our alias for a repo id: offline that is a retry loop, and we never resize
+        # embeddings, so the LoRA matrices are all there is to save.
+        self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+
+def _token_normalised_loss(outputs, labels, num_items_in_batch=None):
+    """Fallback for models whose forward takes no loss kwargs: sum of shifted token losses / count."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[..., 1:].reshape(-1).to(shift_logits.device)
+    total = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = shift_labels.ne(-100).sum()
+    return total / num_items_in_batch
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class StepCallback(TrainerCallback):
+    """Closes each step in StepStats, enforces --max-time, writes metrics.jsonl.
+
+    Must be the first of our callbacks: the guards' on_step_end reads StepStats.last_* after end_step().
+    """
+
+    def __init__(self, stats: StepStats, metrics_path: Path, max_time: float | None, seconds_offset: float = 0.0):
+        self.stats = stats
+        self.metrics_path = Path(metrics_path)
+        self.max_time = max_time
+        self.seconds_offset = seconds_offset  # training seconds of the run this one resumes
+        self.train_started: float | None = None
+        self.stopped_on_time = False
+        self.window = self._empty_window()
+        self.total_input_tokens = 0
+        self.total_supervised_tokens = 0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    @staticmethod
+    def _empty_window() -> dict:
+        return {"steps": 0, "supervised": 0, "input": 0, "seconds": 0.0}
+
+    def elapsed(self) -> float:
+        """Seconds since this process started training (what --max-time budgets)."""
+        return time.perf_counter() - self.train_started if self.train_started is not None else 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stats = self.stats
+        stats.end_step()
+        self.window["steps"] += 1
+        self.window["supervised"] += stats.last_supervised_tokens
+        self.window["input"] += stats.last_input_tokens
+        self.window["seconds"] += stats.last_step_seconds
+        self.total_input_tokens += stats.last_input_tokens
+        self.total_supervised_tokens += stats.last_supervised_tokens
+        if self.max_time is not None and not control.should_training_stop and self.elapsed() >= self.max_time:
+            # a step boundary: the update is complete, so the model saved next is a consistent one
+            self.stopped_on_time = True
+            control.should_training_stop = True
+        if control.should_training_stop:
+            control.should_log = True  # the last step always reaches metrics.jsonl
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return  # the end-of-training summary (train_runtime, train_loss, ...) is not a step
+        window, seconds = self.window, self.window["seconds"]
+        line = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "grad_norm": logs.get("grad_norm"),
+            "learning_rate": logs.get("learning_rate"),
+            "epoch": logs.get("epoch", state.epoch),
+            # tokens of the steps since the previous line (logging_steps of them)
+            "supervised_tokens": window["supervised"],
+            "input_tokens": window["input"],
+            "supervised_tokens_per_second": window["supervised"] / seconds if seconds > 0 else None,
+            "tokens_per_second": window["input"] / seconds if seconds > 0 else None,
+            "step_seconds": seconds / max(window["steps"], 1),
+            # wall seconds since training started; a resumed run continues the count
+            "seconds": self.seconds_offset + self.elapsed(),
+        }
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        if self.first_loss is None:
+            self.first_loss = logs["loss"]
+        self.last_loss = logs["loss"]
+        self.window = self._empty_window()
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks checkpoint-N complete once Trainer has fully written it.
+
+    on_save runs after the model, optimizer, scheduler, RNG state and trainer_state.json are on disk.
+    Listed after the guards' callbacks, so a checkpoint a guard rejects is never marked. --resume auto
+    trusts only marked checkpoints: a crash mid-write leaves an unmarked, ignored directory.
+    """
+
+    def __init__(self):
+        self.last_complete: Path | None = None
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not (checkpoint / STATE_FILE).is_file():
+            raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
+        tmp = checkpoint / (CHECKPOINT_MARKER + ".tmp")
+        tmp.write_text(json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+        tmp.replace(checkpoint / CHECKPOINT_MARKER)  # atomic: the marker is whole or absent
+        self.last_complete = checkpoint
+
+
+class ConsoleProgress(TrainerCallback):
+    """One compact tqdm line (steps, loss, learning rate) instead of Trainer's printed dict per log."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="train",
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+
+# --------------------------------------------------------------------------- run dir and resume
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N dirs in ``output_dir`` that carry the completion marker, oldest step first."""
+    root = Path(output_dir)
+    found = []
+    for path in root.glob("checkpoint-*") if root.is_dir() else []:
+        step = path.name.partition("-")[2]
+        if path.is_dir() and step.isdigit() and (path / CHECKPOINT_MARKER).is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> str | None:
+    """--resume auto -> newest complete checkpoint in --output-dir; --resume PATH -> PATH, checked."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise MathtuneError(
+                f"--resume auto: no complete checkpoint in --output-dir {output_dir} (write them with "
+                f"--save-steps N, point --output-dir at the run to continue, or drop --resume)"
+            )
+        return str(found[-1])
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise MathtuneError(f"--resume {resume}: no {STATE_FILE} there; pass a checkpoint-N dir or --resume auto")
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise MathtuneError(
+            f"--resume {resume}: checkpoint not marked complete (its save was interrupted); "
+            f"use an earlier checkpoint or --resume auto"
+        )
+    return str(path)
+
+
+def _check_output_dir(run_dir: Path, resume_from: str | None) -> None:
+    if resume_from is None and run_dir.is_dir():
+        stale = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir())
+        if stale:
+            # Trainer would rotate them with ours, and a later --resume auto could pick up a checkpoint
+            # of a different run: make the user choose.
+            raise MathtuneError(
+                f"--output-dir {run_dir} holds checkpoints of an earlier run ({', '.join(stale[:3])}): "
+                f"continue it with --resume auto, or use a new --output-dir"
+            )
+
+
+def _prepare_run_dir(config: TrainConfig, resume_from: str | None) -> tuple[Path, float]:
+    """Create the run dir; clear outputs of an earlier run there. Returns (run_dir, seconds already trained)."""
+    run_dir = Path(config.output_dir)
+    _check_output_dir(run_dir, resume_from)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in DERIVED_OUTPUTS:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    metrics = run_dir / METRICS_FILE
+    offset = 0.0
+    if resume_from is None:
+        metrics.unlink(missing_ok=True)
+    elif metrics.is_file():
+        # keep the lines up to the resumed step: later ones belong to steps that will be redone
+        step = json.loads((Path(resume_from) / STATE_FILE).read_text())["global_step"]
+        kept = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        if kept:
+            offset = float(json.loads(kept[-1]).get("seconds") or 0.0)
+    return run_dir, offset
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _report_to(config: TrainConfig) -> list[str]:
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    targets = []
+    if config.wandb:
+        if not is_wandb_available():
+            raise MathtuneError("--wandb needs the wandb package: pip install 'mathtune[wandb]', or drop --wandb")
+        if config.wandb_key_file is not None:
+            key = Path(config.wandb_key_file).read_text().strip()
+            if not key:
+                raise MathtuneError(f"--wandb-key-file {config.wandb_key_file}: the file is empty")
+            # into this process's environment only: never printed, never saved (SECRET_FIELDS)
+            os.environ["WANDB_API_KEY"] = key
+        elif not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+            raise MathtuneError(
+                "--wandb needs an API key: set WANDB_API_KEY, pass --wandb-key-file FILE, or set WANDB_MODE=offline"
+            )
+        os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
+        targets.append("wandb")
+    if is_tensorboard_available():
+        targets.append("tensorboard")
+    return targets
+
+
+def _planned_steps(config: TrainConfig, n_rows: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    # same arithmetic as Trainer: ceil(rows / batch) micro-batches, ceil(that / accumulation) steps
+    micro_batches = math.ceil(n_rows / config.batch_size)
+    per_epoch = max(math.ceil(micro_batches / config.gradient_accumulation_steps), 1)
+    return math.ceil(config.num_epochs * per_epoch)
+
+
+def _sample_prompts(task, tokenizer, config: TrainConfig) -> tuple[list[str], str]:
+    """Three fixed held-out questions for the collapse detector, formatted as training formats them."""
+    try:
+        held_out = task.examples("eval")[:SAMPLE_PROMPTS]
+        where = "eval split"
+    except MathtuneError as exc:
+        # no eval split (e.g. only --train-file): the last train rows, unused when --max-samples leaves them
+        train_rows = task.examples("train")
+        held_out = train_rows[-SAMPLE_PROMPTS:]
+        unused = config.max_samples != -1 and len(train_rows) - config.max_samples >= SAMPLE_PROMPTS
+        where = f"last train rows ({'not trained on' if unused else 'ALSO trained on'}; no eval split: {exc})"
+    return [format_prompt(tokenizer, ex.question) for ex in held_out], where
+
+
+def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precision: str,
+                        report_to: list[str]) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        run_name=run_dir.name,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps (v5)
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        # PEFT's wrapper hides forward's signature: without this Trainer cannot find the labels
+        label_names=["labels"],
+        # the default replaces NaN/inf step losses by the running mean: exactly the failure to see
+        logging_nan_inf_filter=False,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=config.save_steps or 500,  # ignored by save_strategy "no", but must be > 0
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        # bf16: autocast on fp32 master weights (CPU or CUDA); fp16: CUDA autocast + GradScaler
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        # (activation_checkpointing is transformers 5's name for gradient checkpointing)
+        activation_checkpointing=config.gradient_checkpointing,
+        # non-reentrant checkpointing needs no requires_grad on the (frozen) input embeddings
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        report_to=report_to or "none",
+        remove_unused_columns=False,  # our rows are plain dicts; nothing to drop
+        dataloader_num_workers=0,  # tokenized rows in memory: workers would only add fork overhead
+        disable_tqdm=False,  # keeps Trainer from adding PrinterCallback; its bar is swapped for ours
+    )
+
+
+def setup(config: TrainConfig) -> TrainingSession:
+    """Build everything needed to train; nothing is trained yet. Prints the device and precision choice."""
+    from mathtune import models
+    from mathtune.tasks import get_task
+
+    device, device_reason = models.choose_device(config.device)
+    precision, precision_reason = models.choose_precision(config.precision, device)
+    print(f"device: {device} ({device_reason})")
+    print(f"precision: {precision} ({precision_reason})")
+
+    resume_from = resolve_resume(config.resume, config.output_dir)
+    _check_output_dir(Path(config.output_dir), resume_from)  # before spending time loading the model
+    if models.resolve_model_source(config.model)[0] == "adapter":
+        raise MathtuneError(
+            f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
+            f"names (to continue a run, use --resume with its checkpoint)"
+        )
+    loaded = models.load_model(config.model, device=device, dtype=torch.float32,  # fp32 master weights
+                               trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    tokenizer = loaded.tokenizer
+
+    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
+                    strip_calculator=config.strip_calculator, seed=config.seed)
+    examples = take(task.examples("train"), config.max_samples, "train")
+    rows, data_stats = prepare_examples(examples, tokenizer, config.max_length)
+    sample_prompts, sample_source = _sample_prompts(task, tokenizer, config)
+
+    # LoRA matrices are initialised from the global RNG: seed first so a run is reproducible
+    set_seed(config.seed)
+    model = loaded.model
+    if config.method == "lora":
+        model = models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                  target_modules=config.target_modules)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    run_dir, seconds_offset = _prepare_run_dir(config, resume_from)
+    save_config(config, run_dir / CONFIG_FILE)
+    report_to = _report_to(config)
+
+    step_stats = StepStats()
+    step_cb = StepCallback(step_stats, run_dir / METRICS_FILE, config.max_time, seconds_offset)
+    marker_cb = CheckpointMarker()
+    progress_cb = ConsoleProgress()
+    guard_cbs = []
+    if config.guards:
+        from mathtune import guards
+
+        guard_cbs = list(guards.guard_callbacks(config, step_stats, tokenizer, sample_prompts, run_dir, precision))
+
+    args = _training_arguments(config, run_dir, device, precision, report_to)
+    trainer = MathtuneTrainer(
+        model=model,
+        args=args,
+        data_collator=CompletionCollator(tokenizer.pad_token_id),
+        train_dataset=RowDataset(rows),
+        processing_class=tokenizer,
+        # order matters: StepStats closes the step before guards read last_*; the checkpoint marker
+        # runs after guards may have rejected a checkpoint
+        callbacks=[step_cb, *guard_cbs, marker_cb, progress_cb],
+        step_stats=step_stats,
+    )
+    trainer.remove_callback(ProgressCallback)
+    if not trainer.model_accepts_loss_kwargs:
+        # forward() cannot take num_items_in_batch: compute the token-normalised loss here instead
+        trainer.compute_loss_func = _token_normalised_loss
+
+    session = TrainingSession(
+        config=config, trainer=trainer, model=model, tokenizer=tokenizer, rows=rows, data_stats=data_stats,
+        step_stats=step_stats, device=device, device_reason=device_reason, precision=precision,
+        precision_reason=precision_reason, run_dir=run_dir, sample_prompts=sample_prompts,
+        resume_from=resume_from, planned_steps=_planned_steps(config, len(rows)), trainable_params=trainable,
+        total_params=total, judge_rule=task.judge_rule, sample_source=sample_source,
+        callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs},
+    )
+    return session
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(session: TrainingSession) -> TrainResult:
+    """Preflight, train, save the final model. A guard halt saves nothing new and re-raises."""
+    config, trainer = session.config, session.trainer
+    step_cb, marker_cb = session.callbacks["step"], session.callbacks["checkpoint"]
+    if config.guards:
+        from mathtune import guards
+
+        guards.preflight(trainer, config, session.rows, session.device, session.precision)
+    if session.resume_from:
+        print(f"resuming from {session.resume_from}")
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=session.resume_from)
+    except TrainingHalted:
+        session.callbacks["progress"].close()
+        last = marker_cb.last_complete or (complete_checkpoints(session.run_dir) or [None])[-1]
+        kept = f"last good checkpoint: {last}" if last else "no checkpoint was written (use --save-steps N)"
+        print(f"training halted; no final model saved; {kept}", file=sys.stderr)
+        raise
+    finally:
+        session.callbacks["progress"].close()
+    seconds = time.perf_counter() - started
+
+    run_dir = session.run_dir
+    trainer.save_model(str(run_dir))
+    trainer.state.save_to_json(str(run_dir / STATE_FILE))
+    stopped = "max_time" if step_cb.stopped_on_time else "completed"
+    if stopped == "max_time":
+        print(f"stopped on time: --max-time {config.max_time:g} s reached after step {trainer.state.global_step} "
+              f"({step_cb.elapsed():.0f} s of training); final model saved")
+    return TrainResult(
+        run_dir=run_dir,
+        steps=trainer.state.global_step,
+        stopped_reason=stopped,
+        seconds=seconds,
+        train_tokens_per_second=step_cb.total_input_tokens / seconds if seconds > 0 else 0.0,
+        supervised_tokens_per_second=step_cb.total_supervised_tokens / seconds if seconds > 0 else 0.0,
+        first_loss=step_cb.first_loss,
+        last_loss=step_cb.last_loss,
+    )
+
+
+def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainResult:
+    """Base vs trained on ``config.eval_samples`` held-out items, then report.md (run dir)."""
+    from mathtune.comparison import run_compare
+    from mathtune.config import EvalConfig, ModelSettings
+    from mathtune import report
+
+    # the model/task settings both configs share (ModelSettings), so eval sees the same task and split
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelSettings) if f.name != "model"}
+    eval_config = EvalConfig(model=config.model, max_samples=config.eval_samples, batch_size=config.eval_batch_size,
+                             max_new_tokens=config.max_new_tokens, **shared).validate()
+    print(f"\ncomparing base vs trained on {config.eval_samples} held-out {config.task} items")
+    comparison = run_compare(
+        config.model,
+        str(result.run_dir),
+        eval_config,
+        output_path=result.run_dir / "model_comparison.json",
+        output_dir=result.run_dir / "eval",
+    )
+    report.write_report(result.run_dir)
+    return dataclasses.replace(result, comparison=comparison)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """setup + run + (with eval_samples > 0) the base-vs-trained comparison. Prints start/end summaries."""
+    session = setup(config)
+    print(start_summary(session))
+    result = run(session)
+    del session  # free the training model and optimizer state before two eval models load
+    gc.collect()
+    if config.eval_samples > 0:
+        result = compare_after_training(config, result)
+    return result
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def start_summary(session: TrainingSession) -> str:
+    c, s = session.config, session.data_stats
+    lines = []
+    if c.method == "lora":
+        how = f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {', '.join(c.target_modules)}"
+    else:
+        how = "full fine-tuning"
+    lines.append(f"model: {c.model}; {how}: {session.trainable_params:,} trainable of "
+                 f"{session.total_params:,} parameters ({session.trainable_params / session.total_params:.2%})")
+    dropped = ", ".join(f"{n} {reason}" for reason, n in s.dropped.items()) or "none"
+    lines.append(f"task: {c.task} (judge {session.judge_rule}); rows read {s.read}, kept {s.kept}, dropped "
+                 f"{s.dropped_total} ({dropped}); --max-length {c.max_length}")
+    mean_tokens, mean_sup = session.mean_row_tokens, session.mean_supervised_tokens
+    rows_per_step = c.batch_size * c.gradient_accumulation_steps
+    lines.append(f"tokens per step: {c.batch_size} batch × {c.gradient_accumulation_steps} accumulation × "
+                 f"{mean_tokens:.1f} mean tokens = {rows_per_step * mean_tokens:,.0f} "
+                 f"({rows_per_step * mean_sup:,.0f} supervised; the loss is averaged over those)")
+    if c.max_steps > 0:
+        lines.append(f"steps: {session.planned_steps} (--max-steps; {session.planned_steps * rows_per_step / s.kept:.2f}"
+                     f" epochs of {s.kept} rows)")
+    else:
+        lines.append(f"steps: {session.planned_steps} ({c.num_epochs:g} epochs × ceil({s.kept} rows / "
+                     f"{rows_per_step} rows per step))")
+    lines.append(f"optimizer: AdamW lr {c.learning_rate:g}, {c.lr_scheduler} schedule, warmup {c.warmup_ratio:g} "
+                 f"of steps, seed {c.seed}")
+    if c.max_time is not None:
+        lines.append(f"time budget: --max-time {c.max_time:g} s (stops at the first step boundary after it)")
+    checkpoints = f"every {c.save_steps} steps (keep {c.save_total_limit})" if c.save_steps else "final model only"
+    lines.append(f"run dir: {session.run_dir}; checkpoints: {checkpoints}")
+    lines.append(f"guards: {'on' if c.guards else 'OFF (--no-guards)'}; collapse prompts from "
+                 f"{session.sample_source}")
+    return "\n".join(lines)
+
+
+def end_summary(result: TrainResult) -> str:
+    how = "stopped on time (--max-time)" if result.stopped_reason == "max_time" else "completed"
+    losses = ""
+    if result.first_loss is not None:
+        losses = f"; loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
+    lines = [
+        f"training {how}: {result.steps} steps in {result.seconds:.0f} s{losses}",
+        f"throughput: {result.train_tokens_per_second:,.0f} tokens/s, "
+        f"{result.supervised_tokens_per_second:,.0f} supervised tokens/s",
+        f"run dir: {result.run_dir}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Every shipped recipe in configs/ loads, is named after what it trains, and says how to run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mathtune.config import TrainConfig, build_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+REQUIRED = (
+    "smollm2-135m/lora-unit-conversion.yaml",
+    "smollm2-135m/lora-gsm8k.yaml",
+    "smollm2-135m/full-gsm8k.yaml",
+    "qwen2.5-0.5b/lora-gsm8k.yaml",
+)
+
+
+def test_required_recipes_are_shipped():
+    shipped = {p.relative_to(CONFIGS).as_posix() for p in RECIPES}
+    assert set(REQUIRED) <= shipped, f"missing: {sorted(set(REQUIRED) - shipped)}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_recipe_loads_and_matches_its_name(path):
+    config = build_config(TrainConfig, path)
+    # configs/<model>/<method>-<task>.yaml
+    assert path.parent.name == config.model
+    assert path.stem == f"{config.method}-{config.task}"
+    assert not Path(config.output_dir).is_absolute(), "runs go under the working dir, not a machine path"
+    assert "wandb_key_file" not in path.read_text(), "recipes are shared: keys stay out of them"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_recipe_header_says_how_to_run_it(path):
+    text = path.read_text()
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, f"{path.name}: starts without a comment header"
+    assert f"mathtune train --config configs/{path.relative_to(CONFIGS).as_posix()}" in "\n".join(header)
+
+
+def test_demo_recipe_fits_the_ten_minute_cpu_budget():
+    # training budget + two 200-item evals (base, trained) of short answers must stay under 10 minutes
+    config = build_config(TrainConfig, CONFIGS / "smollm2-135m/lora-unit-conversion.yaml")
+    assert config.model == "smollm2-135m" and config.method == "lora" and config.task == "unit-conversion"
+    assert config.eval_samples == 200
+    assert config.max_time is not None and config.max_time <= 6 * 60
+    assert config.max_new_tokens <= 64  # targets are one line and '#### N'

@@ -1,0 +1,281 @@
+"""Training on the tiny model: what is trained, how the loss is normalised, time budget, resume.
+
+Every run uses the 2-layer tiny Llama from conftest (real SmolLM2 vocabulary and chat template),
+unit-conversion rows and fp32, so a step takes a fraction of a second and results are exact
+enough to compare weights. Guards are off here (they have their own tests); one test checks
+that training wires them in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mathtune import training
+from mathtune.config import TrainConfig, build_config
+from mathtune.errors import MathtuneError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tests share a 2-core CPU with other work: one intra-op thread per process avoids OpenMP
+    # threads spin-waiting for each other on an oversubscribed CPU (10x slower steps), and costs
+    # nothing on a model this small.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_config(model_dir, out, **overrides) -> TrainConfig:
+    settings = dict(
+        model=str(model_dir),
+        task="unit-conversion",
+        max_samples=16,
+        batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,  # a warmup step at lr 0 would waste one of very few steps
+        lr_scheduler="constant",
+        output_dir=str(out),
+        precision="fp32",
+        device="cpu",
+        guards=False,
+        seed=0,
+    )
+    settings.update(overrides)
+    return build_config(TrainConfig, None, settings)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "adapter_model.safetensors"))
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
+# --------------------------------------------------------------------------- what gets trained
+
+
+def test_lora_changes_adapters_and_leaves_base_bit_identical(tiny_model_dir, tmp_path):
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run"))
+    base_before = {n: p.detach().clone() for n, p in session.model.named_parameters() if not p.requires_grad}
+    lora_before = trainable_state(session.model)
+    assert lora_before and all("lora_" in n for n in lora_before)
+    training.run(session)
+    for name, before in base_before.items():
+        assert torch.equal(dict(session.model.named_parameters())[name], before), f"base weight {name} changed"
+    after = trainable_state(session.model)
+    # lora_B starts at zero, so every adapter matrix moves once it gets gradient (steps >= 2 for lora_A)
+    unchanged = [n for n in lora_before if torch.equal(after[n], lora_before[n])]
+    assert not unchanged, f"LoRA weights that did not train: {unchanged}"
+
+
+def test_full_fine_tuning_changes_every_parameter(tiny_model_dir, tmp_path):
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run", method="full"))
+    before = {n: p.detach().clone() for n, p in session.model.named_parameters()}
+    assert all(p.requires_grad for p in session.model.parameters())
+    result = training.run(session)
+    after = dict(session.model.named_parameters())
+    unchanged = [n for n in before if torch.equal(after[n], before[n])]
+    assert not unchanged, f"parameters that did not train with --full: {unchanged}"
+    assert (result.run_dir / "model.safetensors").is_file() and (result.run_dir / "config.json").is_file()
+    assert not (result.run_dir / "adapter_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def learnable_tiny_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny model LoRA can fit: hidden 64, embeddings of std 0.2 instead of 0.02.
+
+    Under LoRA the tied embeddings and the final norm stay frozen, so a logit is at most
+    |unit-RMS hidden| × |embedding| = sqrt(hidden) × std × sqrt(hidden): with conftest's std 0.02 and
+    hidden 32 that is 0.64, and no adapter could make any token likely. Pretrained models have far
+    larger embeddings; here 8 × 0.2 × 8 ≈ 13.
+    """
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(smol_tokenizer, seed=1, hidden=64)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    path = tmp_path_factory.mktemp("learnable-tiny")
+    model.save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_eight_rows_overfit_below_half_the_first_loss(method, learnable_tiny_dir, tiny_model_dir, tmp_path):
+    model_dir = learnable_tiny_dir if method == "lora" else tiny_model_dir
+    config = make_config(model_dir, tmp_path / "run", method=method, max_samples=8, batch_size=8, max_steps=30,
+                         learning_rate=1e-2)
+    result = training.run(training.setup(config))
+    assert result.steps == 30
+    assert result.first_loss is not None and result.last_loss < 0.5 * result.first_loss, (
+        f"{method}: loss {result.first_loss:.3f} -> {result.last_loss:.3f} in 30 steps on the same 8 rows"
+    )
+
+
+def test_trainer_is_wired_for_completion_only_labels(tiny_model_dir, tmp_path):
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run"))
+    trainer = session.trainer
+    assert trainer.args.label_names == ["labels"]
+    assert trainer.args.logging_nan_inf_filter is False
+    assert trainer.model_accepts_loss_kwargs, "num_items_in_batch would not reach the model's loss"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    # the loss Trainer computes = cross-entropy over completion tokens only (prompt and padding are -100)
+    with torch.no_grad():
+        loss = trainer.compute_loss(session.model, dict(batch))
+        logits = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i, row in enumerate(session.rows[:4]):
+        labels, n = batch["labels"][i], len(row.input_ids)
+        assert labels[: row.prompt_len].eq(-100).all() and labels[n:].eq(-100).all()  # prompt, padding
+        assert torch.equal(labels[row.prompt_len : n], batch["input_ids"][i, row.prompt_len : n])  # answer
+    targets = batch["labels"][:, 1:]
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                               targets.reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss, manual, rtol=1e-5), (loss, manual)
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def _train_with(model_dir, out, batch_size, accumulation, *, emulate_per_micro_batch_mean=False):
+    # 16 rows of different lengths; 2 steps of 8 rows each, with SGD so that the update IS the
+    # gradient (Adam's first steps are ~lr·sign(g) and would hide a wrongly weighted gradient)
+    config = make_config(model_dir, out, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                         max_steps=2, learning_rate=0.5, max_grad_norm=0.0)
+    session = training.setup(config)
+    session.trainer.args.optim = "sgd"
+    if emulate_per_micro_batch_mean:
+        # what transformers did before the 2024 fix: mean per micro-batch, divided by accumulation
+        session.trainer.model_accepts_loss_kwargs = False
+    training.run(session)
+    assert isinstance(session.trainer.optimizer.optimizer if hasattr(session.trainer.optimizer, "optimizer")
+                      else session.trainer.optimizer, torch.optim.SGD)
+    return lora_weights(out), session
+
+
+def test_gradient_accumulation_normalises_by_supervised_tokens_of_the_whole_step(tiny_model_dir, tmp_path):
+    whole, session = _train_with(tiny_model_dir, tmp_path / "b8", 8, 1)
+    lengths = {r.supervised_tokens for r in session.rows[:16]}
+    assert len(lengths) > 1, "rows must differ in supervised length for this test to mean anything"
+    accumulated, _ = _train_with(tiny_model_dir, tmp_path / "b2x4", 2, 4)
+    assert max_relative_difference(accumulated, whole) < 1e-5
+    # and the test can tell: averaging per micro-batch gives measurably different weights
+    wrong, _ = _train_with(tiny_model_dir, tmp_path / "wrong", 2, 4, emulate_per_micro_batch_mean=True)
+    assert max_relative_difference(wrong, whole) > 1e-3
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, tmp_path):
+    plain = training.run(training.setup(make_config(tiny_model_dir, tmp_path / "plain", max_steps=2)))
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
+    assert session.trainer.args.activation_checkpointing
+    training.run(session)
+    assert session.model.get_base_model().is_activation_checkpointing  # really on, not just requested
+    # recomputing activations must not change the maths
+    assert max_relative_difference(lora_weights(tmp_path / "ckpt"), lora_weights(plain.run_dir)) < 1e-5
+
+
+# --------------------------------------------------------------------------- time budget, checkpoints, resume
+
+
+def test_max_time_stops_within_one_step_and_saves_a_loadable_model(tiny_model_dir, tmp_path, capsys):
+    from mathtune.models import load_model
+
+    budget = 3.0
+    config = make_config(tiny_model_dir, tmp_path / "run", max_steps=10_000, max_time=budget)
+    result = training.run(training.setup(config))
+    assert result.stopped_reason == "max_time"
+    assert 0 < result.steps < 10_000
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == result.steps
+    # the step that crossed the budget is the last one: the one before it ended inside the budget
+    assert lines[-1]["seconds"] >= budget
+    if len(lines) > 1:
+        assert lines[-2]["seconds"] < budget
+    assert lines[-1]["seconds"] - budget <= lines[-1]["step_seconds"] + 0.5
+    assert "stopped on time" in capsys.readouterr().out
+    loaded = load_model(str(result.run_dir))
+    assert loaded.is_adapter
+    # an adapter dir works as --model for eval, but training on top of it is refused up front
+    with pytest.raises(MathtuneError, match="LoRA adapter"):
+        training.setup(make_config(result.run_dir, tmp_path / "again"))
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    # 16 rows / batch 4 = 4 steps per epoch: resuming at step 3 skips batches mid-epoch, then the
+    # run crosses into epoch 2 (a new shuffle) before step 6
+    full = tmp_path / "full"
+    result = training.run(training.setup(make_config(tiny_model_dir, full, max_steps=6, save_steps=3)))
+    assert result.steps == 6
+    assert [p.name for p in training.complete_checkpoints(full)] == ["checkpoint-3", "checkpoint-6"]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    session = training.setup(make_config(tiny_model_dir, resumed, max_steps=6, save_steps=3, resume="auto"))
+    assert session.resume_from == str(resumed / "checkpoint-3")
+    again = training.run(session)
+    assert again.steps == 6
+    assert max_relative_difference(lora_weights(resumed), lora_weights(full)) < 1e-6
+    # the resumed run itself continued from the checkpoint, not from scratch: it differs from step 3's weights
+    assert max_relative_difference(lora_weights(resumed), lora_weights(full / "checkpoint-3")) > 1e-4
+
+
+def test_resume_auto_ignores_incomplete_checkpoints_and_names_output_dir_when_none(tmp_path):
+    with pytest.raises(MathtuneError, match="--output-dir"):
+        training.resolve_resume("auto", tmp_path)
+    done = tmp_path / "checkpoint-2"
+    done.mkdir()
+    (done / "trainer_state.json").write_text("{}")
+    (done / training.CHECKPOINT_MARKER).write_text("{}")
+    half_written = tmp_path / "checkpoint-4"  # a crash while saving: no marker
+    half_written.mkdir()
+    (half_written / "trainer_state.json").write_text("{}")
+    assert training.resolve_resume("auto", tmp_path) == str(done)
+    with pytest.raises(MathtuneError, match="not marked complete"):
+        training.resolve_resume(str(half_written), tmp_path)
+
+
+def test_fresh_run_refuses_an_output_dir_with_old_checkpoints(tiny_model_dir, tmp_path):
+    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(MathtuneError, match="--resume auto"):
+        training.setup(make_config(tiny_model_dir, tmp_path / "run"))
+
+
+def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch):
+    import mathtune
+
+    calls = {}
+
+    class FakeGuards:
+        @staticmethod
+        def guard_callbacks(config, stats, tokenizer, sample_prompts, run_dir, precision):
+            calls["prompts"] = list(sample_prompts)
+            calls["stats"] = stats
+            return []
+
+        @staticmethod
+        def preflight(trainer, config, rows, device, precision):
+            calls["preflight"] = (len(rows), device, precision)
+            return []
+
+    monkeypatch.setitem(__import__("sys").modules, "mathtune.guards", FakeGuards)
+    monkeypatch.setattr(mathtune, "guards", FakeGuards, raising=False)
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run", guards=True, max_steps=1))
+    assert calls["stats"] is session.step_stats
+    assert len(calls["prompts"]) == 3 and all("<|im_start|>assistant" in p for p in calls["prompts"])
+    training.run(session)
+    assert calls["preflight"] == (16, "cpu", "fp32")
