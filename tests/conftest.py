@@ -78,3 +78,13 @@ def gsm8k_file():
     if not SHARED_GSM8K.is_file():
         pytest.skip("shared GSM8K training file not present")
     return SHARED_GSM8K
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads spin-wait on each other
+    (steps 10-100x slower), and a model this small gains nothing from the second thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

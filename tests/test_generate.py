@@ -20,14 +20,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box has 2 shared cores: with 2 OpenMP threads and a busy neighbour, every tiny matmul
-    # waits for a descheduled thread (100x slower). One thread keeps these tests at ~1 s.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

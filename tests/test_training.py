@@ -20,15 +20,7 @@ from mathtune.config import TrainConfig, build_config
 from mathtune.errors import MathtuneError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tests share a 2-core CPU with other work: one intra-op thread per process avoids OpenMP
-    # threads spin-waiting for each other on an oversubscribed CPU (10x slower steps), and costs
-    # nothing on a model this small.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(model_dir, out, **overrides) -> TrainConfig:
