@@ -64,7 +64,8 @@ def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, f
     if bare_number_ok and isinstance(answer, (int, float)) and not isinstance(answer, bool):
         if not math.isfinite(answer):
             raise ValueError(f"'answer' {answer} is not a finite number")
-        return question.strip(), f"#### {format_number(answer)}", float(answer)
+        target = f"#### {format_number(answer)}"
+        return question.strip(), target, parse_gold(target)  # gold as the target states it
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError("'answer' must be a non-empty string ending in '#### <number>'")
     answer = answer.strip()
@@ -74,7 +75,8 @@ def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, f
             if value is None:
                 raise ValueError(f"'answer' {answer[:40]!r} is neither a solution ending in '#### <number>'"
                                  " nor a bare number")
-            return question.strip(), f"#### {format_number(value)}", value
+            target = f"#### {format_number(value)}"
+            return question.strip(), target, parse_gold(target)
         raise ValueError("'answer' has no final '#### <number>' line; end the solution with e.g. '#### 42'")
     if answer.count("####") > 1:
         raise ValueError("'answer' has more than one '####'; keep only the final '#### <number>' line")
@@ -148,7 +150,10 @@ class GSM8KTask(Task):
     def _load(self, split: str) -> list[Example]:
         path = self.files[split]
         if path is not None:
-            return read_jsonl_examples(Path(path), SPLIT_FLAGS[split], strip_calc=self.strip_calculator)
+            path = Path(path)
+            if path.suffix.lower() in (".json", ".csv"):  # else every line would be "not valid JSON"
+                raise MathtuneError(f"{path}: task gsm8k reads JSONL; for a JSON list or CSV use --task file")
+            return read_jsonl_examples(path, SPLIT_FLAGS[split], strip_calc=self.strip_calculator)
         if any(self.files.values()):
             # mixing a local file with the hub would silently change the data source
             raise MathtuneError(f"no {split} data: pass {SPLIT_FLAGS[split]} (GSM8K JSONL) as well")
