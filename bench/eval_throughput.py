@@ -159,6 +159,11 @@ def main(argv=None) -> int:
           f"({out.tokens_generated / mt_cpu:.1f} tokens per CPU-second)")
     print(f"          rows: mean {out.tokens_generated / len(counts):.0f} new tokens, {capped}/{len(counts)} hit "
           f"max_new_tokens; prefill is ~{prompt_flop / (prompt_flop + gen_flop):.0%} of the matmul FLOPs")
+    # where the time goes: the same batch with one new token is (almost) only the prompt prefill
+    prefill_seconds = generator(questions, max_new_tokens=1).seconds
+    print(f"          time: prefill ~{prefill_seconds:.1f} s, decode ~{out.seconds - prefill_seconds:.1f} s "
+          f"({(out.seconds - prefill_seconds) / args.max_new_tokens * 1e3:.0f} ms per step of up to "
+          f"{min(args.batch_size, len(questions))} rows)")
     if base_tps is not None:
         same = sum(a[0] == b for a, b in zip(out, base_texts))
         cpu_ratio = (out.tokens_generated / mt_cpu) / (tokens / base_cpu)

@@ -14,7 +14,13 @@ Scores, as in lm-evaluation-harness's GSM8K task:
   pass_at_k        (k > 1) fraction of items where at least one of the k samples is right
   maj_at_k         (k > 1) fraction where the most common extracted value (ties: earliest sample) is right
 
-File formats (read by comparison.py and report.py) are in the module constants' docstrings below.
+Files (read by comparison.py and report.py), in ``<output dir>``:
+
+  <model_tag>-<task>.jsonl         one ``judge_item`` record per item: id, question, gold, output (first
+                                   sample), outputs, extracted, method, strict_extracted, correct,
+                                   strict_correct, answered, majority, output_tokens (+ sample_correct, k > 1)
+  <model_tag>-<task>.summary.json  the metrics above, generation settings, items_sha, tokens_generated,
+                                   seconds, tokens_per_second, per_item_path (see ``evaluate_model``)
 """
 
 from __future__ import annotations
@@ -309,9 +315,13 @@ def _load_cached(key: str):
 
 def _store_cached(key: str, outputs, meta: dict) -> None:
     path = _cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(meta, outputs=list(outputs), token_counts=outputs.token_counts, seconds=outputs.seconds)
-    _atomic_write(path, json.dumps(payload, ensure_ascii=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(payload, ensure_ascii=False))
+    except OSError as exc:
+        raise MathtuneError(f"cannot write the eval cache {path} ({exc.strerror}): set MATHTUNE_CACHE to a "
+                            f"writable directory") from exc
 
 
 # --------------------------------------------------------------------------- model evaluation
