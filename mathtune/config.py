@@ -195,6 +195,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if (isinstance(default, bool) or f.type in ("bool", bool)) and f.name.startswith("no_"):
+            # A field already named as a negation: BooleanOptionalAction would read its "--no-..." flag
+            # as the negation of "--cache" (False), switching the behaviour off. A plain switch instead.
+            parser.add_argument(f"--{_flag(f.name)}", action="store_true", default=None,
+                                help=f"{help_text} (default: {default})")
+            continue
         if isinstance(default, bool) or f.type in ("bool", bool):
             parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {default})")

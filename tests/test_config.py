@@ -89,3 +89,16 @@ def test_eval_all_means_whole_split_and_sampling_rules():
     assert build_config(EvalConfig, overrides={"all": True}).max_samples == -1
     with pytest.raises(ConfigError, match="--num-samples > 1 needs --temperature > 0"):
         build_config(EvalConfig, overrides={"num_samples": 4})
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_no_cache_flag_turns_the_cache_bypass_on(command):
+    # argparse's BooleanOptionalAction would read --no-cache as "cache: off" = no_cache False
+    from mathtune.cli import build_parser
+
+    required = {"eval": [], "compare": ["--base-model", "a", "--trained-model", "b"]}[command]
+    parser = build_parser()
+    on = config_from_args(EvalConfig, parser.parse_args([command, *required, "--no-cache"]))
+    off = config_from_args(EvalConfig, parser.parse_args([command, *required]))
+    assert on.no_cache is True
+    assert off.no_cache is False

@@ -16,11 +16,7 @@ from mathtune.config import EvalConfig, add_config_arguments, config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with eval settings (flags win)")
-    add_config_arguments(parser, EvalConfig, skip=("train_file", "no_cache"))
-    # Not the generated flag: argparse's BooleanOptionalAction reads any option starting with "--no-"
-    # as False, so a generated --no-cache would switch the cache bypass *off*.
-    parser.add_argument("--no-cache", action="store_true", default=None,
-                        help="ignore cached generations and generate again (default: use the cache)")
+    add_config_arguments(parser, EvalConfig, skip=("train_file",))
 
 
 def run(args: argparse.Namespace) -> int:
