@@ -85,7 +85,7 @@ class LoadedModel:
     spec: str  # what the user passed
     source: str  # resolved local dir / hub id actually loaded
     kind: str  # "alias-gguf" | "hub" | "local-dir" | "gguf-file" | "adapter"
-    is_adapter: bool
+    is_adapter: bool  # the spec is a LoRA adapter (with merge_adapter, .model is already merged)
     base: str | None = None  # adapters only: the base model spec from adapter_config.json
 
 
@@ -512,8 +512,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    merge_adapter: bool = False,
 ) -> LoadedModel:
-    """Load a model spec (see the module docstring) in eval mode on ``device``."""
+    """Load a model spec (see the module docstring) in eval mode on ``device``.
+
+    ``merge_adapter``: fold a LoRA adapter into the base weights (``merge_and_unload``) and return a
+    plain model. For inference only: every linear layer then runs one matmul instead of three, which
+    doubled eval tokens/s on CPU. The merge is done in fp32 and only then cast to ``dtype``, so a
+    bf16 model rounds W + BA once instead of adding a bf16-rounded delta to bf16-rounded weights.
+    """
     kind, source = resolve_model_source(spec)
     base_spec = None
     if kind == "adapter":
@@ -526,7 +533,8 @@ def load_model(
         if base_kind == "adapter":
             raise _nested_adapter_error(adapter_dir, base_spec)
         base = load_model(
-            base_spec, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+            base_spec, device="cpu", dtype=torch.float32 if merge_adapter else dtype,
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         )
         try:
             model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
@@ -534,6 +542,9 @@ def load_model(
             raise MathtuneError(
                 f"could not apply adapter {adapter_dir} to its base '{base_spec}': {_first_line(exc)}"
             ) from exc
+        if merge_adapter:
+            model = model.merge_and_unload().to(dtype)
+            model.config.dtype = dtype  # .to() leaves it at the fp32 of the merge
         tokenizer = (
             _load_tokenizer_raw("local-dir", spec, source, trust_remote_code)
             if _has_tokenizer_files(adapter_dir)

@@ -162,3 +162,19 @@ def test_unknown_override_and_string_input_are_errors(tiny_model, smol_tokenizer
     with pytest.raises(MathtuneError, match="list of questions"):
         gen("one string")
     assert list(gen([])) == []
+
+
+def test_frozen_head_gets_a_contiguous_input_and_the_hook_is_removed(smol_tokenizer):
+    # A frozen head fed generate()'s strided last-position view would take torch's batched-matmul
+    # path that copies the head weight once per row; the Generator hands it a contiguous input.
+    model = build_tiny_model(smol_tokenizer).requires_grad_(False)
+    head = model.get_output_embeddings()
+    seen = []
+    spy = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    plain = Generator(model, smol_tokenizer, GenerationSettings(max_new_tokens=4), fast=False)(QUESTIONS)
+    spy.remove()
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks  # nothing left on the caller's model
+    # and it only changes memory layout: the same tokens as a reference generate()
+    expected = [[smol_tokenizer.decode(reference(model, smol_tokenizer, q, 4), skip_special_tokens=True)] for q in QUESTIONS]
+    assert list(plain) == expected

@@ -161,6 +161,14 @@ def test_adapter_dir_round_trip(model_dir, tmp_path):
     # the tokenizer follows the adapter dir when it carries one
     assert load_tokenizer(str(adapter_dir)).pad_token_id == 2
 
+    # merged for inference: a plain model with the same function, in the requested dtype
+    merged = load_model(str(adapter_dir), merge_adapter=True)
+    assert not hasattr(merged.model, "peft_config") and merged.is_adapter
+    torch.testing.assert_close(logits(merged.model), expected)
+    half = load_model(str(adapter_dir), merge_adapter=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert half.model.config.dtype == torch.bfloat16
+
 
 def test_adapter_without_base_is_an_error(tmp_path):
     adapter_dir = tmp_path / "adapter"
