@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mathtune import models
 from mathtune.answers import extract_strict, judge, parse_gold
 from mathtune.errors import InputError, MathtuneError
 from mathtune.tasks import TASK_NAMES, Example, get_task
@@ -163,8 +164,32 @@ def test_gsm8k_hub_offline_is_one_clear_error(monkeypatch):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(models, "hub_local_only", lambda: False)  # the hub "answers", the load fails
     with pytest.raises(MathtuneError, match="pass --train-file/--eval-file with GSM8K JSONL"):
         get_task("gsm8k").examples("train")
+
+
+def test_gsm8k_unreachable_hub_reads_only_the_local_cache(monkeypatch):
+    # without the probe, datasets retries an unreachable hub for ~25 s before failing
+    import datasets
+
+    seen = []
+
+    def not_cached(path, name, split, download_config):
+        # datasets reads HF_HUB_OFFLINE from its config module: it must be on while loading
+        seen.append((download_config.local_files_only, datasets.config.HF_HUB_OFFLINE))
+        raise FileNotFoundError("Couldn't find cache for openai/gsm8k")
+
+    before = datasets.config.HF_HUB_OFFLINE
+
+    monkeypatch.setattr(datasets, "load_dataset", not_cached)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    with pytest.raises(MathtuneError) as excinfo:
+        get_task("gsm8k").examples("eval")
+    assert seen == [(True, True)]
+    assert datasets.config.HF_HUB_OFFLINE == before  # and restored afterwards
+    assert "hub is unreachable and no cached copy exists" in str(excinfo.value)
+    assert "pass --train-file/--eval-file" in str(excinfo.value)
 
 
 def test_gsm8k_hub_rows_and_ids(monkeypatch):
@@ -172,11 +197,13 @@ def test_gsm8k_hub_rows_and_ids(monkeypatch):
 
     calls = []
 
-    def fake(path, name, split):
+    def fake(path, name, split, download_config):
         calls.append((path, name, split))
+        assert download_config.local_files_only is False  # the hub answered: datasets may download
         return ROWS[:2]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(models, "hub_local_only", lambda: False)
     task = get_task("gsm8k")
     assert [r.id for r in task.examples("train")] == ["gsm8k-train-00000", "gsm8k-train-00001"]
     assert [r.id for r in task.examples("eval")] == ["gsm8k-test-00000", "gsm8k-test-00001"]

@@ -43,6 +43,15 @@ class Task:
         raise NotImplementedError
 
 
+class FileBackedTask(Task):
+    """A task read from the user's files (``--train-file`` / ``--eval-file``), per split."""
+
+    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False):
+        super().__init__()
+        self.files = {"train": train_file, "eval": eval_file}
+        self.strip_calculator = strip_calculator  # drop GSM8K's <<48/2=24>> annotations from answers
+
+
 def get_task(
     name: str, *, train_file=None, eval_file=None, strip_calculator: bool = False, seed: int = 0
 ) -> Task:

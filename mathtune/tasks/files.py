@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mathtune.errors import InputError, MathtuneError
-from mathtune.tasks import Example, Task
+from mathtune.tasks import Example, FileBackedTask
 from mathtune.tasks.gsm8k import SPLIT_FLAGS, build_examples, read_jsonl_examples, read_text
 
 SUPPORTED = (".jsonl", ".json", ".csv")
@@ -69,14 +69,9 @@ def read_examples(path, flag: str, *, strip_calc: bool = False) -> list[Example]
     raise MathtuneError(f"{path}: unsupported file type {kind!r} for {flag}; use one of {', '.join(SUPPORTED)}")
 
 
-class FileTask(Task):
+class FileTask(FileBackedTask):
     name = "file"
     judge_rule = "exact"
-
-    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False):
-        super().__init__()
-        self.files = {"train": train_file, "eval": eval_file}
-        self.strip_calculator = strip_calculator
 
     def _load(self, split: str) -> list[Example]:
         flag = SPLIT_FLAGS[split]

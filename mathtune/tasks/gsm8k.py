@@ -7,6 +7,7 @@ The row checks here are shared with the custom-file task (``mathtune.tasks.files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterable, Iterator
 
 from mathtune.answers import format_number, parse_gold, parse_number, strip_calculator
 from mathtune.errors import InputError, MathtuneError
-from mathtune.tasks import Example, Task
+from mathtune.tasks import Example, FileBackedTask
 
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 HUB_SPLITS = {"train": "train", "eval": "test"}
@@ -125,27 +126,48 @@ def read_jsonl_examples(path: Path, flag: str, *, strip_calc: bool, bare_number_
     return build_examples(path, rows, strip_calc=strip_calc, bare_number_ok=bare_number_ok, hint=hint)
 
 
+@contextlib.contextmanager
+def _hub_offline_mode(offline: bool):
+    """HF_HUB_OFFLINE for the duration. datasets and huggingface_hub read that variable once, at
+    import, into module constants; ``DownloadConfig(local_files_only=True)`` alone still sends (and
+    retries) HEAD requests. Set here, datasets goes straight to its local cache."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = [(module, module.HF_HUB_OFFLINE) for module in (datasets.config, huggingface_hub.constants)]
+    try:
+        for module, _ in saved:
+            module.HF_HUB_OFFLINE = True
+        yield
+    finally:
+        for module, value in saved:
+            module.HF_HUB_OFFLINE = value
+
+
 def load_hub_rows(split: str) -> list[dict]:
     """GSM8K rows from the hub; any failure (offline, renamed dataset) becomes one clear line."""
+    from mathtune.models import hub_local_only
+
+    fix = "pass --train-file/--eval-file with GSM8K JSONL"
+    # unreachable hub: datasets would spend ~25 s on retries before failing; a cached copy still loads
+    local_only = hub_local_only()
     try:
-        from datasets import load_dataset
+        from datasets import DownloadConfig, load_dataset
 
-        return list(load_dataset(HUB_ID, HUB_CONFIG, split=HUB_SPLITS[split]))
+        with _hub_offline_mode(local_only):
+            return list(load_dataset(HUB_ID, HUB_CONFIG, split=HUB_SPLITS[split],
+                                     download_config=DownloadConfig(local_files_only=local_only)))
     except Exception as err:  # network, auth and schema errors all end the same way for the user
-        raise MathtuneError(
-            f"could not load GSM8K from the Hugging Face hub ({HUB_ID}: {type(err).__name__}); "
-            "offline? pass --train-file/--eval-file with GSM8K JSONL"
-        ) from err
+        where = "the hub is unreachable and no cached copy exists" if local_only else type(err).__name__
+        raise MathtuneError(f"could not load GSM8K from the Hugging Face hub ({HUB_ID}: {where}); {fix}") from err
 
 
-class GSM8KTask(Task):
+class GSM8KTask(FileBackedTask):
     name = "gsm8k"
     judge_rule = "exact"
-
-    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False):
-        super().__init__()
-        self.files = {"train": train_file, "eval": eval_file}
-        self.strip_calculator = strip_calculator
 
     def _load(self, split: str) -> list[Example]:
         path = self.files[split]
