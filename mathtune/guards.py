@@ -504,7 +504,9 @@ class CollapseDetector(TrainerCallback):
         # measured several times slower than their bf16 autocast version).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
-        with autocast, _one_cpu_thread(device):
+        from mathtune.generate import contiguous_head_input
+
+        with autocast, _one_cpu_thread(device), contiguous_head_input(model):
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)
         results = []
         for row in out[:, longest:].tolist():
