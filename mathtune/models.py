@@ -337,7 +337,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _hub_local_only() -> bool:
+def hub_local_only() -> bool:
+    """Read only the local HF cache: offline mode is set, or the hub does not answer a TCP connect."""
     return _hub_offline() or not _hub_reachable()
 
 
@@ -437,7 +438,7 @@ def _load_tokenizer_raw(kind: str, spec: str, source: str, trust_remote_code: bo
         source = str(_ensure_converted(kind, spec, Path(source)))
         return _auto_tokenizer(source, trust_remote_code=False)
     if kind == "hub":
-        local_only = _hub_local_only()
+        local_only = hub_local_only()
         try:
             return _auto_tokenizer(source, trust_remote_code=trust_remote_code, local_files_only=local_only)
         except OSError as exc:
@@ -484,7 +485,7 @@ def _from_pretrained(source: str, *, kind: str, dtype, trust_remote_code: bool, 
         use_safetensors=None if allow_pickle else True,
     )
     if kind == "hub":
-        local_only = _hub_local_only()
+        local_only = hub_local_only()
         try:
             return AutoModelForCausalLM.from_pretrained(
                 source,
