@@ -518,8 +518,8 @@ def load_model(
     """Load a model spec (see the module docstring) in eval mode on ``device``.
 
     ``merge_adapter``: fold a LoRA adapter into the base weights (``merge_and_unload``) and return a
-    plain model. For inference only: every linear layer then runs one matmul instead of three, which
-    doubled eval tokens/s on CPU. The merge is done in fp32 and only then cast to ``dtype``, so a
+    plain model. For inference only: every linear layer then runs one matmul instead of three (the
+    demo's 200-item eval: 14.5 s merged vs 20.4 s unmerged, bf16 on CPU). The merge is done in fp32 and only then cast to ``dtype``, so a
     bf16 model rounds W + BA once instead of adding a bf16-rounded delta to bf16-rounded weights.
     """
     kind, source = resolve_model_source(spec)
