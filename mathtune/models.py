@@ -22,6 +22,7 @@ process converting at the same time never leaves half a model behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -33,6 +34,7 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -538,7 +540,8 @@ def load_model(
             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         )
         try:
-            model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
+            with _quiet_peft_deprecation():
+                model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise MathtuneError(
                 f"could not apply adapter {adapter_dir} to its base '{base_spec}': {_first_line(exc)}"
@@ -703,6 +706,15 @@ def _linear_module_names(model) -> list[str]:
     )
 
 
+@contextlib.contextmanager
+def _quiet_peft_deprecation():
+    """PEFT 0.21 calls transformers 5's deprecated ``is_gradient_checkpointing``: a FutureWarning
+    about library internals on every LoRA load, nothing a user can act on. Only that one is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_lora(
     model,
     *,
@@ -753,7 +765,8 @@ def apply_lora(
         target_modules=targets,
         bias="none",
     )
-    return get_peft_model(model, config)
+    with _quiet_peft_deprecation():
+        return get_peft_model(model, config)
 
 
 _GENERIC_DIR_NAMES = re.compile(r"(checkpoint-\d+|final|best|latest|adapter|model|output|outputs|out|merged)")
