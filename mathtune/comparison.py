@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mathtune.atomic import write_text_atomically
 from mathtune.errors import InputError, MathtuneError
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -341,13 +341,6 @@ def _check_summary(summary: dict, metrics: dict, n: int, log: Path) -> None:
         )
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_compare(
     base_spec: str,
     trained_spec: str,
@@ -408,7 +401,8 @@ def run_compare(
         "base_log": _stored_path(logs["base"], output_path.parent),
         "trained_log": _stored_path(logs["trained"], output_path.parent),
     }
-    _write_json_atomically(output_path, result)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(output_path, json.dumps(result, indent=2) + "\n")
     if not quiet:
         print(f"base    {base_spec}\ntrained {trained_spec}\ntask    {config.task}, {stats['n']} items\n")
         print(format_table(result))

@@ -28,15 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mathtune.answers import extract, extract_strict, judge
+from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
 from mathtune.generate import GenerationSettings
 
@@ -196,17 +195,6 @@ def log_paths(output_dir: str | Path, model_tag: str, task: str) -> tuple[Path, 
     return base.with_name(base.name + ".jsonl"), base.with_name(base.name + ".summary.json")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename: a reader never sees half a log, a crash leaves the old one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_eval_log(output_dir: str | Path, model_tag: str, task: str, records: Sequence[dict], summary: dict) -> tuple[Path, Path]:
     """Write ``<dir>/<model_tag>-<task>.jsonl`` (one record per item) and ``.summary.json``."""
     output_dir = Path(output_dir)
@@ -217,9 +205,9 @@ def write_eval_log(output_dir: str | Path, model_tag: str, task: str, records: S
     items_path, summary_path = log_paths(output_dir, model_tag, task)
     # allow_nan=False: a NaN would make the file unreadable by strict JSON readers; fail loudly instead
     lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-    _atomic_write(items_path, lines)
+    write_text_atomically(items_path, lines)
     summary = dict(summary, per_item_path=str(items_path))
-    _atomic_write(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    write_text_atomically(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return items_path, summary_path
 
 
@@ -319,7 +307,7 @@ def _store_cached(key: str, outputs, meta: dict) -> None:
     payload = dict(meta, outputs=list(outputs), token_counts=outputs.token_counts, seconds=outputs.seconds)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(payload, ensure_ascii=False))
+        write_text_atomically(path, json.dumps(payload, ensure_ascii=False))
     except OSError as exc:
         raise MathtuneError(f"cannot write the eval cache {path} ({exc.strerror}): set MATHTUNE_CACHE to a "
                             f"writable directory") from exc

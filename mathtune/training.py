@@ -43,6 +43,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
+from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.step_stats import StepStats
 
@@ -243,9 +244,9 @@ class CheckpointMarker(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not (checkpoint / STATE_FILE).is_file():
             raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
-        tmp = checkpoint / (CHECKPOINT_MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
-        tmp.replace(checkpoint / CHECKPOINT_MARKER)  # atomic: the marker is whole or absent
+        # atomic: the marker is whole or absent
+        write_text_atomically(checkpoint / CHECKPOINT_MARKER,
+                              json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
         self.last_complete = checkpoint
 
 
