@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from mathtune.budget import BUDGET_SCHEDULES
 from mathtune.errors import ConfigError, MathtuneError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -79,7 +80,9 @@ class TrainConfig(ModelSettings):
     warmup_ratio: float = setting(0.03, "fraction of steps spent warming up the learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables clipping)")
-    max_time: float | None = setting(None, "time budget in seconds: stop at the next step boundary and save")
+    max_time: float | None = setting(
+        None, "time budget in seconds of training (a resumed run counts the seconds before it): the learning-rate "
+        "schedule is laid over it, and training stops at the step boundary where the next step would overrun it")
     output_dir: str = setting("runs/latest", "run directory (model, metrics, report)")
     save_steps: int = setting(0, "write a checkpoint every N optimizer steps (0: only the final model)")
     save_total_limit: int | None = setting(3, "keep at most this many checkpoints")
@@ -94,6 +97,8 @@ class TrainConfig(ModelSettings):
         nargs="+",
     )
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory (slower)")
+    group_by_length: bool = setting(True, "batch rows of similar length together (less padding; batches in random order)")
+    supervised_logits: bool = setting(True, "run the LM head only at answer positions (same loss, fewer FLOPs)")
     resume: str | None = setting(None, "resume from 'auto' (newest complete checkpoint in --output-dir) or a checkpoint dir", nargs="?", const="auto")
     eval_samples: int = setting(0, "after training, compare base vs trained on N held-out items (0: skip)")
     eval_batch_size: int = setting(32, "generation batch size for --eval-samples")
@@ -126,6 +131,9 @@ class TrainConfig(ModelSettings):
             problems.append(f"--max-grad-norm must be >= 0 (got {self.max_grad_norm})")
         if self.max_time is not None and self.max_time <= 0:
             problems.append(f"--max-time must be > 0 seconds (got {self.max_time})")
+        if self.max_time is not None and self.lr_scheduler not in BUDGET_SCHEDULES:
+            problems.append(f"--lr-scheduler {self.lr_scheduler} cannot be laid over --max-time: use one of "
+                            f"{', '.join(BUDGET_SCHEDULES)}, or drop --max-time")
         for name in ("save_steps", "eval_samples", "sample_every"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")

@@ -21,6 +21,7 @@ class StepStats:
     micro_batches: int = 0
     losses: list[torch.Tensor] = field(default_factory=list)  # one per micro-batch, detached
     total_supervised_tokens: int = 0    # since training started (this process)
+    total_padded_tokens: int = 0        # positions run through the model, padding included (this process)
     step_started: float = field(default_factory=time.perf_counter)
     last_step_seconds: float = 0.0
     last_supervised_tokens: int = 0     # snapshot of the finished step, for loggers running after it
@@ -35,6 +36,7 @@ class StepStats:
         self.supervised_tokens += supervised
         self.total_supervised_tokens += supervised
         self.input_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        self.total_padded_tokens += int(inputs["input_ids"].numel())
         self.micro_batches += 1
         self.losses.append(loss.detach())
 

@@ -41,10 +41,12 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from mathtune.budget import TimeBudget
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.loss import supervised_mask, supervised_only_loss, takes_logits_mask, token_normalised_loss
 from mathtune.step_stats import StepStats
 
 CHECKPOINT_MARKER = "mathtune_checkpoint.json"  # written by on_save once Trainer has finished writing
@@ -52,6 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "mathtune_config.yaml"
 STATE_FILE = "trainer_state.json"
 SAMPLE_PROMPTS = 3
+ESTIMATE_AFTER_STEPS = 3  # steps timed before the time budget's step estimate is printed
 # Outputs derived from a trained model: stale ones from an earlier run in the same --output-dir
 # would be reused or reported as this run's (an eval cache keyed by the run dir's name, not its weights).
 DERIVED_OUTPUTS = ("eval", "model_comparison.json", "report.md", "plots")
@@ -111,11 +114,34 @@ class TrainingSession:
 
 
 class MathtuneTrainer(Trainer):
-    """Trainer that records every micro-batch into ``StepStats`` and saves adapters offline."""
+    """Trainer that records every micro-batch into ``StepStats``, runs the LM head only at supervised
+    positions (mathtune/loss.py), lays the LR schedule over a time budget (mathtune/budget.py) and
+    saves adapters offline."""
 
-    def __init__(self, *args, step_stats: StepStats, **kwargs):
+    def __init__(self, *args, step_stats: StepStats, time_budget: TimeBudget | None = None,
+                 supervised_logits: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.step_stats = step_stats
+        self.time_budget = time_budget
+        self.supervised_logits = supervised_logits
+        if supervised_logits:
+            self.compute_loss_func = supervised_only_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.supervised_logits and "labels" in inputs:
+            # the LM head runs on these positions only; supervised_only_loss takes its cross-entropy
+            inputs = {**inputs, "logits_to_keep": supervised_mask(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.time_budget is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        budget = self.time_budget
+        # a plain function (not a bound method), so LambdaLR's state_dict stays the library's usual one
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
+                                                              lambda step: budget.multiplier(step))
+        return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         first_of_step = self.step_stats.micro_batches == 0
@@ -142,17 +168,6 @@ class MathtuneTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
 
 
-def _token_normalised_loss(outputs, labels, num_items_in_batch=None):
-    """Fallback for models whose forward takes no loss kwargs: sum of shifted token losses / count."""
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[..., 1:].reshape(-1).to(shift_logits.device)
-    total = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        num_items_in_batch = shift_labels.ne(-100).sum()
-    return total / num_items_in_batch
-
-
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -162,12 +177,15 @@ class StepCallback(TrainerCallback):
     Must be the first of our callbacks: the guards' on_step_end reads StepStats.last_* after end_step().
     """
 
-    def __init__(self, stats: StepStats, metrics_path: Path, max_time: float | None, seconds_offset: float = 0.0):
+    def __init__(self, stats: StepStats, metrics_path: Path, budget: TimeBudget | None, seconds_offset: float = 0.0,
+                 clock=time.perf_counter):
         self.stats = stats
         self.metrics_path = Path(metrics_path)
-        self.max_time = max_time
+        self.budget = budget
         self.seconds_offset = seconds_offset  # training seconds of the run this one resumes
+        self.clock = clock  # injectable: the time-budget tests drive a fake clock
         self.train_started: float | None = None
+        self.estimate_printed = False
         self.stopped_on_time = False
         self.window = self._empty_window()
         self.total_input_tokens = 0
@@ -181,10 +199,13 @@ class StepCallback(TrainerCallback):
 
     def elapsed(self) -> float:
         """Seconds since this process started training (what --max-time budgets)."""
-        return time.perf_counter() - self.train_started if self.train_started is not None else 0.0
+        return self.clock() - self.train_started if self.train_started is not None else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.train_started = time.perf_counter()
+        self.train_started = self.clock()
+        self._first_step = state.global_step
+        if self.budget is not None:
+            self.budget.start(state.global_step, self.seconds_offset)
 
     def on_step_end(self, args, state, control, **kwargs):
         stats = self.stats
@@ -195,10 +216,18 @@ class StepCallback(TrainerCallback):
         self.window["seconds"] += stats.last_step_seconds
         self.total_input_tokens += stats.last_input_tokens
         self.total_supervised_tokens += stats.last_supervised_tokens
-        if self.max_time is not None and not control.should_training_stop and self.elapsed() >= self.max_time:
-            # a step boundary: the update is complete, so the model saved next is a consistent one
-            self.stopped_on_time = True
-            control.should_training_stop = True
+        budget = self.budget
+        if budget is not None:
+            budget.step_ended(state.global_step, self.seconds_offset + self.elapsed())
+            if not self.estimate_printed and state.global_step >= budget.planned_steps:
+                self.estimate_printed = True
+            elif not self.estimate_printed and budget.steps_done - self._first_step >= ESTIMATE_AFTER_STEPS:
+                self.estimate_printed = True
+                tqdm.write(budget_estimate_line(budget), file=sys.stderr)
+            if not control.should_training_stop and budget.should_stop():
+                # a step boundary: the update is complete, so the model saved next is a consistent one
+                self.stopped_on_time = True
+                control.should_training_stop = True
         if control.should_training_stop:
             control.should_log = True  # the last step always reaches metrics.jsonl
 
@@ -425,6 +454,9 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=config.save_steps or 500,  # ignored by save_strategy "no", but must be > 0
         save_total_limit=config.save_total_limit,
+        # batches of similar-length rows (random order of batches): random batches of GSM8K rows pad
+        # to the longest of 8, ~1.5x the real tokens; grouped ones to ~1.05x
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         seed=config.seed,
         data_seed=config.seed,
         # bf16: autocast on fp32 master weights (CPU or CUDA); fp16: CUDA autocast + GradScaler
@@ -485,8 +517,14 @@ def setup(config: TrainConfig) -> TrainingSession:
     save_config(config, run_dir / CONFIG_FILE)
     report_to = _report_to(config)
 
+    planned_steps = _planned_steps(config, len(rows))
+    budget = None
+    if config.max_time is not None:
+        steps_per_epoch = math.ceil(math.ceil(len(rows) / config.batch_size) / config.gradient_accumulation_steps)
+        budget = TimeBudget(planned_steps=planned_steps, max_time=config.max_time, schedule=config.lr_scheduler,
+                            warmup_ratio=config.warmup_ratio, steps_per_epoch=max(steps_per_epoch, 1))
     step_stats = StepStats()
-    step_cb = StepCallback(step_stats, run_dir / METRICS_FILE, config.max_time, seconds_offset)
+    step_cb = StepCallback(step_stats, run_dir / METRICS_FILE, budget, seconds_offset)
     marker_cb = CheckpointMarker()
     progress_cb = ConsoleProgress()
     guard_cbs = []
@@ -496,6 +534,8 @@ def setup(config: TrainConfig) -> TrainingSession:
         guard_cbs = list(guards.guard_callbacks(config, step_stats, tokenizer, sample_prompts, run_dir, precision))
 
     args = _training_arguments(config, run_dir, device, precision, report_to)
+    # the LM head only at supervised positions, where the model's forward can take that mask
+    supervised_logits = config.supervised_logits and takes_logits_mask(model)
     trainer = MathtuneTrainer(
         model=model,
         args=args,
@@ -506,17 +546,19 @@ def setup(config: TrainConfig) -> TrainingSession:
         # runs after guards may have rejected a checkpoint
         callbacks=[step_cb, *guard_cbs, marker_cb, progress_cb],
         step_stats=step_stats,
+        time_budget=budget,
+        supervised_logits=supervised_logits,
     )
     trainer.remove_callback(ProgressCallback)
-    if not trainer.model_accepts_loss_kwargs:
+    if not supervised_logits and not trainer.model_accepts_loss_kwargs:
         # forward() cannot take num_items_in_batch: compute the token-normalised loss here instead
-        trainer.compute_loss_func = _token_normalised_loss
+        trainer.compute_loss_func = token_normalised_loss
 
     session = TrainingSession(
         config=config, trainer=trainer, model=model, tokenizer=tokenizer, rows=rows, data_stats=data_stats,
         step_stats=step_stats, device=device, device_reason=device_reason, precision=precision,
         precision_reason=precision_reason, run_dir=run_dir, sample_prompts=sample_prompts,
-        resume_from=resume_from, planned_steps=_planned_steps(config, len(rows)), trainable_params=trainable,
+        resume_from=resume_from, planned_steps=planned_steps, trainable_params=trainable,
         total_params=total, judge_rule=task.judge_rule, sample_source=sample_source,
         callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs},
     )
@@ -605,6 +647,17 @@ def train(config: TrainConfig) -> TrainResult:
 # --------------------------------------------------------------------------- summaries
 
 
+def budget_estimate_line(budget: TimeBudget) -> str:
+    expected = budget.expected_steps()
+    per_step = budget.seconds_per_step or 0.0
+    if expected is None:
+        return "time budget: no step timing yet"
+    fits = "all" if expected >= budget.planned_steps else f"~{expected}"
+    return (f"time budget: {per_step:.2f} s/step -> {fits} of {budget.planned_steps} planned steps "
+            f"({expected / budget.steps_per_epoch:.2f} epochs) fit in --max-time {budget.max_time:g} s; "
+            f"the learning-rate schedule is laid over them")
+
+
 def start_summary(session: TrainingSession) -> str:
     c, s = session.config, session.data_stats
     lines = []
@@ -631,7 +684,9 @@ def start_summary(session: TrainingSession) -> str:
     lines.append(f"optimizer: AdamW lr {c.learning_rate:g}, {c.lr_scheduler} schedule, warmup {c.warmup_ratio:g} "
                  f"of steps, seed {c.seed}")
     if c.max_time is not None:
-        lines.append(f"time budget: --max-time {c.max_time:g} s (stops at the first step boundary after it)")
+        lines.append(f"time budget: --max-time {c.max_time:g} s: the {c.lr_scheduler} schedule runs over whichever "
+                     f"ends first, {session.planned_steps} steps or {c.max_time:g} s; the steps it buys are "
+                     f"estimated after step {ESTIMATE_AFTER_STEPS}")
     checkpoints = f"every {c.save_steps} steps (keep {c.save_total_limit})" if c.save_steps else "final model only"
     lines.append(f"run dir: {session.run_dir}; checkpoints: {checkpoints}")
     lines.append(f"guards: {'on' if c.guards else 'OFF (--no-guards)'}; collapse prompts from "

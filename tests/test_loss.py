@@ -1,0 +1,84 @@
+"""The LM head at supervised positions only: the same loss and gradients as full logits (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mathtune.loss import supervised_mask, supervised_only_loss, takes_logits_mask, token_normalised_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def batch(tokenizer, seed=0):
+    """Three right-padded rows with prompts and answers of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [(5, 9), (12, 3), (7, 14)]  # (prompt tokens, answer tokens)
+    longest = max(p + a for p, a in rows)
+    ids = torch.full((len(rows), longest), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), longest), -100)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        tokens = torch.randint(100, 5000, (p + a,), generator=g)
+        ids[i, : p + a], mask[i, : p + a] = tokens, 1
+        labels[i, p : p + a] = tokens[p:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_mask_marks_positions_that_predict_a_supervised_token():
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, 7, 9]])
+    assert supervised_mask(labels).tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+
+
+def loss_and_grads(model, inputs, supervised: bool):
+    model.zero_grad()
+    labels = inputs["labels"]
+    n = labels[:, 1:].ne(-100).sum()
+    if supervised:
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    logits_to_keep=supervised_mask(labels))
+        loss = supervised_only_loss(out, labels, n)
+    else:
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        loss = token_normalised_loss(out, labels, n)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_supervised_only_loss_and_gradients_equal_the_full_logits_ones(tiny_model, tokenizer):
+    model = tiny_model.float().train()
+    inputs = batch(tokenizer)
+    assert takes_logits_mask(model)
+    full_loss, full_grads = loss_and_grads(model, inputs, supervised=False)
+    ours_loss, ours_grads = loss_and_grads(model, inputs, supervised=True)
+    assert torch.allclose(ours_loss, full_loss, rtol=1e-5, atol=0), (ours_loss, full_loss)
+    assert full_grads.keys() == ours_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert float((ours_grads[name] - grad).abs().max() / scale) < 1e-5, name
+    # and the model's own loss agrees (labels unshifted, mean over supervised tokens)
+    own = model(**inputs).loss
+    assert torch.allclose(own, full_loss, rtol=1e-5)
+
+
+def test_supervised_only_loss_matches_under_peft_lora(tiny_model, tokenizer):
+    from mathtune.models import apply_lora
+
+    model = apply_lora(tiny_model.float(), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters a gradient path through B too
+            torch.nn.init.normal_(param, std=0.02)
+    assert takes_logits_mask(model)
+    inputs = batch(tokenizer, seed=1)
+    full_loss, full_grads = loss_and_grads(model.train(), inputs, supervised=False)
+    ours_loss, ours_grads = loss_and_grads(model, inputs, supervised=True)
+    assert torch.allclose(ours_loss, full_loss, rtol=1e-5)
+    assert all("lora_" in name for name in full_grads)
+    for name, grad in full_grads.items():
+        assert float((ours_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)) < 1e-5, name
+
+
+def test_wrong_shaped_logits_name_the_flag():
+    labels = torch.tensor([[-100, 3, 4]])
+    with pytest.raises(RuntimeError, match="--no-supervised-logits"):
+        supervised_only_loss({"logits": torch.zeros(1, 3, 10)}, labels)
