@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from mathtune import distributed
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
 from mathtune.atomic import write_text_atomically
@@ -132,6 +133,8 @@ class MathtuneTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         if not isinstance(self.model, PeftModel):
             return super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return  # under a launcher rank 0 alone writes (as Trainer._save does)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         # save_embedding_layers="auto" (peft's default) asks the hub whether the base config's vocab
@@ -174,6 +177,7 @@ class StepCallback(TrainerCallback):
         self.total_supervised_tokens = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.shared_elapsed = 0.0  # rank 0's elapsed seconds at the last step end (see on_step_end)
 
     @staticmethod
     def _empty_window() -> dict:
@@ -195,7 +199,10 @@ class StepCallback(TrainerCallback):
         self.window["seconds"] += stats.last_step_seconds
         self.total_input_tokens += stats.last_input_tokens
         self.total_supervised_tokens += stats.last_supervised_tokens
-        if self.max_time is not None and not control.should_training_stop and self.elapsed() >= self.max_time:
+        # rank 0's clock on every rank (one broadcast per step under a launcher): the stop decision
+        # and anything else timed by it must be identical on all ranks, or they stop at different steps
+        self.shared_elapsed = distributed.main_clock(self.elapsed())
+        if self.max_time is not None and not control.should_training_stop and self.shared_elapsed >= self.max_time:
             # a step boundary: the update is complete, so the model saved next is a consistent one
             self.stopped_on_time = True
             control.should_training_stop = True
@@ -221,8 +228,9 @@ class StepCallback(TrainerCallback):
             # wall seconds since training started; a resumed run continues the count
             "seconds": self.seconds_offset + self.elapsed(),
         }
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        if distributed.is_main_process():  # logs are the same on every rank (losses gathered by Trainer)
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
         if self.first_loss is None:
             self.first_loss = logs["loss"]
         self.last_loss = logs["loss"]
@@ -242,11 +250,17 @@ class CheckpointMarker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not (checkpoint / STATE_FILE).is_file():
-            raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
-        # atomic: the marker is whole or absent
-        write_text_atomically(checkpoint / CHECKPOINT_MARKER,
-                              json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+
+        def mark():
+            if not (checkpoint / STATE_FILE).is_file():
+                raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
+            # atomic: the marker is whole or absent
+            write_text_atomically(checkpoint / CHECKPOINT_MARKER,
+                                  json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+
+        # every rank writes its own shard/RNG state; on_main waits for all of them before rank 0 marks
+        distributed.barrier()
+        distributed.on_main(mark)
         self.last_complete = checkpoint
 
 
@@ -257,6 +271,8 @@ class ConsoleProgress(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not distributed.is_main_process():
+            return  # one bar per run, not one per rank
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="train",
                         dynamic_ncols=True)
 
@@ -379,11 +395,12 @@ def _report_to(config: TrainConfig) -> list[str]:
     return targets
 
 
-def _planned_steps(config: TrainConfig, n_rows: int) -> int:
+def _planned_steps(config: TrainConfig, n_rows: int, world: int = 1) -> int:
     if config.max_steps > 0:
         return config.max_steps
-    # same arithmetic as Trainer: ceil(rows / batch) micro-batches, ceil(that / accumulation) steps
-    micro_batches = math.ceil(n_rows / config.batch_size)
+    # same arithmetic as Trainer: ceil(rows / batch) micro-batches, dealt to `world` ranks (accelerate
+    # gives every rank the same count), ceil(that / accumulation) steps
+    micro_batches = math.ceil(math.ceil(n_rows / config.batch_size) / world)
     per_epoch = max(math.ceil(micro_batches / config.gradient_accumulation_steps), 1)
     return math.ceil(config.num_epochs * per_epoch)
 
@@ -418,6 +435,12 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         max_grad_norm=config.max_grad_norm,
         # PEFT's wrapper hides forward's signature: without this Trainer cannot find the labels
         label_names=["labels"],
+        # under a launcher, divide by the supervised tokens of ALL ranks (Trainer gathers the count and
+        # scales by the world size, DDP averages): N ranks x batch b == 1 rank x batch N*b
+        average_tokens_across_devices=True,
+        # every trainable weight (LoRA matrices, or all weights with --full) is on the loss path: the
+        # default (True for PEFT models) costs an extra autograd-graph walk per step and warns each run
+        ddp_find_unused_parameters=False,
         # the default replaces NaN/inf step losses by the running mean: exactly the failure to see
         logging_nan_inf_filter=False,
         logging_strategy="steps",
@@ -451,6 +474,7 @@ def setup(config: TrainConfig) -> TrainingSession:
     precision, precision_reason = models.choose_precision(config.precision, device)
     print(f"device: {device} ({device_reason})")
     print(f"precision: {precision} ({precision_reason})")
+    distributed.init(device)  # under a launcher: join the process group before touching the run dir
 
     resume_from = resolve_resume(config.resume, config.output_dir)
     _check_output_dir(Path(config.output_dir), resume_from)  # before spending time loading the model
@@ -459,7 +483,7 @@ def setup(config: TrainConfig) -> TrainingSession:
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
             f"names (to continue a run, use --resume with its checkpoint)"
         )
-    loaded = models.load_model(config.model, device=device, dtype=torch.float32,  # fp32 master weights
+    loaded = models.load_model(config.model, device=distributed.local_device(device), dtype=torch.float32,  # fp32 master
                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     tokenizer = loaded.tokenizer
 
@@ -481,8 +505,12 @@ def setup(config: TrainConfig) -> TrainingSession:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    run_dir, seconds_offset = _prepare_run_dir(config, resume_from)
-    save_config(config, run_dir / CONFIG_FILE)
+    def prepare_run_dir():
+        prepared = _prepare_run_dir(config, resume_from)
+        save_config(config, prepared[0] / CONFIG_FILE)
+        return prepared
+
+    run_dir, seconds_offset = distributed.on_main(prepare_run_dir)  # one writer; the others wait for it
     report_to = _report_to(config)
 
     step_stats = StepStats()
@@ -494,6 +522,8 @@ def setup(config: TrainConfig) -> TrainingSession:
         from mathtune import guards
 
         guard_cbs = list(guards.guard_callbacks(config, step_stats, tokenizer, sample_prompts, run_dir, precision))
+        # under a launcher: a halt on any rank halts every rank at the same event (itself otherwise)
+        guard_cbs = [distributed.CollectiveCallback(cb) for cb in guard_cbs]
 
     args = _training_arguments(config, run_dir, device, precision, report_to)
     trainer = MathtuneTrainer(
@@ -516,7 +546,8 @@ def setup(config: TrainConfig) -> TrainingSession:
         config=config, trainer=trainer, model=model, tokenizer=tokenizer, rows=rows, data_stats=data_stats,
         step_stats=step_stats, device=device, device_reason=device_reason, precision=precision,
         precision_reason=precision_reason, run_dir=run_dir, sample_prompts=sample_prompts,
-        resume_from=resume_from, planned_steps=_planned_steps(config, len(rows)), trainable_params=trainable,
+        resume_from=resume_from, planned_steps=_planned_steps(config, len(rows), distributed.world_size()),
+        trainable_params=trainable,
         total_params=total, judge_rule=task.judge_rule, sample_source=sample_source,
         callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs},
     )
@@ -533,7 +564,9 @@ def run(session: TrainingSession) -> TrainResult:
     if config.guards:
         from mathtune import guards
 
-        guards.preflight(trainer, config, session.rows, session.device, session.precision)
+        # every rank checks its own model; a failure on any rank stops all of them
+        distributed.collectively(guards.preflight, trainer, config, session.rows, session.device, session.precision,
+                                 echo=print if distributed.is_main_process() else None)
     if session.resume_from:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
@@ -543,15 +576,16 @@ def run(session: TrainingSession) -> TrainResult:
         session.callbacks["progress"].close()
         last = marker_cb.last_complete or (complete_checkpoints(session.run_dir) or [None])[-1]
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written (use --save-steps N)"
-        print(f"training halted; no final model saved; {kept}", file=sys.stderr)
+        if distributed.is_main_process():
+            print(f"training halted; no final model saved; {kept}", file=sys.stderr)
         raise
     finally:
         session.callbacks["progress"].close()
     seconds = time.perf_counter() - started
 
     run_dir = session.run_dir
-    trainer.save_model(str(run_dir))
-    trainer.state.save_to_json(str(run_dir / STATE_FILE))
+    trainer.save_model(str(run_dir))  # every rank calls it (FSDP gathers shards); Trainer writes on rank 0
+    distributed.on_main(lambda: trainer.state.save_to_json(str(run_dir / STATE_FILE)))
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
     if stopped == "max_time":
         print(f"stopped on time: --max-time {config.max_time:g} s reached after step {trainer.state.global_step} "
@@ -586,7 +620,7 @@ def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainRes
         output_path=result.run_dir / "model_comparison.json",
         output_dir=result.run_dir / "eval",
     )
-    report.write_report(result.run_dir)
+    distributed.on_main(lambda: report.write_report(result.run_dir))
     return dataclasses.replace(result, comparison=comparison)
 
 
@@ -618,10 +652,17 @@ def start_summary(session: TrainingSession) -> str:
     lines.append(f"task: {c.task} (judge {session.judge_rule}); rows read {s.read}, kept {s.kept}, dropped "
                  f"{s.dropped_total} ({dropped}); --max-length {c.max_length}")
     mean_tokens, mean_sup = session.mean_row_tokens, session.mean_supervised_tokens
-    rows_per_step = c.batch_size * c.gradient_accumulation_steps
-    lines.append(f"tokens per step: {c.batch_size} batch × {c.gradient_accumulation_steps} accumulation × "
+    world = distributed.world_size()
+    # the global batch: every rank takes its own batch x accumulation micro-batch rows per step
+    rows_per_step = c.batch_size * c.gradient_accumulation_steps * world
+    ranks = f" × {world} processes" if world > 1 else ""
+    lines.append(f"tokens per step: {c.batch_size} batch × {c.gradient_accumulation_steps} accumulation{ranks} × "
                  f"{mean_tokens:.1f} mean tokens = {rows_per_step * mean_tokens:,.0f} "
-                 f"({rows_per_step * mean_sup:,.0f} supervised; the loss is averaged over those)")
+                 f"({rows_per_step * mean_sup:,.0f} supervised; the loss is averaged over those"
+                 f"{' on all ranks' if world > 1 else ''})")
+    if world > 1:
+        lines.append(f"processes: {distributed.describe()}; global batch {c.batch_size} × "
+                     f"{c.gradient_accumulation_steps} × {world} = {rows_per_step} rows per step")
     if c.max_steps > 0:
         lines.append(f"steps: {session.planned_steps} (--max-steps; {session.planned_steps * rows_per_step / s.kept:.2f}"
                      f" epochs of {s.kept} rows)")
