@@ -565,8 +565,9 @@ def run(session: TrainingSession) -> TrainResult:
         from mathtune import guards
 
         # every rank checks its own model; a failure on any rank stops all of them
+        quiet = {} if distributed.is_main_process() else {"echo": None}  # rank 0 prints the checks
         distributed.collectively(guards.preflight, trainer, config, session.rows, session.device, session.precision,
-                                 echo=print if distributed.is_main_process() else None)
+                                 **quiet)
     if session.resume_from:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
