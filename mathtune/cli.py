@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Quiet the libraries' own chatter; mathtune prints what matters.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mathtune import distributed
+
+    distributed.quiet_replicas()  # under a launcher, rank 0 alone prints
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except MathtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "echo", True):  # False: another rank's failure, which rank 0 prints
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mathtune import distributed
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import InputError, MathtuneError
 
@@ -383,6 +384,14 @@ def run_compare(
             "pass --eval-dir DIR so the two logs are kept apart"
         )
 
+    # under a launcher both evaluations ran sharded; rank 0 alone reads the logs it wrote and writes
+    # the comparison, and every rank returns its dict
+    return distributed.on_main(lambda: _compare_logs(base_spec, trained_spec, config, summaries, logs, output_path,
+                                                     n_resamples=n_resamples, seed=seed, quiet=quiet))
+
+
+def _compare_logs(base_spec, trained_spec, config, summaries, logs, output_path, *, n_resamples, seed, quiet) -> dict:
+    """The paired statistics from the two per-item logs on disk; writes ``output_path``."""
     stats = compare_items(
         load_items(logs["base"]), load_items(logs["trained"]),
         n_resamples=n_resamples, seed=seed, base_name=str(logs["base"]), trained_name=str(logs["trained"]),

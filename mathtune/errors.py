@@ -34,8 +34,11 @@ class ConfigError(MathtuneError):
 class TrainingHalted(MathtuneError):
     """A guard stopped training; the message names the likely cause and the fix."""
 
-    def __init__(self, check: str, message: str, step: int | None = None):
+    def __init__(self, check: str, message: str, step: int | None = None, rank: int | None = None):
         self.check = check
         self.step = step
+        self.rank = rank  # the process that saw it, in a multi-process run (mathtune.distributed)
+        self.reason = message
         where = f" at step {step}" if step is not None else ""
+        where += f" on rank {rank}" if rank is not None else ""
         super().__init__(f"{check}{where}: {message}")

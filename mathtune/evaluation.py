@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mathtune import distributed
 from mathtune.answers import extract, extract_strict, judge
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
@@ -349,6 +350,11 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     settings = GenerationSettings.from_config(config)
     device, device_reason = choose_device(config.device)
     precision, precision_reason = choose_precision(config.precision, device)
+    # under a launcher: join the process group; each rank generates a share, rank 0 alone prints and writes
+    distributed.init(device)
+    device = distributed.local_device(device)
+    verbose = verbose and distributed.is_main_process()
+    progress = progress if distributed.is_main_process() else False
     task = get_task(config.task, eval_file=config.eval_file, strip_calculator=config.strip_calculator, seed=config.seed)
     examples = take(task.examples("eval"), config.max_samples, "eval")
     if not examples:
@@ -359,7 +365,9 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
 
     identity = model_identity(spec)
     key = cache_key(identity, config.task, sha, settings, precision, device) if identity is not None else None
-    outputs = None if (key is None or config.no_cache) else _load_cached(key)
+    key = distributed.broadcast_object(key)  # rank 0's files decide (another machine's copy may differ)
+    # rank 0 reads the cache and shares what it found: every rank then generates, or none does
+    outputs = None if (key is None or config.no_cache) else distributed.on_main(lambda: _load_cached(key))
     cached = outputs is not None
     if verbose:
         # the precision reason's first clause (the rest describes training's autocast)
@@ -372,12 +380,15 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
         # adapters merged: generation only, and one matmul per layer beats base + LoRA (1.4x, see load_model)
         loaded = load_model(spec, device=device, dtype=_torch_dtype(precision), merge_adapter=True,
                             trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-        outputs = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)([e.question for e in examples])
+        generator = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)
+        # one process: generator(questions); under a launcher: whole batches per rank, merged in item order
+        outputs = distributed.generate_sharded(generator, loaded.tokenizer, [e.question for e in examples], settings)
         if key is None:  # a hub model downloaded just now: its identity is known from here on
             identity = model_identity(spec)
             key = cache_key(identity, config.task, sha, settings, precision, device) if identity is not None else None
-        if key is not None:
-            _store_cached(key, outputs, {"spec": str(spec), "task": config.task, "items_sha": sha})
+        # written once, by rank 0 (whose key decides)
+        distributed.on_main(lambda: key is not None and _store_cached(
+            key, outputs, {"spec": str(spec), "task": config.task, "items_sha": sha}))
 
     records, result = judge_generations(examples, outputs, task.judge_rule, num_samples=settings.num_samples)
     summary = {
@@ -393,7 +404,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
         "cached": cached,
         "cache_key": key,
     }
-    items_path, summary_path = write_eval_log(output_dir, tag, config.task, records, summary)
+    items_path, summary_path = distributed.on_main(lambda: write_eval_log(output_dir, tag, config.task, records, summary))
     summary["per_item_path"] = str(items_path)
     if verbose:
         print(format_summary(summary))

@@ -472,8 +472,10 @@ class CollapseDetector(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A fresh run (step 0) starts an empty samples.jsonl; a resumed one keeps the lines up to the
-        # step it resumes from (later ones belong to steps that will be redone).
-        if self.path.is_file():
+        # step it resumes from (later ones belong to steps that will be redone). Rank 0 alone writes it.
+        from mathtune.distributed import is_main_process
+
+        if is_main_process() and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
@@ -534,10 +536,13 @@ class CollapseDetector(TrainerCallback):
         self.last_checked_step = step
         self.last_flags = flags
         self.last_outputs = [text for text, _ in outputs]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            for question, (text, _), f in zip(self.questions, outputs, flags):
-                fh.write(json.dumps({"step": step, "prompt": question, "output": text, "flags": f}) + "\n")
+        from mathtune.distributed import is_main_process
+
+        if is_main_process():  # every rank generates (FSDP needs all of them); rank 0 writes
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                for question, (text, _), f in zip(self.questions, outputs, flags):
+                    fh.write(json.dumps({"step": step, "prompt": question, "output": text, "flags": f}) + "\n")
         if all(flags):
             self.flagged_in_a_row += 1
         else:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from mathtune import distributed
 from mathtune.budget import TimeBudget
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
@@ -158,6 +159,8 @@ class MathtuneTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         if not isinstance(self.model, PeftModel):
             return super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return  # under a launcher rank 0 alone writes (as Trainer._save does)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         # save_embedding_layers="auto" (peft's default) asks the hub whether the base config's vocab
@@ -192,6 +195,7 @@ class StepCallback(TrainerCallback):
         self.total_supervised_tokens = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.shared_elapsed = 0.0  # rank 0's elapsed seconds at the last step end (see on_step_end)
 
     @staticmethod
     def _empty_window() -> dict:
@@ -218,12 +222,16 @@ class StepCallback(TrainerCallback):
         self.total_supervised_tokens += stats.last_supervised_tokens
         budget = self.budget
         if budget is not None:
-            budget.step_ended(state.global_step, self.seconds_offset + self.elapsed())
+            # rank 0's clock on every rank (one broadcast per step under a launcher): the stop decision
+            # and the learning rate follow it, so all ranks stop after the same step with the same LR
+            self.shared_elapsed = distributed.main_clock(self.seconds_offset + self.elapsed())
+            budget.step_ended(state.global_step, self.shared_elapsed)
             if not self.estimate_printed and state.global_step >= budget.planned_steps:
                 self.estimate_printed = True
             elif not self.estimate_printed and budget.steps_done - self._first_step >= ESTIMATE_AFTER_STEPS:
                 self.estimate_printed = True
-                tqdm.write(budget_estimate_line(budget), file=sys.stderr)
+                if distributed.is_main_process():
+                    tqdm.write(budget_estimate_line(budget), file=sys.stderr)
             if not control.should_training_stop and budget.should_stop():
                 # a step boundary: the update is complete, so the model saved next is a consistent one
                 self.stopped_on_time = True
@@ -250,8 +258,9 @@ class StepCallback(TrainerCallback):
             # wall seconds since training started; a resumed run continues the count
             "seconds": self.seconds_offset + self.elapsed(),
         }
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        if distributed.is_main_process():  # logs are the same on every rank (losses gathered by Trainer)
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
         if self.first_loss is None:
             self.first_loss = logs["loss"]
         self.last_loss = logs["loss"]
@@ -271,11 +280,17 @@ class CheckpointMarker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not (checkpoint / STATE_FILE).is_file():
-            raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
-        # atomic: the marker is whole or absent
-        write_text_atomically(checkpoint / CHECKPOINT_MARKER,
-                              json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+
+        def mark():
+            if not (checkpoint / STATE_FILE).is_file():
+                raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
+            # atomic: the marker is whole or absent
+            write_text_atomically(checkpoint / CHECKPOINT_MARKER,
+                                  json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+
+        # every rank writes its own shard/RNG state; on_main waits for all of them before rank 0 marks
+        distributed.barrier()
+        distributed.on_main(mark)
         self.last_complete = checkpoint
 
 
@@ -286,6 +301,8 @@ class ConsoleProgress(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not distributed.is_main_process():
+            return  # one bar per run, not one per rank
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="train",
                         dynamic_ncols=True)
 
@@ -408,11 +425,12 @@ def _report_to(config: TrainConfig) -> list[str]:
     return targets
 
 
-def _planned_steps(config: TrainConfig, n_rows: int) -> int:
+def _planned_steps(config: TrainConfig, n_rows: int, world: int = 1) -> int:
     if config.max_steps > 0:
         return config.max_steps
-    # same arithmetic as Trainer: ceil(rows / batch) micro-batches, ceil(that / accumulation) steps
-    micro_batches = math.ceil(n_rows / config.batch_size)
+    # same arithmetic as Trainer: ceil(rows / batch) micro-batches, dealt to `world` ranks (accelerate
+    # gives every rank the same count), ceil(that / accumulation) steps
+    micro_batches = math.ceil(math.ceil(n_rows / config.batch_size) / world)
     per_epoch = max(math.ceil(micro_batches / config.gradient_accumulation_steps), 1)
     return math.ceil(config.num_epochs * per_epoch)
 
@@ -447,6 +465,12 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         max_grad_norm=config.max_grad_norm,
         # PEFT's wrapper hides forward's signature: without this Trainer cannot find the labels
         label_names=["labels"],
+        # under a launcher, divide by the supervised tokens of ALL ranks (Trainer gathers the count and
+        # scales by the world size, DDP averages): N ranks x batch b == 1 rank x batch N*b
+        average_tokens_across_devices=True,
+        # every trainable weight (LoRA matrices, or all weights with --full) is on the loss path: the
+        # default (True for PEFT models) costs an extra autograd-graph walk per step and warns each run
+        ddp_find_unused_parameters=False,
         # the default replaces NaN/inf step losses by the running mean: exactly the failure to see
         logging_nan_inf_filter=False,
         logging_strategy="steps",
@@ -483,6 +507,7 @@ def setup(config: TrainConfig) -> TrainingSession:
     precision, precision_reason = models.choose_precision(config.precision, device)
     print(f"device: {device} ({device_reason})")
     print(f"precision: {precision} ({precision_reason})")
+    distributed.init(device)  # under a launcher: join the process group before touching the run dir
 
     resume_from = resolve_resume(config.resume, config.output_dir)
     _check_output_dir(Path(config.output_dir), resume_from)  # before spending time loading the model
@@ -491,7 +516,7 @@ def setup(config: TrainConfig) -> TrainingSession:
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
             f"names (to continue a run, use --resume with its checkpoint)"
         )
-    loaded = models.load_model(config.model, device=device, dtype=torch.float32,  # fp32 master weights
+    loaded = models.load_model(config.model, device=distributed.local_device(device), dtype=torch.float32,  # fp32 master
                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     tokenizer = loaded.tokenizer
 
@@ -513,14 +538,19 @@ def setup(config: TrainConfig) -> TrainingSession:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    run_dir, seconds_offset = _prepare_run_dir(config, resume_from)
-    save_config(config, run_dir / CONFIG_FILE)
+    def prepare_run_dir():
+        prepared = _prepare_run_dir(config, resume_from)
+        save_config(config, prepared[0] / CONFIG_FILE)
+        return prepared
+
+    run_dir, seconds_offset = distributed.on_main(prepare_run_dir)  # one writer; the others wait for it
     report_to = _report_to(config)
 
-    planned_steps = _planned_steps(config, len(rows))
+    planned_steps = _planned_steps(config, len(rows), distributed.world_size())
     budget = None
     if config.max_time is not None:
-        steps_per_epoch = math.ceil(math.ceil(len(rows) / config.batch_size) / config.gradient_accumulation_steps)
+        steps_per_epoch = _planned_steps(dataclasses.replace(config, max_steps=-1, num_epochs=1.0), len(rows),
+                                         distributed.world_size())
         budget = TimeBudget(planned_steps=planned_steps, max_time=config.max_time, schedule=config.lr_scheduler,
                             warmup_ratio=config.warmup_ratio, steps_per_epoch=max(steps_per_epoch, 1))
     step_stats = StepStats()
@@ -532,6 +562,8 @@ def setup(config: TrainConfig) -> TrainingSession:
         from mathtune import guards
 
         guard_cbs = list(guards.guard_callbacks(config, step_stats, tokenizer, sample_prompts, run_dir, precision))
+        # under a launcher: a halt on any rank halts every rank at the same event (itself otherwise)
+        guard_cbs = [distributed.CollectiveCallback(cb) for cb in guard_cbs]
 
     args = _training_arguments(config, run_dir, device, precision, report_to)
     # the LM head only at supervised positions, where the model's forward can take that mask
@@ -575,7 +607,10 @@ def run(session: TrainingSession) -> TrainResult:
     if config.guards:
         from mathtune import guards
 
-        guards.preflight(trainer, config, session.rows, session.device, session.precision)
+        # every rank checks its own model; a failure on any rank stops all of them
+        quiet = {} if distributed.is_main_process() else {"echo": None}  # rank 0 prints the checks
+        distributed.collectively(guards.preflight, trainer, config, session.rows, session.device, session.precision,
+                                 **quiet)
     if session.resume_from:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
@@ -585,15 +620,16 @@ def run(session: TrainingSession) -> TrainResult:
         session.callbacks["progress"].close()
         last = marker_cb.last_complete or (complete_checkpoints(session.run_dir) or [None])[-1]
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written (use --save-steps N)"
-        print(f"training halted; no final model saved; {kept}", file=sys.stderr)
+        if distributed.is_main_process():
+            print(f"training halted; no final model saved; {kept}", file=sys.stderr)
         raise
     finally:
         session.callbacks["progress"].close()
     seconds = time.perf_counter() - started
 
     run_dir = session.run_dir
-    trainer.save_model(str(run_dir))
-    trainer.state.save_to_json(str(run_dir / STATE_FILE))
+    trainer.save_model(str(run_dir))  # every rank calls it (FSDP gathers shards); Trainer writes on rank 0
+    distributed.on_main(lambda: trainer.state.save_to_json(str(run_dir / STATE_FILE)))
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
     if stopped == "max_time":
         print(f"stopped on time: --max-time {config.max_time:g} s reached after step {trainer.state.global_step} "
@@ -628,7 +664,7 @@ def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainRes
         output_path=result.run_dir / "model_comparison.json",
         output_dir=result.run_dir / "eval",
     )
-    report.write_report(result.run_dir)
+    distributed.on_main(lambda: report.write_report(result.run_dir))
     return dataclasses.replace(result, comparison=comparison)
 
 
@@ -671,10 +707,17 @@ def start_summary(session: TrainingSession) -> str:
     lines.append(f"task: {c.task} (judge {session.judge_rule}); rows read {s.read}, kept {s.kept}, dropped "
                  f"{s.dropped_total} ({dropped}); --max-length {c.max_length}")
     mean_tokens, mean_sup = session.mean_row_tokens, session.mean_supervised_tokens
-    rows_per_step = c.batch_size * c.gradient_accumulation_steps
-    lines.append(f"tokens per step: {c.batch_size} batch × {c.gradient_accumulation_steps} accumulation × "
+    world = distributed.world_size()
+    # the global batch: every rank takes its own batch x accumulation micro-batch rows per step
+    rows_per_step = c.batch_size * c.gradient_accumulation_steps * world
+    ranks = f" × {world} processes" if world > 1 else ""
+    lines.append(f"tokens per step: {c.batch_size} batch × {c.gradient_accumulation_steps} accumulation{ranks} × "
                  f"{mean_tokens:.1f} mean tokens = {rows_per_step * mean_tokens:,.0f} "
-                 f"({rows_per_step * mean_sup:,.0f} supervised; the loss is averaged over those)")
+                 f"({rows_per_step * mean_sup:,.0f} supervised; the loss is averaged over those"
+                 f"{' on all ranks' if world > 1 else ''})")
+    if world > 1:
+        lines.append(f"processes: {distributed.describe()}; global batch {c.batch_size} × "
+                     f"{c.gradient_accumulation_steps} × {world} = {rows_per_step} rows per step")
     if c.max_steps > 0:
         lines.append(f"steps: {session.planned_steps} (--max-steps; {session.planned_steps * rows_per_step / s.kept:.2f}"
                      f" epochs of {s.kept} rows)")

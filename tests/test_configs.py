@@ -10,7 +10,8 @@ from mathtune.config import TrainConfig, build_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
-RECIPES = sorted(CONFIGS.rglob("*.yaml"))
+# configs/accelerate/ holds launcher configs, not recipes (tests/test_distributed.py loads those)
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "accelerate")
 REQUIRED = (
     "smollm2-135m/lora-unit-conversion.yaml",
     "smollm2-135m/lora-gsm8k.yaml",
