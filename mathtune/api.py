@@ -43,7 +43,9 @@ class MathModel:
 
     def batched_generate(self, prompts: Sequence[str], **settings) -> list[str]:
         """One completion per question; ``settings`` override ``GenerationSettings`` fields
-        (max_new_tokens, temperature, top_p, stop, batch_size, seed)."""
+        (max_new_tokens, temperature, top_p, stop, batch_size, seed, calculator, loop_stop).
+        ``calculator=True`` computes GSM8K ``<<EXPR=`` annotations while generating (off by default
+        here: the API does not know the task; ``mathtune eval`` turns it on for gsm8k)."""
         if isinstance(prompts, str):
             raise MathtuneError("batched_generate takes a list of questions: use generate() for one string")
         if settings.get("num_samples", 1) != 1:

@@ -21,6 +21,7 @@ COMMANDS = {
     "data": ("mathtune.commands.data", "inspect how a task's rows are formatted, tokenized and masked"),
     "doctor": ("mathtune.commands.doctor", "quick health check: preflight, a few steps, collapse check"),
     "report": ("mathtune.commands.report", "write report.md and plots for a run directory"),
+    "rft": ("mathtune.commands.rft", "rejection-sampling fine-tuning data: a model's distinct correct solutions"),
 }
 
 

@@ -54,6 +54,9 @@ class ModelSettings:
     precision: str = setting("auto", "auto picks bf16/fp16/fp32 from the hardware", choices=PRECISIONS)
     trust_remote_code: bool = setting(False, "allow model repos to run their own Python code (off by default)")
     allow_pickle: bool = setting(False, "allow loading pickle (.bin) checkpoints; safetensors is used otherwise")
+    # Here (not in EvalConfig) so that eval, compare and train's --eval-samples comparison all see it.
+    calculator: bool | None = setting(None, "calculator-assisted decoding: compute <<EXPR= results while generating "
+                                            "(eval, compare, --eval-samples; unset: on for gsm8k, off elsewhere)")
 
     def _common_problems(self) -> list[str]:
         problems = []
@@ -169,6 +172,7 @@ class EvalConfig(ModelSettings):
     stop: list[str] = setting([], "extra stop strings (generation also stops at end-of-turn)", nargs="*")
     output: str | None = setting(None, "directory for per-item JSONL and summary JSON (default: eval/ in the model's run dir or ./eval)")
     no_cache: bool = setting(False, "ignore cached per-item results and evaluate again")
+    loop_stop: bool = setting(True, "stop an output that repeats a line or an 8+ token span 3 times (flagged 'loop' either way)")
 
     def validate(self) -> "EvalConfig":
         problems = self._common_problems()
@@ -203,6 +207,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if str(f.type) == "bool | None":
+            # tri-state: --x / --no-x, or neither (None: the command decides, e.g. by task)
+            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text}")
+            continue
         if (isinstance(default, bool) or f.type in ("bool", bool)) and f.name.startswith("no_"):
             # A field already named as a negation: BooleanOptionalAction would read its "--no-..." flag
             # as the negation of "--cache" (False), switching the behaviour off. A plain switch instead.

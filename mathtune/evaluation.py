@@ -13,12 +13,17 @@ Scores, as in lm-evaluation-harness's GSM8K task:
   answer_rate      fraction of items where any number could be extracted at all
   pass_at_k        (k > 1) fraction of items where at least one of the k samples is right
   maj_at_k         (k > 1) fraction where the most common extracted value (ties: earliest sample) is right
+  loop_rate        fraction of items whose (first) output repeated a line or an 8+ token span 3 times
+                   (``mathtune.loops``; stopped there unless --no-loop-stop)
+  calculator_calls calculator calls in the first outputs (``mathtune.calculator``), and how many refused
 
 Files (read by comparison.py and report.py), in ``<output dir>``:
 
   <model_tag>-<task>.jsonl         one ``judge_item`` record per item: id, question, gold, output (first
                                    sample), outputs, extracted, method, strict_extracted, correct,
-                                   strict_correct, answered, majority, output_tokens (+ sample_correct, k > 1)
+                                   strict_correct, answered, majority, output_tokens, loop, calculator_calls
+                                   ({"expr", "value"} per call; value null: refused)
+                                   (+ sample_correct, sample_loop, sample_calculator_calls, k > 1)
   <model_tag>-<task>.summary.json  the metrics above, generation settings, items_sha, tokens_generated,
                                    seconds, tokens_per_second, per_item_path (see ``evaluate_model``)
 """
@@ -42,7 +47,8 @@ from mathtune.generate import GenerationSettings
 
 # Bumped when the cached payload (generations) changes meaning; part of every cache key.
 # 2: adapters are merged into their base before generating (slightly different bf16 numerics).
-CACHE_VERSION = 2
+# 3: entries also hold loop flags and calculator calls per output.
+CACHE_VERSION = 3
 
 # Files in a model dir that decide what it generates: weights, architecture, tokenizer, template.
 # Other files in a run dir (metrics.jsonl, eval/, checkpoints) change without changing the model.
@@ -78,7 +84,8 @@ def majority_value(values: Sequence[float | None]) -> float | None:
     return next(v for v in values if v is not None and counts[v] == best)
 
 
-def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: Sequence[int] | None = None) -> dict:
+def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: Sequence[int] | None = None,
+               loops: Sequence[bool] | None = None, calculator_calls: Sequence[list] | None = None) -> dict:
     """The per-item log record for one example and its sampled outputs (first = the scored one)."""
     judged = []
     for text in outputs:
@@ -106,6 +113,13 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
     record["majority"] = majority_value(values)
     # all samples' tokens: what the item cost to generate (None when the generator does not count)
     record["output_tokens"] = int(sum(token_counts)) if token_counts is not None else None
+    # None when the generator does not report them (a plain list of texts)
+    record["loop"] = bool(loops[0]) if loops is not None else None
+    record["calculator_calls"] = list(calculator_calls[0]) if calculator_calls is not None else None
+    if len(outputs) > 1 and loops is not None:
+        record["sample_loop"] = [bool(flag) for flag in loops]
+    if len(outputs) > 1 and calculator_calls is not None:
+        record["sample_calculator_calls"] = [list(calls) for calls in calculator_calls]
     return record
 
 
@@ -134,6 +148,11 @@ def metrics(records: Sequence[dict], num_samples: int, judge_rule: str) -> dict:
         ) / n
         # mean over all n*k samples: a lower-variance estimate of single-sample accuracy
         out["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in records) / (n * num_samples)
+    flagged = [r["loop"] for r in records if r.get("loop") is not None]
+    out["loop_rate"] = sum(flagged) / n if len(flagged) == n else None
+    calls = [c for r in records for c in (r.get("calculator_calls") or [])]
+    out["calculator_calls"] = len(calls)
+    out["calculator_refused"] = sum(c["value"] is None for c in calls)
     out["methods"] = dict(Counter(r["method"] for r in records).most_common())
     return out
 
@@ -174,8 +193,11 @@ def judge_generations(examples: Sequence, outputs, judge_rule: str, *, num_sampl
     examples = list(examples)
     k = _check_generations(outputs, len(examples), num_samples)
     counts = getattr(outputs, "token_counts", None)
+    loops = getattr(outputs, "loops", None)
+    calls = getattr(outputs, "calculator_calls", None)
     records = [
-        judge_item(e, samples, judge_rule, counts[i] if counts is not None else None)
+        judge_item(e, samples, judge_rule, counts[i] if counts is not None else None,
+                   loops[i] if loops is not None else None, calls[i] if calls is not None else None)
         for i, (e, samples) in enumerate(zip(examples, outputs))
     ]
     result = metrics(records, k, judge_rule)
@@ -298,14 +320,16 @@ def _load_cached(key: str):
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Generations(data["outputs"], data["token_counts"], float(data["seconds"]))
+        return Generations(data["outputs"], data["token_counts"], float(data["seconds"]), data["loops"],
+                           data["calculator_calls"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MathtuneError(f"eval cache entry {path} is unreadable ({type(exc).__name__}): delete it, or pass --no-cache") from exc
 
 
 def _store_cached(key: str, outputs, meta: dict) -> None:
     path = _cache_path(key)
-    payload = dict(meta, outputs=list(outputs), token_counts=outputs.token_counts, seconds=outputs.seconds)
+    payload = dict(meta, outputs=list(outputs), token_counts=outputs.token_counts, seconds=outputs.seconds,
+                   loops=outputs.loops, calculator_calls=outputs.calculator_calls)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(path, json.dumps(payload, ensure_ascii=False))
@@ -421,6 +445,13 @@ def format_summary(summary: dict) -> str:
         f"  strict accuracy  {summary['strict_accuracy']:.1%}  ('#### N' present and right)",
         f"  answer rate      {summary['answer_rate']:.1%}  (a number could be extracted)",
     ]
+    generation = summary.get("generation") or {}
+    if summary.get("loop_rate") is not None:
+        action = "stopped there" if generation.get("loop_stop", True) else "flagged only, --no-loop-stop"
+        lines.append(f"  loop rate        {summary['loop_rate']:.1%}  (output repeated a line or span 3 times; {action})")
+    if generation.get("calculator"):
+        lines.append(f"  calculator       on: {summary.get('calculator_calls', 0)} calls, "
+                     f"{summary.get('calculator_refused', 0)} refused (model's own text kept)")
     if "pass_at_k" in summary:
         k = summary["k"]
         lines.append(f"  pass@{k}           {summary['pass_at_k']:.1%}")

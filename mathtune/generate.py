@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -66,7 +67,9 @@ CHUNK_TOKENS = 32
 # group pads little, and 16 rows x ~60 tokens is still a large, efficient matmul.
 PREFILL_GROUP_ROWS = 16
 _ATTENTION_NAME = "mathtune_cpu"
-_FILLED = "_mathtune_filled"  # attribute on a preallocated K/V buffer: how many slots hold tokens
+# Tasks whose targets carry GSM8K calculator annotations: calculator-assisted decoding is on by
+# default for these (``--calculator`` unset), off for every other task.
+CALCULATOR_TASKS = ("gsm8k",)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class GenerationSettings:
     stop: list[str] = field(default_factory=list)  # extra stop strings; the output is cut before them
     batch_size: int = 64  # rows (prompt x sample) decoded together
     seed: int = 0  # sampling seed
+    calculator: bool = False  # force computed results after "<<EXPR=" (mathtune.calculator)
+    loop_stop: bool = True  # stop a row that repeats a line / an 8+ token span 3 times (mathtune.loops)
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +102,9 @@ class GenerationSettings:
             problems.append(f"--top-p must be in (0, 1] (got {self.top_p!r})")
         if self.greedy and isinstance(self.num_samples, int) and self.num_samples > 1:
             problems.append("--num-samples > 1 needs --temperature > 0 (greedy samples are all identical)")
+        for name in ("calculator", "loop_stop"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"--{name.replace('_', '-')} takes true/false (got {getattr(self, name)!r})")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             problems.append(f"--stop takes a list of non-empty strings (got {self.stop!r})")
         if problems:
@@ -115,7 +123,9 @@ class GenerationSettings:
 
     @classmethod
     def from_config(cls, config) -> "GenerationSettings":
-        """From an ``EvalConfig`` (or anything with the same field names)."""
+        """From an ``EvalConfig`` (or anything with the same field names). ``calculator`` None (the
+        default) means on for the tasks in ``CALCULATOR_TASKS`` (GSM8K's annotations), off elsewhere."""
+        calculator = getattr(config, "calculator", None)
         return cls(
             max_new_tokens=config.max_new_tokens,
             temperature=float(config.temperature),
@@ -124,7 +134,14 @@ class GenerationSettings:
             stop=list(config.stop or []),
             batch_size=config.batch_size,
             seed=config.seed,
+            calculator=resolve_calculator(calculator, getattr(config, "task", None)),
+            loop_stop=bool(getattr(config, "loop_stop", True)),
         ).validate()
+
+
+def resolve_calculator(setting: bool | None, task: str | None) -> bool:
+    """``--calculator`` / ``--no-calculator`` as given; unset: on for GSM8K-style tasks only."""
+    return bool(setting) if setting is not None else task in CALCULATOR_TASKS
 
 
 class Generations(list):
@@ -132,12 +149,17 @@ class Generations(list):
 
     ``token_counts[i][j]`` is the number of tokens generated for completion j of prompt i, up to and
     including the token that stopped it (end-of-turn, or the one completing a stop string).
+    ``loops[i][j]``: completion j was flagged as a loop (and stopped there when ``loop_stop``);
+    ``calculator_calls[i][j]``: its calculator calls, ``{"expr", "value"}`` each (value None: refused).
     """
 
-    def __init__(self, texts: list[list[str]], token_counts: list[list[int]], seconds: float):
+    def __init__(self, texts: list[list[str]], token_counts: list[list[int]], seconds: float,
+                 loops: list[list[bool]] | None = None, calculator_calls: list[list[list[dict]]] | None = None):
         super().__init__(texts)
         self.token_counts = token_counts
         self.seconds = seconds
+        self.loops = loops if loops is not None else [[False] * len(t) for t in texts]
+        self.calculator_calls = calculator_calls if calculator_calls is not None else [[[] for _ in t] for t in texts]
 
     @property
     def tokens_generated(self) -> int:
@@ -154,17 +176,22 @@ class Generations(list):
 def _cpu_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for the in-place cache: prompts via SDPA, single decode tokens via two bmm's.
 
-    During decode ``key``/``value`` are the cache's whole preallocated buffers, tagged with how many
-    slots are filled (``_FILLED``); the slots past that are masked here, padding by ``attention_mask``
-    (which transformers leaves out, None, when no row is padded).
+    ``key``/``value`` are the filled slots only: views ``buffer[:, :, :filled]`` of the cache's
+    preallocated buffers, so the fill length is the tensor's own shape and cannot be lost (a copy made
+    by a library keeps it). During decode the bmm's run over the whole contiguous buffer behind the
+    view (``_whole_buffer``; a sliced view would be copied by bmm every step), with the slots past
+    ``filled`` masked here and padding by ``attention_mask`` (None when no row is padded).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    filled = getattr(key, _FILLED, key.shape[2])
+    filled = key.shape[2]
     batch, heads, q_len, dim = query.shape
     if q_len != 1 or kwargs.get("position_bias") is not None or (dropout and module.training):
-        return sdpa_attention_forward(module, query, key[:, :, :filled], value[:, :, :filled], attention_mask,
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    key, value = _whole_buffer(key), _whole_buffer(value)
+    if key.shape[2] != value.shape[2]:  # not one cache's pair of buffers: attend over the filled slots only
+        key, value = key[:, :, :filled].contiguous(), value[:, :, :filled].contiguous()
     kv_heads, length = key.shape[1], key.shape[2]
     rep = heads // kv_heads  # query heads per key/value head (grouped-query attention)
     scale = scaling if scaling is not None else dim**-0.5
@@ -184,15 +211,60 @@ def _cpu_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.view(batch, 1, heads, dim), None
 
 
-@functools.lru_cache(maxsize=1)
-def _register_attention() -> str:
+def _whole_buffer(view: torch.Tensor) -> torch.Tensor:
+    """The contiguous ``[batch, heads, capacity, dim]`` buffer whose first ``view.shape[2]`` slots
+    ``view`` is, checked from the view's own strides and storage; ``view`` itself (contiguous) when
+    it is not such a prefix view, e.g. a copy: then attention covers exactly the filled slots."""
+    batch, heads, filled, dim = view.shape
+    if view.is_contiguous():
+        return view
+    capacity = view.stride(1) // dim if dim else 0
+    needed = batch * heads * capacity * dim
+    if (view.stride() == (heads * capacity * dim, capacity * dim, dim, 1) and capacity >= filled
+            and view.storage_offset() == 0 and view.untyped_storage().nbytes() >= needed * view.element_size()):
+        return view.as_strided((batch, heads, capacity, dim), view.stride())
+    return view.contiguous()
+
+
+# How many Generators currently use the registered attention (registration is global in transformers,
+# so it is added on first use and removed when the last user leaves: nothing lingers after generation).
+_ATTENTION_USERS = 0
+_ATTENTION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _attention_registered():
+    """``_cpu_attention`` registered under ``_ATTENTION_NAME`` for the duration, then removed.
+
+    transformers looks attention and mask functions up in class-wide mappings (``AttentionInterface``,
+    ``AttentionMaskInterface``), so a registration is visible to every model; keeping it scoped to
+    the generation calls that need it means no other code ever resolves our name.
+    """
+    global _ATTENTION_USERS
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(_ATTENTION_NAME, _cpu_attention)
-    # the masks SDPA gets (boolean); without a registered mask function transformers passes none
-    AttentionMaskInterface.register(_ATTENTION_NAME, sdpa_mask)
-    return _ATTENTION_NAME
+    with _ATTENTION_LOCK:
+        if _ATTENTION_USERS == 0:
+            AttentionInterface.register(_ATTENTION_NAME, _cpu_attention)
+            # the masks SDPA gets (boolean); without a registered mask function transformers passes none
+            AttentionMaskInterface.register(_ATTENTION_NAME, sdpa_mask)
+        _ATTENTION_USERS += 1
+    try:
+        yield _ATTENTION_NAME
+    finally:
+        with _ATTENTION_LOCK:
+            _ATTENTION_USERS -= 1
+            if _ATTENTION_USERS == 0:
+                AttentionInterface._global_mapping.pop(_ATTENTION_NAME, None)
+                AttentionMaskInterface._global_mapping.pop(_ATTENTION_NAME, None)
+
+
+def attention_registered() -> bool:
+    """Is mathtune's decode attention registered in transformers right now (only while generating)?"""
+    from transformers import AttentionInterface
+
+    return _ATTENTION_NAME in AttentionInterface._global_mapping
 
 
 def _in_place_cache(capacity: int):
@@ -228,14 +300,10 @@ def _in_place_cache_type():
             self._k[:, :, self.length : end] = key_states
             self._v[:, :, self.length : end] = value_states
             self.length = end
+            # views of the filled slots: their shape is the fill length (_cpu_attention reads it there
+            # and reaches the contiguous buffer behind them through _whole_buffer)
             self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            if n != 1:
-                return self.keys, self.values
-            # decode: the whole contiguous buffer (bmm would copy a sliced view every step), tagged
-            # with the filled length for _cpu_attention
-            setattr(self._k, _FILLED, end)
-            setattr(self._v, _FILLED, end)
-            return self._k, self._v
+            return self.keys, self.values
 
         def write(self, rows, start: int, key_states, value_states):
             """Place prefilled states for batch ``rows`` at slots ``start..`` (prefill assembly)."""
@@ -268,21 +336,62 @@ def _in_place_cache_type():
 
 class _StopRecorder:
     """A StoppingCriteria that stops a row at the end-of-turn token or a stop string and records at
-    which new-token count each row stopped (generate() itself only returns padded sequences)."""
+    which new-token count each row stopped (generate() itself only returns padded sequences).
 
-    def __init__(self, eot_id: int, stop_strings, rows: int, start_len: int):
+    With a ``LoopMonitor`` it also flags rows that loop (``looped``), and stops them there when
+    ``stop_loops``; without ``stop_loops`` a looping row is only flagged and decodes on.
+    """
+
+    def __init__(self, eot_id: int, stop_strings, rows: int, start_len: int, monitor=None, stop_loops: bool = False):
         self.eot_id = eot_id
         self.stop_strings = stop_strings  # a StopStringCriteria or None
         self.start_len = start_len
         self.finished_at = torch.full((rows,), -1, dtype=torch.long)
+        self.monitor = monitor
+        self.stop_loops = stop_loops
+        self.looped = torch.zeros(rows, dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         done = input_ids[:, -1] == self.eot_id
         if self.stop_strings is not None:
             done = done | self.stop_strings(input_ids, scores).to(done.device)
-        newly = done.cpu() & (self.finished_at < 0)
+        done = done.cpu()
+        if self.monitor is not None:
+            # rows that finished earlier in this chunk only get padding appended: not a loop
+            loop = self.monitor.step(input_ids) & (self.finished_at < 0) & ~done
+            self.looped |= loop
+            if self.stop_loops:
+                done = done | loop
+        newly = done & (self.finished_at < 0)
         self.finished_at[newly] = input_ids.shape[1] - self.start_len
-        return done
+        return done.to(input_ids.device)
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model):
+    """Replace the model's own ``generation_config`` by a default one for the duration.
+
+    ``generate()`` fills every setting our GenerationConfig leaves unset (None) from
+    ``model.generation_config`` (``_prepare_generation_config``: "defaults_only"), so a checkpoint's
+    generation_config.json with e.g. ``no_repeat_ngram_size``, ``min_p``, ``typical_p`` or
+    ``repetition_penalty`` would silently change what eval measures. With a default config there,
+    only mathtune's settings and transformers' documented global defaults apply. A PeftModel copies
+    its own config onto the base model in generate(), so both are swapped (and restored).
+    """
+    from transformers import GenerationConfig
+
+    holders = [model]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if base is not None and base is not model:
+        holders.append(base)
+    saved = [(holder, holder.generation_config) for holder in holders if hasattr(holder, "generation_config")]
+    try:
+        for holder, _ in saved:
+            holder.generation_config = GenerationConfig()
+        yield
+    finally:
+        for holder, config in saved:
+            holder.generation_config = config
 
 
 @contextlib.contextmanager
@@ -348,6 +457,7 @@ class Generator:
         self.fast = fast
         self.eot_id = end_of_turn_token_id(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
+        self._token_tables = None
 
     # ------------------------------------------------------------------ public
 
@@ -372,7 +482,7 @@ class Generator:
         # Rows are (prompt, sample) pairs sorted by prompt length, so each batch pads little. The sort
         # is stable, so the samples of one prompt stay adjacent (and batches deterministic).
         rows = sorted(((i, j) for i in range(n) for j in range(k)), key=lambda r: len(prompt_ids[r[0]]))
-        tokens: dict[tuple[int, int], list[int]] = {}
+        tokens: dict[tuple[int, int], tuple[list[int], bool, list[dict]]] = {}
         bar = _progress_bar(len(rows), self.progress)
         stop_criteria = self._stop_string_criteria(settings.stop)
         generated = 0
@@ -389,7 +499,7 @@ class Generator:
             # sampling must not disturb the caller's random streams (CPU, and the model's GPU if any)
             rng_devices = [device.index or 0] if device.type == "cuda" else []
             with (torch.inference_mode(), torch.random.fork_rng(devices=rng_devices), self._fast_path() as fast,
-                  contiguous_head_input(self.model)):
+                  contiguous_head_input(self.model), neutral_generation_config(self.model)):
                 torch.manual_seed(settings.seed)
                 for b in range(0, len(rows), settings.batch_size):
                     batch = rows[b : b + settings.batch_size]
@@ -397,9 +507,11 @@ class Generator:
                     tokens.update(zip(batch, outs))
         finally:
             bar.close()
-        texts = [[self._decode(tokens[(i, j)], settings.stop) for j in range(k)] for i in range(n)]
-        counts = [[len(tokens[(i, j)]) for j in range(k)] for i in range(n)]
-        return Generations(texts, counts, time.perf_counter() - start)
+        texts = [[self._decode(tokens[(i, j)][0], settings.stop) for j in range(k)] for i in range(n)]
+        counts = [[len(tokens[(i, j)][0]) for j in range(k)] for i in range(n)]
+        loops = [[tokens[(i, j)][1] for j in range(k)] for i in range(n)]
+        calls = [[tokens[(i, j)][2] for j in range(k)] for i in range(n)]
+        return Generations(texts, counts, time.perf_counter() - start, loops, calls)
 
     # ------------------------------------------------------------------ internals
 
@@ -413,11 +525,12 @@ class Generator:
         if not wanted or original not in ("sdpa", "eager") or not hasattr(base, "set_attn_implementation"):
             yield False
             return
-        base.set_attn_implementation(_register_attention())
-        try:
-            yield base.config._attn_implementation == _ATTENTION_NAME
-        finally:
-            base.set_attn_implementation(original)
+        with _attention_registered() as name:
+            base.set_attn_implementation(name)
+            try:
+                yield base.config._attn_implementation == _ATTENTION_NAME
+            finally:
+                base.set_attn_implementation(original)
 
     def _stop_string_criteria(self, stop: list[str]):
         if not stop:
@@ -477,7 +590,7 @@ class Generator:
         prefix_states = None
         if p > 0:
             prefix_cache = DynamicCache()
-            self.model(input_ids=input_ids[:1, :p], attention_mask=attention[:1, :p], past_key_values=prefix_cache,
+            self.model(input_ids=input_ids[:1, :p], attention_mask=attention[:1, :p], cache=prefix_cache,
                        use_cache=True, **extra)
             prefix_states = layer_states(prefix_cache)
         # the shape of every layer's buffers comes from a first update; write the prefix into all rows
@@ -496,7 +609,7 @@ class Generator:
             full_mask = torch.cat([mask.new_ones((len(group), p)), mask], dim=1)
             # positions continue after the prefix and skip the padding, as generate() will count them
             positions = (p + mask.cumsum(-1) - 1).clamp(min=p)
-            self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=group_cache,
+            self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=group_cache,
                        use_cache=True, **extra)
             self._place(cache, group_cache, group, p + width - gw, p, len(rests))
         if prefix_states is not None:
@@ -525,38 +638,52 @@ class Generator:
             layer.write(index, start, k, v)
 
     def _generate_batch(self, batch_ids: list[Sequence[int]], settings: GenerationSettings, stop_criteria,
-                        fast: bool, progress) -> list[list[int]]:
-        """New tokens per row (up to and including the stopping token); ``progress(new tokens,
-        finished rows)`` after every chunk."""
-        from transformers import StoppingCriteriaList
+                        fast: bool, progress) -> list[tuple[list[int], bool, list[dict]]]:
+        """Per row: (new tokens up to and including the stopping token, looped, calculator calls);
+        ``progress(new tokens, finished rows)`` after every chunk."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from mathtune.loops import LoopMonitor
 
         device = _model_device(self.model)
         if fast:
             input_ids, attention, cache = self._prefilled_inputs(batch_ids, settings.max_new_tokens, device)
         else:
             (input_ids, attention), cache = self._plain_inputs(batch_ids, device), None
+        rows = len(batch_ids)
         results: list[list[int]] = [[] for _ in batch_ids]
-        live = list(range(len(batch_ids)))  # batch rows still generating, in tensor row order
+        looped = [False] * rows
+        live = list(range(rows))  # batch rows still generating, in tensor row order
+        # one monitor and one calculator per batch, carried across chunks (their rows follow `live`)
+        monitor = LoopMonitor(self.tokenizer, rows, input_ids.shape[1], settings.max_new_tokens, self._tables()[1])
+        calculator = None
+        if settings.calculator:
+            from mathtune.calculator import CalculatorForcing
+
+            calculator = CalculatorForcing(self.tokenizer, rows, input_ids.shape[1], self._tables()[0])
         remaining = settings.max_new_tokens
         while live and remaining > 0:
             chunk = min(self.chunk_tokens, remaining)
-            recorder = _StopRecorder(self.eot_id, stop_criteria, len(live), input_ids.shape[1])
+            recorder = _StopRecorder(self.eot_id, stop_criteria, len(live), input_ids.shape[1], monitor, settings.loop_stop)
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
-                past_key_values=cache,
+                cache=cache,
                 generation_config=self._generation_config(settings, chunk),
                 stopping_criteria=StoppingCriteriaList([recorder]),
+                logits_processor=LogitsProcessorList([calculator] if calculator is not None else []),
             )
             new = out.sequences[:, input_ids.shape[1] :]
             remaining -= new.shape[1]
             finished = recorder.finished_at.tolist()
+            chunk_loops = recorder.looped.tolist()
             new_rows = new.tolist()
             keep, added = [], 0
             for j, row in enumerate(live):
                 stop_at = finished[j]
                 kept = new_rows[j][:stop_at] if stop_at > 0 else new_rows[j]
                 results[row].extend(kept)
+                looped[row] = looped[row] or chunk_loops[j]
                 added += len(kept)
                 if stop_at < 0:
                     keep.append(j)
@@ -564,16 +691,29 @@ class Generator:
             progress(added, len(live) if done else len(live) - len(keep))
             if done:
                 break
-            cache = out.past_key_values
+            cache = out.cache
             attention = torch.cat([attention, attention.new_ones((attention.shape[0], new.shape[1]))], dim=1)
             input_ids = out.sequences
             if len(keep) < len(live):
-                # drop finished rows from the inputs and every layer of the KV cache
+                # drop finished rows from the inputs, every layer of the KV cache and the row monitors
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 input_ids, attention = input_ids[index], attention[index]
                 live = [live[j] for j in keep]
-        return results
+                monitor.select(keep)
+                if calculator is not None:
+                    calculator.select(keep)
+        calls = calculator.calls if calculator is not None else [[] for _ in range(rows)]
+        return list(zip(results, looped, calls))
+
+    def _tables(self):
+        """(calculator trigger tokens, newline tokens): vocabulary tables, built once per Generator."""
+        if self._token_tables is None:
+            from mathtune.calculator import trigger_table
+            from mathtune.loops import newline_table
+
+            self._token_tables = (trigger_table(self.tokenizer), newline_table(self.tokenizer))
+        return self._token_tables
 
     def _decode(self, ids: list[int], stop: list[str]) -> str:
         if ids and ids[-1] == self.eot_id:

@@ -20,11 +20,11 @@ from mathtune.evaluation import (
     majority_value,
     write_eval_log,
 )
-from mathtune.generate import Generations
+from mathtune.generate import GenerationSettings, Generations
 from mathtune.tasks import Example
 
 ITEM_FIELDS = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted",
-               "correct", "strict_correct", "answered", "majority", "output_tokens"}
+               "correct", "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls"}
 SUMMARY_FIELDS = {"model", "model_tag", "task", "judge_rule", "n", "accuracy", "strict_accuracy", "answer_rate",
                   "generation", "items_sha", "tokens_generated", "seconds", "tokens_per_second", "per_item_path"}
 
@@ -154,7 +154,7 @@ def test_pass_at_k_and_maj_at_k_on_a_fake_sampler():
     assert by_id["d"]["majority"] == 8.0
     assert by_id["a"]["output"] == "#### 5" and by_id["a"]["outputs"] == samples["a"]
     assert by_id["a"]["output_tokens"] == 12  # all three samples
-    assert set(by_id["a"]) == ITEM_FIELDS | {"sample_correct"}
+    assert set(by_id["a"]) == ITEM_FIELDS | {"sample_correct", "sample_loop", "sample_calculator_calls"}
     assert result["k"] == 3
     assert result["accuracy"] == pytest.approx(1 / 4)  # first sample: only a
     assert result["pass_at_k"] == pytest.approx(3 / 4)  # a, b, d
@@ -262,3 +262,20 @@ def test_eval_split_bigger_than_asked_is_an_error(tiny_model_dir, counting_gener
 def test_default_output_dir(tiny_model_dir):
     assert default_output_dir(str(tiny_model_dir)) == tiny_model_dir.resolve() / "eval"
     assert str(default_output_dir("smollm2-135m")) == "eval"
+
+
+def test_cache_key_and_summary_record_calculator_and_loop_stop():
+    """A calculator run and a plain run are different measurements: different cache keys."""
+    from mathtune.config import EvalConfig
+    from mathtune.evaluation import cache_key
+
+    identity = {"spec": "m"}
+    keys = set()
+    for calculator in (None, True, False):
+        for loop_stop in (True, False):
+            settings = GenerationSettings.from_config(EvalConfig(task="unit-conversion", calculator=calculator,
+                                                                 loop_stop=loop_stop))
+            keys.add(cache_key(identity, "unit-conversion", "sha", settings, "fp32", "cpu"))
+            assert settings.to_dict()["calculator"] is bool(calculator) and settings.loop_stop is loop_stop
+    assert len(keys) == 4  # unset = off for unit-conversion, so None and False share their keys
+    assert GenerationSettings.from_config(EvalConfig(task="gsm8k")).calculator is True

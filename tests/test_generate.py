@@ -178,3 +178,118 @@ def test_frozen_head_gets_a_contiguous_input_and_the_hook_is_removed(smol_tokeni
     # and it only changes memory layout: the same tokens as a reference generate()
     expected = [[smol_tokenizer.decode(reference(model, smol_tokenizer, q, 4), skip_special_tokens=True)] for q in QUESTIONS]
     assert list(plain) == expected
+
+
+# --------------------------------------------------------------------------- issue #10 regressions
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_generation_raises_no_deprecation_warning(varied_model, smol_tokenizer, fast):
+    """Defect: generation passed the deprecated ``past_key_values=`` kwarg (transformers 5.24:
+    FutureWarning, removed in 5.40) and read ``out.past_key_values``. Any FutureWarning or
+    DeprecationWarning raised from our calls is an error here."""
+    import warnings
+
+    settings = GenerationSettings(max_new_tokens=40, batch_size=2, calculator=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        # chunks of 8 tokens and batches of 2: the cache is handed between generate() calls and rows drop
+        out = Generator(varied_model, smol_tokenizer, settings, fast=fast, chunk_tokens=8)(QUESTIONS)
+    assert len(out) == len(QUESTIONS)
+
+
+def test_eval_path_raises_no_deprecation_warning(tiny_model_dir, tmp_path, monkeypatch):
+    """The same for ``mathtune eval``'s whole path: load, generate (fast path), judge, write."""
+    import warnings
+
+    from mathtune.config import EvalConfig
+    from mathtune.evaluation import evaluate_model
+
+    monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\\n#### 5"}\n'
+                    '{"question": "What is 10/4?", "answer": "#### 2.5"}\n')
+    config = EvalConfig(model=str(tiny_model_dir), task="gsm8k", eval_file=str(data), max_new_tokens=16, max_samples=-1,
+                        device="cpu", precision="fp32", no_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        summary, records = evaluate_model(str(tiny_model_dir), config, tmp_path / "out", verbose=False, progress=False)
+    assert summary["generation"]["calculator"] is True  # gsm8k: on by default
+    assert len(records) == 2 and all("loop" in r and "calculator_calls" in r for r in records)
+
+
+def test_cache_fill_length_survives_a_tensor_copy():
+    """Defect: the in-place cache kept its fill length as a Python attribute on the K/V buffers; a
+    copy of the tensor lost it and attention silently covered the empty slots. Now the fill length
+    is the view's own shape: the buffer-backed view, a contiguous copy of it and plain SDPA over
+    the filled slots all give the same attention, whatever garbage the unused slots hold."""
+    from types import SimpleNamespace
+
+    from mathtune.generate import _cpu_attention, _whole_buffer
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, capacity, filled = 3, 4, 2, 8, 20, 11
+    buffer_k = torch.randn(batch, kv_heads, capacity, dim) * 100  # garbage past `filled`
+    buffer_v = torch.randn(batch, kv_heads, capacity, dim) * 100
+    key, value = buffer_k[:, :, :filled], buffer_v[:, :, :filled]
+    query = torch.randn(batch, heads, 1, dim)
+    module = SimpleNamespace(training=False, num_key_value_groups=heads // kv_heads, is_causal=True)
+    assert _whole_buffer(key).data_ptr() == buffer_k.data_ptr() and _whole_buffer(key).shape[2] == capacity
+    via_buffer, _ = _cpu_attention(module, query, key, value, None)
+    via_copy, _ = _cpu_attention(module, query, key.clone(), value.clone(), None)
+    rep = heads // kv_heads
+    k_full, v_full = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full).transpose(1, 2)
+    torch.testing.assert_close(via_buffer, expected)
+    torch.testing.assert_close(via_copy, expected)
+    # a padding mask over the filled slots still applies (row 0 may not see slot 0)
+    mask = torch.ones(batch, 1, 1, filled, dtype=torch.bool)
+    mask[0, :, :, 0] = False
+    masked, _ = _cpu_attention(module, query, key, value, mask)
+    expected_masked = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(masked, expected_masked)
+
+
+def test_attention_registration_is_scoped_to_generation(varied_model, smol_tokenizer):
+    """Defect: the decode attention was registered in transformers' class-wide mapping forever.
+    Now it exists only while a Generator uses it, and the model's own attention comes back."""
+    from mathtune.generate import attention_registered
+
+    seen = []
+    hook = varied_model.model.layers[0].self_attn.register_forward_hook(lambda *a: seen.append(attention_registered()))
+    try:
+        assert not attention_registered()
+        Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=3), fast=True)(QUESTIONS[:2])
+    finally:
+        hook.remove()
+    assert seen and all(seen)
+    assert not attention_registered()
+    assert varied_model.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_model_generation_config_does_not_leak_into_greedy_output(varied_model, smol_tokenizer):
+    """Defect: generate() fills every setting we leave unset from the model's generation_config, so
+    a checkpoint recommending a repetition penalty (or min_p, no_repeat_ngram_size, ...) changed
+    what eval measures. The same greedy outputs with and without such a config, which is restored."""
+    settings = GenerationSettings(max_new_tokens=24)
+    clean = Generator(varied_model, smol_tokenizer, settings)(QUESTIONS)
+    original = varied_model.generation_config
+    # suppress_tokens: the first greedy token of every question, so raw generate() must differ
+    firsts = [reference(varied_model, smol_tokenizer, q, 1)[0] for q in QUESTIONS]
+    leaky = original.__class__(repetition_penalty=1.8, no_repeat_ngram_size=2, min_new_tokens=20,
+                               suppress_tokens=firsts, min_p=0.5, typical_p=0.5, top_k=3, temperature=0.3)
+    varied_model.generation_config = leaky
+    try:
+        polluted = Generator(varied_model, smol_tokenizer, settings)(QUESTIONS)
+        assert varied_model.generation_config is leaky
+        # the config does change raw generate() (so the test can fail)
+        ids = torch.tensor([encode_prompt(smol_tokenizer, format_prompt(smol_tokenizer, QUESTIONS[0]))])
+        with torch.no_grad():
+            raw = varied_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                        do_sample=False, pad_token_id=smol_tokenizer.pad_token_id)
+    finally:
+        varied_model.generation_config = original
+    assert list(polluted) == list(clean)
+    assert raw[0, ids.shape[1]:].tolist() != reference(varied_model, smol_tokenizer, QUESTIONS[0], 24)
