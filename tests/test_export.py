@@ -56,6 +56,7 @@ def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale:
 
     from mathtune.models import apply_lora
 
+    torch.manual_seed(seed)  # lora_A's initialisation
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), r=4, alpha=8,
                        target_modules=["q_proj", "k_proj", "v_proj"])
     generator = torch.Generator().manual_seed(seed)
@@ -157,7 +158,8 @@ def _greedy(model, ids, eos: int):
 
 
 def _compare(reference, tokenizer, gguf: Path, tmp_path: Path):
-    """(max |logit difference|, greedy agreements out of 8) between ``reference`` and the GGUF."""
+    """(max |logit difference|, greedy agreements out of 8, the loaded model) between ``reference``
+    and the GGUF."""
     model, gguf_tokenizer = _gguf_load(gguf, tmp_path)
     eot = end_of_turn_token_id(tokenizer)
     # the tokenizer survives the round trip: ids, specials, template, end-of-turn token
@@ -170,7 +172,7 @@ def _compare(reference, tokenizer, gguf: Path, tmp_path: Path):
         for ids in _prompt_ids(tokenizer):
             worst = max(worst, float((reference(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()))
             agree += _greedy(reference, ids, eot) == _greedy(model, ids, eot)
-    return worst, agree
+    return worst, agree, model
 
 
 # --------------------------------------------------------------------------- (a) merged HF dir
@@ -313,7 +315,7 @@ def small_llama_export(small_tokenizer, tmp_path_factory):
 def test_gguf_f32_reads_back_through_transformers_as_the_same_model(small_llama_export, small_tokenizer, tmp_path):
     model, result = small_llama_export
     assert result.gguf == result.output / "small-llama.f32.gguf" and result.gguf.is_file()
-    worst, agree = _compare(model, small_tokenizer, result.gguf, tmp_path)
+    worst, agree, _ = _compare(model, small_tokenizer, result.gguf, tmp_path)
     assert worst <= 1e-3 and agree == len(QUESTIONS)
 
 
@@ -323,7 +325,7 @@ def test_gguf_f16_and_q8_0(small_llama_export, small_tokenizer, tmp_path, gguf_t
     path = write_gguf(model, small_tokenizer, result.output, tmp_path / f"m.{gguf_type}.gguf", gguf_type,
                       eot_token_id=end_of_turn_token_id(small_tokenizer), name="m")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written under a temp name, renamed
-    worst, agree = _compare(model, small_tokenizer, path, tmp_path)
+    worst, agree, _ = _compare(model, small_tokenizer, path, tmp_path)
     if tolerance is not None:
         assert worst <= tolerance
     else:
@@ -419,11 +421,22 @@ def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenize
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32).eval()
-    worst, agree = _compare(merged, smol_tokenizer, result.gguf, tmp_path)
+    worst, agree, from_gguf = _compare(merged, smol_tokenizer, result.gguf, tmp_path)
     print(f"f16 GGUF: max |logit diff| {worst:.4g}, greedy {agree}/8 identical")
-    assert worst <= 2e-2
+    # SmolLM2's logits reach +-40, so rounding the weights to f16 alone moves the largest logit by
+    # 0.04-0.06 (measured over two random adapters), above the 2e-2 the tiny model meets. What the file must match
+    # exactly is the merged model with its weights rounded to f16: that shows nothing else changed.
+    rounded = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in rounded.parameters():
+            if param.ndim == 2:
+                param.copy_(param.half().float())
+        exact = max(float((rounded(input_ids=ids).logits - from_gguf(input_ids=ids).logits).abs().max())
+                    for ids in _prompt_ids(smol_tokenizer))
+    print(f"f16 GGUF vs the merged model with f16-rounded weights: max |logit diff| {exact:.3g}")
+    assert exact <= 1e-3 and worst <= 0.1 and agree == len(QUESTIONS)
     q8 = write_gguf(merged, smol_tokenizer, result.output, tmp_path / "m.q8_0.gguf", "q8_0",
                     eot_token_id=end_of_turn_token_id(smol_tokenizer), name="m")
-    worst8, agree8 = _compare(merged, smol_tokenizer, q8, tmp_path)
+    worst8, agree8, _ = _compare(merged, smol_tokenizer, q8, tmp_path)
     print(f"q8_0 GGUF: {q8.stat().st_size} bytes, max |logit diff| {worst8:.4g}, greedy {agree8}/8 identical")
     assert agree8 >= 6
