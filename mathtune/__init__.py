@@ -6,6 +6,11 @@ Public API (imported lazily, so ``import mathtune`` stays fast and never loads t
     mathtune.train(config)                  -> TrainResult            (mathtune.training.train)
     mathtune.evaluate(spec, config, out)    -> (summary, items)       (mathtune.evaluation.evaluate_model)
     mathtune.compare(base, trained, config) -> comparison dict        (mathtune.comparison.run_compare)
+    mathtune.export_model(spec, output)     -> ExportResult           (mathtune.export.export_model)
+    mathtune.ask(spec, questions)           -> [Answer(text, value)]  (mathtune.commands.ask.ask)
+
+(``export_model``, not ``export``: ``mathtune.export`` is the module, and importing it rebinds that
+attribute, so a function of the same name would be shadowed as soon as anything imported the module.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ _EXPORTS = {
     "train": ("mathtune.training", "train"),
     "evaluate": ("mathtune.evaluation", "evaluate_model"),
     "compare": ("mathtune.comparison", "run_compare"),
+    "export_model": ("mathtune.export", "export_model"),
+    "ask": ("mathtune.commands.ask", "ask"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -22,16 +22,34 @@ COMMANDS = {
     "doctor": ("mathtune.commands.doctor", "quick health check: preflight, a few steps, collapse check"),
     "report": ("mathtune.commands.report", "write report.md and plots for a run directory"),
     "rft": ("mathtune.commands.rft", "rejection-sampling fine-tuning data: a model's distinct correct solutions"),
+    "export": ("mathtune.commands.export", "merged Hugging Face model dir with a model card; --gguf for llama.cpp/Ollama"),
+    "ask": ("mathtune.commands.ask", "answer questions from the command line, generated exactly as eval does"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line (the first word not starting with '-'), if known."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``mathtune`` parser. Every command is listed; its flags are added (its module imported)
+    for all commands, or for ``only`` when given: ``main`` passes the one being run, so
+    ``mathtune CMD ...`` imports CMD's module alone. Command modules import torch, transformers
+    and PEFT only inside ``run``, so even the full parser answers in well under a second
+    (tests/test_cli_imports.py checks the import set)."""
     parser = argparse.ArgumentParser(
         prog="mathtune",
         description="Fine-tune small language models on math word problems; no silent failures.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -50,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from mathtune import distributed
 
     distributed.quiet_replicas()  # under a launcher, rank 0 alone prints
-    parser = build_parser()
+    parser = build_parser(only=requested_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
-from mathtune.data import is_chat_model, prepare_examples, render_supervised, take
-from mathtune.models import load_tokenizer, resolve_model_source
-from mathtune.tasks import get_task
 
 FLAGS = ("model", "task", "train_file", "strip_calculator", "seed", "max_length", "max_samples", "trust_remote_code")
 
@@ -19,6 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: mathtune.data/models import torch, which building the CLI parser must not
+    from mathtune.data import is_chat_model, prepare_examples, render_supervised, take
+    from mathtune.models import load_tokenizer, resolve_model_source
+    from mathtune.tasks import get_task
+
     config = config_from_args(TrainConfig, args)
     resolve_model_source(config.model)  # a wrong --model fails now, before any data is read
     task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,

@@ -17,10 +17,13 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
 from mathtune.errors import MathtuneError, TrainingHalted
-from mathtune.guards import CheckResult
+
+if TYPE_CHECKING:  # mathtune.guards imports torch: imported where used, so the CLI parser builds fast
+    from mathtune.guards import CheckResult
 
 DEFAULT_STEPS = 10
 # Settings doctor decides itself: a short run (--steps), no checkpoints or comparison, guards on.
@@ -42,6 +45,8 @@ class Doctor:
         self.checks: list[CheckResult] = []
 
     def add(self, name: str, passed: bool, value: str, message: str = "") -> bool:
+        from mathtune.guards import CheckResult
+
         self.checks.append(CheckResult(name, passed, value, message))
         return passed
 
