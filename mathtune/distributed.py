@@ -46,6 +46,8 @@ _EVENTS = (
 
 
 def _dist():
+    if "torch" not in sys.modules:
+        return None  # no process group can exist before torch is imported; keeps the CLI's --help fast
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
