@@ -473,10 +473,10 @@ class CollapseDetector(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # A fresh run (step 0) starts an empty samples.jsonl; a resumed one keeps the lines up to the
         # step it resumes from (later ones belong to steps that will be redone).
-        if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        # (a torn last line from a killed run is dropped with a notice, not a traceback)
+        from mathtune.run_dir import keep_steps_up_to
+
+        keep_steps_up_to(self.path, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.config.sample_every

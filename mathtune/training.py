@@ -45,6 +45,8 @@ from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_stop_training
+from mathtune import run_dir as run_dirs
 from mathtune.step_stats import StepStats
 
 CHECKPOINT_MARKER = "mathtune_checkpoint.json"  # written by on_save once Trainer has finished writing
@@ -330,7 +332,11 @@ def _prepare_run_dir(config: TrainConfig, resume_from: str | None) -> tuple[Path
     """Create the run dir; clear outputs of an earlier run there. Returns (run_dir, seconds already trained)."""
     run_dir = Path(config.output_dir)
     _check_output_dir(run_dir, resume_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs.lock_output_dir(run_dir)  # creates it; refuses a dir another mathtune train is using
+    if resume_from is None:
+        run_dirs.move_aside_earlier_weights(run_dir)
+    else:
+        run_dirs.remove_unmarked_checkpoints(run_dir, resume_from, CHECKPOINT_MARKER)
     for name in DERIVED_OUTPUTS:
         target = run_dir / name
         if target.is_dir():
@@ -343,12 +349,11 @@ def _prepare_run_dir(config: TrainConfig, resume_from: str | None) -> tuple[Path
         metrics.unlink(missing_ok=True)
     elif metrics.is_file():
         # keep the lines up to the resumed step: later ones belong to steps that will be redone
+        # (a torn last line from a killed run is dropped with a notice)
         step = json.loads((Path(resume_from) / STATE_FILE).read_text())["global_step"]
-        kept = [line for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept = run_dirs.keep_steps_up_to(metrics, step)
         if kept:
-            offset = float(json.loads(kept[-1]).get("seconds") or 0.0)
+            offset = float(kept[-1].get("seconds") or 0.0)
     return run_dir, offset
 
 
@@ -454,6 +459,7 @@ def setup(config: TrainConfig) -> TrainingSession:
 
     resume_from = resolve_resume(config.resume, config.output_dir)
     _check_output_dir(Path(config.output_dir), resume_from)  # before spending time loading the model
+    run_dirs.lock_output_dir(config.output_dir)  # ditto: a dir in use by another run is refused now
     if models.resolve_model_source(config.model)[0] == "adapter":
         raise MathtuneError(
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
@@ -486,6 +492,7 @@ def setup(config: TrainConfig) -> TrainingSession:
     report_to = _report_to(config)
 
     step_stats = StepStats()
+    interrupt_cb = InterruptCallback()
     step_cb = StepCallback(step_stats, run_dir / METRICS_FILE, config.max_time, seconds_offset)
     marker_cb = CheckpointMarker()
     progress_cb = ConsoleProgress()
@@ -504,7 +511,9 @@ def setup(config: TrainConfig) -> TrainingSession:
         processing_class=tokenizer,
         # order matters: StepStats closes the step before guards read last_*; the checkpoint marker
         # runs after guards may have rejected a checkpoint
-        callbacks=[step_cb, *guard_cbs, marker_cb, progress_cb],
+        # order matters: the interrupt callback first, as its should_save/should_training_stop must be
+        # seen by the step callback (logs the last step) and the guards (check weights before a save)
+        callbacks=[interrupt_cb, step_cb, *guard_cbs, marker_cb, progress_cb],
         step_stats=step_stats,
     )
     trainer.remove_callback(ProgressCallback)
@@ -518,7 +527,8 @@ def setup(config: TrainConfig) -> TrainingSession:
         precision_reason=precision_reason, run_dir=run_dir, sample_prompts=sample_prompts,
         resume_from=resume_from, planned_steps=_planned_steps(config, len(rows)), trainable_params=trainable,
         total_params=total, judge_rule=task.judge_rule, sample_source=sample_source,
-        callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs},
+        callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs,
+                   "interrupt": interrupt_cb},
     )
     return session
 
@@ -537,8 +547,10 @@ def run(session: TrainingSession) -> TrainResult:
     if session.resume_from:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
+    interrupt_cb = session.callbacks["interrupt"]
     try:
-        trainer.train(resume_from_checkpoint=session.resume_from)
+        with signals_stop_training(interrupt_cb):
+            trainer.train(resume_from_checkpoint=session.resume_from)
     except TrainingHalted:
         session.callbacks["progress"].close()
         last = marker_cb.last_complete or (complete_checkpoints(session.run_dir) or [None])[-1]
@@ -550,6 +562,8 @@ def run(session: TrainingSession) -> TrainResult:
     seconds = time.perf_counter() - started
 
     run_dir = session.run_dir
+    if interrupt_cb.stopped_at is not None:
+        _raise_interrupted(session)
     trainer.save_model(str(run_dir))
     trainer.state.save_to_json(str(run_dir / STATE_FILE))
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
@@ -566,6 +580,21 @@ def run(session: TrainingSession) -> TrainResult:
         first_loss=step_cb.first_loss,
         last_loss=step_cb.last_loss,
     )
+
+
+def _raise_interrupted(session: TrainingSession) -> None:
+    """After a signal stopped training: no final model (the checkpoint is the state), say how to continue."""
+    import signal
+
+    interrupt_cb, marker_cb = session.callbacks["interrupt"], session.callbacks["checkpoint"]
+    checkpoint = marker_cb.last_complete
+    name = signal.Signals(interrupt_cb.signal).name
+    if checkpoint is None or checkpoint.name != f"checkpoint-{interrupt_cb.stopped_at}":
+        raise TrainingInterrupted(f"{name}: stopped after step {interrupt_cb.stopped_at} but its checkpoint was not "
+                                  f"completed; the newest marked checkpoint is the one to resume",
+                                  interrupt_cb.exit_code)
+    raise TrainingInterrupted(f"{name}: stopped after step {interrupt_cb.stopped_at}; checkpoint saved: {checkpoint}",
+                              interrupt_cb.exit_code, checkpoint)
 
 
 def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainResult:
@@ -593,13 +622,16 @@ def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainRes
 def train(config: TrainConfig) -> TrainResult:
     """setup + run + (with eval_samples > 0) the base-vs-trained comparison. Prints start/end summaries."""
     session = setup(config)
-    print(start_summary(session))
-    result = run(session)
-    del session  # free the training model and optimizer state before two eval models load
-    gc.collect()
-    if config.eval_samples > 0:
-        result = compare_after_training(config, result)
-    return result
+    try:
+        print(start_summary(session))
+        result = run(session)
+        del session  # free the training model and optimizer state before two eval models load
+        gc.collect()
+        if config.eval_samples > 0:
+            result = compare_after_training(config, result)
+        return result
+    finally:
+        run_dirs.unlock_output_dir(config.output_dir)
 
 
 # --------------------------------------------------------------------------- summaries
