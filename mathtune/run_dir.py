@@ -65,6 +65,16 @@ def lock_output_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
+def check_writable(run_dir: str | Path) -> None:
+    """Fail now, not after loading the model, when ``run_dir`` cannot be created or written."""
+    path = Path(run_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "permission denied"
+        raise MathtuneError(f"--output-dir {run_dir}: cannot write there ({why}: {existing}): choose a writable "
+                            f"directory")
+
+
 def unlock_output_dir(run_dir: str | Path) -> None:
     """Release this process's lock on ``run_dir`` (process exit releases it too)."""
     fd = _held.pop(Path(run_dir).resolve(), None)

@@ -399,6 +399,9 @@ def _sample_prompts(task, tokenizer, config: TrainConfig) -> tuple[list[str], st
         held_out = task.examples("eval")[:SAMPLE_PROMPTS]
         where = "eval split"
     except MathtuneError as exc:
+        if config.eval_file is not None:
+            raise  # a malformed --eval-file fails now, not after hours of training at the comparison
+
         # no eval split (e.g. only --train-file): the last train rows, unused when --max-samples leaves them
         train_rows = task.examples("train")
         held_out = train_rows[-SAMPLE_PROMPTS:]
@@ -453,13 +456,18 @@ def setup(config: TrainConfig) -> TrainingSession:
     from mathtune.tasks import get_task
 
     device, device_reason = models.choose_device(config.device)
+    from mathtune.train_device import check_training_device
+
+    check_training_device(device)  # Trainer would silently use cuda:0 / every GPU otherwise
     precision, precision_reason = models.choose_precision(config.precision, device)
     print(f"device: {device} ({device_reason})")
     print(f"precision: {precision} ({precision_reason})")
 
     resume_from = resolve_resume(config.resume, config.output_dir)
     _check_output_dir(Path(config.output_dir), resume_from)  # before spending time loading the model
-    run_dirs.lock_output_dir(config.output_dir)  # ditto: a dir in use by another run is refused now
+    run_dirs.check_writable(config.output_dir)
+    if Path(config.output_dir).is_dir():  # ditto: a dir in use by another run is refused now (a new dir is
+        run_dirs.lock_output_dir(config.output_dir)  # created only once model and data have loaded)
     if models.resolve_model_source(config.model)[0] == "adapter":
         raise MathtuneError(
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
