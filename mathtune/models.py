@@ -303,7 +303,11 @@ def _ensure_converted(kind: str, spec: str, target: Path) -> Path:
         file=sys.stderr,
         flush=True,
     )
-    build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
+    try:
+        build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
+    except OSError as exc:  # unwritable or full cache dir: the fix is another MATHTUNE_CACHE
+        raise MathtuneError(f"model cache {target.parent}: cannot write the conversion there ({exc.strerror or exc}): "
+                            f"set MATHTUNE_CACHE to a writable directory with room for the converted model") from None
     return target
 
 

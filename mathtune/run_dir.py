@@ -65,14 +65,19 @@ def lock_output_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def check_writable(run_dir: str | Path) -> None:
-    """Fail now, not after loading the model, when ``run_dir`` cannot be created or written."""
-    path = Path(run_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+def check_writable(path: str | Path, flag: str = "--output-dir", *, is_file: bool = False) -> None:
+    """Fail now (not after loading a model or hours of work) when the directory ``path`` (or, with
+    ``is_file``, the file ``path``) cannot be created or written."""
+    target = Path(path).absolute()
+    if is_file:
+        if target.is_dir():
+            raise MathtuneError(f"{flag} {path}: is a directory; give a file name (e.g. {target / 'out.json'})")
+        target = target.parent
+    existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "not a directory" if not existing.is_dir() else "permission denied"
-        raise MathtuneError(f"--output-dir {run_dir}: cannot write there ({why}: {existing}): choose a writable "
-                            f"directory")
+        raise MathtuneError(f"{flag} {path}: cannot write there ({why}: {existing}): choose a writable "
+                            f"{'location' if is_file else 'directory'}")
 
 
 def unlock_output_dir(run_dir: str | Path) -> None:

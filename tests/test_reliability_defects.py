@@ -149,3 +149,23 @@ def test_guard_halted_rerun_leaves_no_earlier_final_model_looking_current(tiny_m
     with pytest.raises(TrainingHalted):
         training.run(session)
     assert not (out / "adapter_model.safetensors").exists() and not (out / "trainer_state.json").exists()
+
+
+def test_unwritable_comparison_output_is_a_one_line_error_before_evaluating(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, err = run_cli(capsys, "compare", "--base-model", tiny_model_dir, "--trained-model", tiny_model_dir,
+                        "--task", "unit-conversion", "--max-samples", 2, "--output", blocker / "comparison.json")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: --output {blocker / 'comparison.json'}: cannot write there (not a directory")
+
+
+def test_unwritable_model_cache_directory_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from mathtune.models import load_model
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MATHTUNE_CACHE", str(blocker / "cache"))
+    with pytest.raises(MathtuneError, match="set MATHTUNE_CACHE to a writable directory") as err:
+        load_model("smollm2-135m")
+    assert "\n" not in str(err.value) and str(blocker / "cache") in str(err.value)
