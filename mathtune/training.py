@@ -401,7 +401,6 @@ def _sample_prompts(task, tokenizer, config: TrainConfig) -> tuple[list[str], st
     except MathtuneError as exc:
         if config.eval_file is not None:
             raise  # a malformed --eval-file fails now, not after hours of training at the comparison
-
         # no eval split (e.g. only --train-file): the last train rows, unused when --max-samples leaves them
         train_rows = task.examples("train")
         held_out = train_rows[-SAMPLE_PROMPTS:]
@@ -517,10 +516,10 @@ def setup(config: TrainConfig) -> TrainingSession:
         data_collator=CompletionCollator(tokenizer.pad_token_id),
         train_dataset=RowDataset(rows),
         processing_class=tokenizer,
-        # order matters: StepStats closes the step before guards read last_*; the checkpoint marker
-        # runs after guards may have rejected a checkpoint
-        # order matters: the interrupt callback first, as its should_save/should_training_stop must be
-        # seen by the step callback (logs the last step) and the guards (check weights before a save)
+        # order matters: the interrupt callback first (its should_save/should_training_stop must reach
+        # the step callback, which logs the last step, and the guards, which check weights before a
+        # save); StepStats closes the step before guards read last_*; the checkpoint marker runs after
+        # guards may have rejected a checkpoint
         callbacks=[interrupt_cb, step_cb, *guard_cbs, marker_cb, progress_cb],
         step_stats=step_stats,
     )
