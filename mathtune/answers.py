@@ -11,12 +11,13 @@ from decimal import Decimal
 
 # One number as written in text: optional minus, optional "$", then "1,234" (thousands groups of
 # exactly three digits, so "3,4" is two numbers, not 34) or plain digits, an optional decimal part,
-# and an optional "/denominator" for fractions like 3/4. The minus counts only when it is not
+# and an optional "/denominator" for fractions like 3/4 (a "." after it that no digit follows ends
+# the sentence: "The answer is 3/4." is 0.75, not 3). The minus counts only when it is not
 # preceded by a word character or ")" so that "5-3" reads as 5 and 3, not 5 and -3.
 _NUMBER = (
     r"(?:(?<![\w)])(?P<neg>[-−]))?\$?(?P<neg2>-)?"
     r"(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
-    r"(?:/(?P<den>\d+(?:\.\d+)?)(?![\d.]))?"
+    r"(?:/(?P<den>\d+(?:\.\d+)?)(?!\d|\.\d))?"
 )
 _NUMBER_RE = re.compile(_NUMBER)
 _WHOLE_NUMBER_RE = re.compile(r"\+?" + _NUMBER + r"%?")
@@ -84,7 +85,8 @@ def _boxed(text: str) -> float | None:
     if match is None:
         return None
     inner = _FRAC_RE.sub(r"\1/\2", match.group(1))  # \frac{3}{4} -> 3/4
-    inner = inner.replace("\\$", "$").replace("\\,", ",").replace("\\!", "")
+    # LaTeX spells a thousands comma "{,}" (1{,}000) and a dollar sign "\\$"
+    inner = inner.replace("\\$", "$").replace("{,}", ",").replace("\\,", ",").replace("\\!", "")
     return _first_number(inner)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,10 @@ from mathtune.budget import BUDGET_SCHEDULES
 from mathtune.errors import ConfigError, MathtuneError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N (checked in _common_problems, not by argparse choices)
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+# transformers schedulers that step on an evaluation metric, which mathtune does not compute while training
+_METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 METHODS = ("lora", "full")
 # Fields that are never written to the saved run config (secrets or where to find them).
 SECRET_FIELDS = ("wandb_key_file",)
@@ -50,7 +55,7 @@ class ModelSettings:
     eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
     strip_calculator: bool = setting(False, "remove GSM8K calculator annotations <<a*b=c>> from targets")
     seed: int = setting(42, "random seed (data order, generated tasks, initialisation, sampling)")
-    device: str = setting("auto", "where to run", choices=DEVICES)
+    device: str = setting("auto", "where to run: auto, cpu, cuda, cuda:N or mps")
     precision: str = setting("auto", "auto picks bf16/fp16/fp32 from the hardware", choices=PRECISIONS)
     trust_remote_code: bool = setting(False, "allow model repos to run their own Python code (off by default)")
     allow_pickle: bool = setting(False, "allow loading pickle (.bin) checkpoints; safetensors is used otherwise")
@@ -60,6 +65,17 @@ class ModelSettings:
 
     def _common_problems(self) -> list[str]:
         problems = []
+        # YAML values bypass argparse's choices and types: check both here, for YAML and flags alike
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                problems.append(f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{_flag(f.name)} must be a finite number (got {value})")
+            if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+                problems.append(f"--{_flag(f.name)} must be a list of strings (got {value!r})")
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            problems.append(f"--device {self.device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
         for flag, path in (("--train-file", self.train_file), ("--eval-file", self.eval_file)):
             if path is not None and not Path(path).is_file():
                 problems.append(f"{flag} {path}: no such file")
@@ -126,6 +142,11 @@ class TrainConfig(ModelSettings):
             problems.append(f"--num-epochs must be > 0 (got {self.num_epochs})")
         if not self.learning_rate > 0:
             problems.append(f"--learning-rate must be > 0 (got {self.learning_rate})")
+        schedulers = _scheduler_names()
+        if self.lr_scheduler not in schedulers:
+            close = difflib.get_close_matches(self.lr_scheduler, schedulers, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(f"--lr-scheduler {self.lr_scheduler!r} is unknown: {hint}use one of {', '.join(schedulers)}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         if not 0 <= self.lora_dropout < 1:
@@ -194,6 +215,13 @@ class EvalConfig(ModelSettings):
         return self
 
 
+def _scheduler_names() -> list[str]:
+    """The installed transformers' scheduler names (its SchedulerType), less the metric-driven ones."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in _METRIC_SCHEDULERS]
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -243,11 +271,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MathtuneError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise MathtuneError(f"{path}: not UTF-8 text (byte {exc.start}): save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise MathtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever YAML said
+        raise MathtuneError(f"{path}{line}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise MathtuneError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -280,7 +311,13 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
     if isinstance(values.get("stop"), str):
         values["stop"] = [values["stop"]]
     config = cls(**values)
-    return config.validate()
+    try:
+        return config.validate()
+    except ConfigError as err:
+        # a bad value that came from the YAML file: name the file, not only the flag
+        from_yaml = {f"--{_flag(k)}" for k in values if yaml_path is not None and (overrides or {}).get(k) is None}
+        located = [f"{yaml_path}: {p}" if p.split(" ")[0] in from_yaml else p for p in err.problems]
+        raise ConfigError(located) from None
 
 
 def _type_problem(f: dataclasses.Field, value: Any) -> str | None:

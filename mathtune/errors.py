@@ -15,6 +15,8 @@ class InputError(MathtuneError):
     def __init__(self, path, line: int | None, reason: str):
         self.path = str(path)
         self.line = line
+        if len(reason) > 300:  # a reason quoting the input (a 10 MB header) must stay one readable line
+            reason = reason[:300] + "..."
         self.reason = reason
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {reason}")

@@ -439,6 +439,41 @@ def output_flags(outputs: list[tuple[str, list[int]]]) -> list[list[str]]:
     return flags
 
 
+def collapse_generation_config(max_new_tokens: int, stop_ids: list[int], pad_id: int):
+    """Plain greedy decoding: the settings that could hide a loop are stated, not inherited.
+
+    generate() fills every setting left unset (None) here from the MODEL's generation_config: a
+    shipped repetition_penalty or no_repeat_ngram_size would break up exactly the "!!!!" and
+    one-token loops this detector looks for.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, eos_token_id=stop_ids, pad_token_id=pad_id,
+    )
+
+
+@contextlib.contextmanager
+def _library_generation_defaults(model):
+    """Generate with the library's defaults in place of the model's generation_config, for the settings
+    that have no neutral value to state (bad_words_ids, suppress_tokens, sequence_bias, forced tokens:
+    None is "unset", which generate() fills from the model's config)."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PeftModel
+    if not hasattr(target, "generation_config"):
+        yield  # not a transformers model: nothing to inherit from
+        return
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 class CollapseDetector(TrainerCallback):
     """Greedy samples from fixed questions every ``sample_every`` steps and at the end of training.
 
@@ -473,12 +508,12 @@ class CollapseDetector(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # A fresh run (step 0) starts an empty samples.jsonl; a resumed one keeps the lines up to the
         # step it resumes from (later ones belong to steps that will be redone). Rank 0 alone writes it.
+        # (a torn last line from a killed run is dropped with a notice, not a traceback)
         from mathtune.distributed import is_main_process
+        from mathtune.run_dir import keep_steps_up_to
 
-        if is_main_process() and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if is_main_process():
+            keep_steps_up_to(self.path, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.config.sample_every
@@ -496,11 +531,8 @@ class CollapseDetector(TrainerCallback):
         longest = max(len(ids) for ids in self.prompt_ids)
         input_ids = torch.tensor([[self.pad_id] * (longest - len(ids)) + ids for ids in self.prompt_ids], device=device)
         mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in self.prompt_ids], device=device)
-        from transformers import GenerationConfig
 
-        gen = GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=self.stop_ids, pad_token_id=self.pad_id
-        )
+        gen = collapse_generation_config(self.max_new_tokens, self.stop_ids, self.pad_id)
         # Sampled under the training autocast: the numerics training uses, and on CPUs with bf16
         # support it is the fast path (fp32 matmuls as skinny as one decoding step, LoRA's above all,
         # measured several times slower than their bf16 autocast version).
@@ -508,7 +540,7 @@ class CollapseDetector(TrainerCallback):
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
         from mathtune.generate import contiguous_head_input
 
-        with autocast, _one_cpu_thread(device), contiguous_head_input(model):
+        with autocast, _one_cpu_thread(device), contiguous_head_input(model), _library_generation_defaults(model):
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)
         results = []
         for row in out[:, longest:].tolist():

@@ -303,7 +303,11 @@ def _ensure_converted(kind: str, spec: str, target: Path) -> Path:
         file=sys.stderr,
         flush=True,
     )
-    build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
+    try:
+        build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
+    except OSError as exc:  # unwritable or full cache dir: the fix is another MATHTUNE_CACHE
+        raise MathtuneError(f"model cache {target.parent}: cannot write the conversion there ({exc.strerror or exc}): "
+                            f"set MATHTUNE_CACHE to a writable directory with room for the converted model") from None
     return target
 
 
@@ -747,15 +751,17 @@ def apply_lora(
         )
     else:
         targets = [str(t) for t in target_modules]
+        if targets == ["all-linear"]:  # `--target-modules all-linear` arrives as a one-item list
+            targets = "all-linear"
     if not targets:
-        raise MathtuneError("LoRA target modules are empty: set --lora-targets (e.g. q_proj,v_proj or all-linear)")
+        raise MathtuneError("LoRA target modules are empty: set --target-modules (e.g. q_proj v_proj, or all-linear)")
     if targets != "all-linear":
         available = _linear_module_names(model)
         absent = [t for t in targets if t not in available]
         if absent:
             raise MathtuneError(
                 f"LoRA target module(s) {', '.join(absent)} not in this model; its linear modules are: "
-                f"{', '.join(available)}: set --lora-targets to some of these (or all-linear)"
+                f"{', '.join(available)}: set --target-modules to some of these (or all-linear)"
             )
     config = LoraConfig(
         task_type="CAUSAL_LM",

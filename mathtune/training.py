@@ -47,7 +47,9 @@ from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_stop_training
 from mathtune.loss import supervised_mask, supervised_only_loss, takes_logits_mask, token_normalised_loss
+from mathtune import run_dir as run_dirs
 from mathtune.step_stats import StepStats
 
 CHECKPOINT_MARKER = "mathtune_checkpoint.json"  # written by on_save once Trainer has finished writing
@@ -376,7 +378,11 @@ def _prepare_run_dir(config: TrainConfig, resume_from: str | None) -> tuple[Path
     """Create the run dir; clear outputs of an earlier run there. Returns (run_dir, seconds already trained)."""
     run_dir = Path(config.output_dir)
     _check_output_dir(run_dir, resume_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs.lock_output_dir(run_dir)  # creates it; refuses a dir another mathtune train is using
+    if resume_from is None:
+        run_dirs.move_aside_earlier_weights(run_dir)
+    else:
+        run_dirs.remove_unmarked_checkpoints(run_dir, resume_from, CHECKPOINT_MARKER)
     for name in DERIVED_OUTPUTS:
         target = run_dir / name
         if target.is_dir():
@@ -389,12 +395,11 @@ def _prepare_run_dir(config: TrainConfig, resume_from: str | None) -> tuple[Path
         metrics.unlink(missing_ok=True)
     elif metrics.is_file():
         # keep the lines up to the resumed step: later ones belong to steps that will be redone
+        # (a torn last line from a killed run is dropped with a notice)
         step = json.loads((Path(resume_from) / STATE_FILE).read_text())["global_step"]
-        kept = [line for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept = run_dirs.keep_steps_up_to(metrics, step)
         if kept:
-            offset = float(json.loads(kept[-1]).get("seconds") or 0.0)
+            offset = float(kept[-1].get("seconds") or 0.0)
     return run_dir, offset
 
 
@@ -441,6 +446,8 @@ def _sample_prompts(task, tokenizer, config: TrainConfig) -> tuple[list[str], st
         held_out = task.examples("eval")[:SAMPLE_PROMPTS]
         where = "eval split"
     except MathtuneError as exc:
+        if config.eval_file is not None:
+            raise  # a malformed --eval-file fails now, not after hours of training at the comparison
         # no eval split (e.g. only --train-file): the last train rows, unused when --max-samples leaves them
         train_rows = task.examples("train")
         held_out = train_rows[-SAMPLE_PROMPTS:]
@@ -504,6 +511,9 @@ def setup(config: TrainConfig) -> TrainingSession:
     from mathtune.tasks import get_task
 
     device, device_reason = models.choose_device(config.device)
+    from mathtune.train_device import check_training_device
+
+    check_training_device(device)  # Trainer would silently use cuda:0 / every GPU otherwise
     precision, precision_reason = models.choose_precision(config.precision, device)
     print(f"device: {device} ({device_reason})")
     print(f"precision: {precision} ({precision_reason})")
@@ -511,6 +521,9 @@ def setup(config: TrainConfig) -> TrainingSession:
 
     resume_from = resolve_resume(config.resume, config.output_dir)
     _check_output_dir(Path(config.output_dir), resume_from)  # before spending time loading the model
+    run_dirs.check_writable(config.output_dir)
+    if Path(config.output_dir).is_dir():  # ditto: a dir in use by another run is refused now (a new dir is
+        run_dirs.lock_output_dir(config.output_dir)  # created only once model and data have loaded)
     if models.resolve_model_source(config.model)[0] == "adapter":
         raise MathtuneError(
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
@@ -554,6 +567,7 @@ def setup(config: TrainConfig) -> TrainingSession:
         budget = TimeBudget(planned_steps=planned_steps, max_time=config.max_time, schedule=config.lr_scheduler,
                             warmup_ratio=config.warmup_ratio, steps_per_epoch=max(steps_per_epoch, 1))
     step_stats = StepStats()
+    interrupt_cb = InterruptCallback()
     step_cb = StepCallback(step_stats, run_dir / METRICS_FILE, budget, seconds_offset)
     marker_cb = CheckpointMarker()
     progress_cb = ConsoleProgress()
@@ -574,9 +588,11 @@ def setup(config: TrainConfig) -> TrainingSession:
         data_collator=CompletionCollator(tokenizer.pad_token_id),
         train_dataset=RowDataset(rows),
         processing_class=tokenizer,
-        # order matters: StepStats closes the step before guards read last_*; the checkpoint marker
-        # runs after guards may have rejected a checkpoint
-        callbacks=[step_cb, *guard_cbs, marker_cb, progress_cb],
+        # order matters: the interrupt callback first (its should_save/should_training_stop must reach
+        # the step callback, which logs the last step, and the guards, which check weights before a
+        # save); StepStats closes the step before guards read last_*; the checkpoint marker runs after
+        # guards may have rejected a checkpoint
+        callbacks=[interrupt_cb, step_cb, *guard_cbs, marker_cb, progress_cb],
         step_stats=step_stats,
         time_budget=budget,
         supervised_logits=supervised_logits,
@@ -592,7 +608,8 @@ def setup(config: TrainConfig) -> TrainingSession:
         precision_reason=precision_reason, run_dir=run_dir, sample_prompts=sample_prompts,
         resume_from=resume_from, planned_steps=planned_steps, trainable_params=trainable,
         total_params=total, judge_rule=task.judge_rule, sample_source=sample_source,
-        callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs},
+        callbacks={"step": step_cb, "checkpoint": marker_cb, "progress": progress_cb, "guards": guard_cbs,
+                   "interrupt": interrupt_cb},
     )
     return session
 
@@ -614,8 +631,10 @@ def run(session: TrainingSession) -> TrainResult:
     if session.resume_from:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
+    interrupt_cb = session.callbacks["interrupt"]
     try:
-        trainer.train(resume_from_checkpoint=session.resume_from)
+        with signals_stop_training(interrupt_cb):
+            trainer.train(resume_from_checkpoint=session.resume_from)
     except TrainingHalted:
         session.callbacks["progress"].close()
         last = marker_cb.last_complete or (complete_checkpoints(session.run_dir) or [None])[-1]
@@ -628,6 +647,8 @@ def run(session: TrainingSession) -> TrainResult:
     seconds = time.perf_counter() - started
 
     run_dir = session.run_dir
+    if interrupt_cb.stopped_at is not None:
+        _raise_interrupted(session)
     trainer.save_model(str(run_dir))  # every rank calls it (FSDP gathers shards); Trainer writes on rank 0
     distributed.on_main(lambda: trainer.state.save_to_json(str(run_dir / STATE_FILE)))
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
@@ -644,6 +665,21 @@ def run(session: TrainingSession) -> TrainResult:
         first_loss=step_cb.first_loss,
         last_loss=step_cb.last_loss,
     )
+
+
+def _raise_interrupted(session: TrainingSession) -> None:
+    """After a signal stopped training: no final model (the checkpoint is the state), say how to continue."""
+    import signal
+
+    interrupt_cb, marker_cb = session.callbacks["interrupt"], session.callbacks["checkpoint"]
+    checkpoint = marker_cb.last_complete
+    name = signal.Signals(interrupt_cb.signal).name
+    if checkpoint is None or checkpoint.name != f"checkpoint-{interrupt_cb.stopped_at}":
+        raise TrainingInterrupted(f"{name}: stopped after step {interrupt_cb.stopped_at} but its checkpoint was not "
+                                  f"completed; the newest marked checkpoint is the one to resume",
+                                  interrupt_cb.exit_code)
+    raise TrainingInterrupted(f"{name}: stopped after step {interrupt_cb.stopped_at}; checkpoint saved: {checkpoint}",
+                              interrupt_cb.exit_code, checkpoint)
 
 
 def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainResult:
@@ -671,13 +707,16 @@ def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainRes
 def train(config: TrainConfig) -> TrainResult:
     """setup + run + (with eval_samples > 0) the base-vs-trained comparison. Prints start/end summaries."""
     session = setup(config)
-    print(start_summary(session))
-    result = run(session)
-    del session  # free the training model and optimizer state before two eval models load
-    gc.collect()
-    if config.eval_samples > 0:
-        result = compare_after_training(config, result)
-    return result
+    try:
+        print(start_summary(session))
+        result = run(session)
+        del session  # free the training model and optimizer state before two eval models load
+        gc.collect()
+        if config.eval_samples > 0:
+            result = compare_after_training(config, result)
+        return result
+    finally:
+        run_dirs.unlock_output_dir(config.output_dir)
 
 
 # --------------------------------------------------------------------------- summaries

@@ -507,3 +507,26 @@ def test_collapse_detector_on_the_tiny_model_with_nan_logits(tokenizer, tmp_path
 def test_empty_sample_prompts_are_refused(tokenizer, tmp_path):
     with pytest.raises(MathtuneError, match="at least one sample prompt"):
         guards.guard_callbacks(_config(), StepStats(), tokenizer, [], tmp_path, "fp32")
+
+
+def test_collapse_detector_ignores_a_models_repetition_penalty_that_would_hide_loops(tokenizer, tmp_path):
+    # A collapsed model: "!" wins every step by a wide margin, so greedy decoding loops on it.
+    model = build_tiny_model(tokenizer)
+    bang = tokenizer.convert_tokens_to_ids("!")
+
+    def loop_on_bang(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., bang] += 50.0
+        return logits
+
+    model.lm_head.register_forward_hook(loop_on_bang)
+    # ...shipped with generation settings that break loops up: inherited, they would hide the collapse
+    model.generation_config.repetition_penalty = 1e6
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.suppress_tokens = [bang]
+    detector = _detector(tokenizer, tmp_path, ["Convert 3 km to m.", "How many grams are in 2 kg?"])
+    flags = detector.check(model, 1)
+    assert detector.last_outputs[0] == "!" * detector.max_new_tokens
+    assert all("repeated" in f for f in flags)
+    # the model's own settings are back afterwards
+    assert model.generation_config.repetition_penalty == 1e6 and model.generation_config.suppress_tokens == [bang]

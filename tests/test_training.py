@@ -213,15 +213,18 @@ def test_max_time_stops_inside_the_budget_with_the_lr_at_its_floor_and_saves_a_l
 def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     # 16 rows / batch 4 = 4 steps per epoch: resuming at step 3 skips batches mid-epoch, then the
     # run crosses into epoch 2 (a new shuffle) before step 6
+    # warmup + cosine (warmup 0.34 of 6 steps = 3): the learning rate differs at every step, so a resume
+    # that lost or restarted the scheduler state would train different weights (a constant LR hides it)
+    schedule = dict(lr_scheduler="cosine", warmup_ratio=0.34)
     full = tmp_path / "full"
-    result = training.run(training.setup(make_config(tiny_model_dir, full, max_steps=6, save_steps=3)))
+    result = training.run(training.setup(make_config(tiny_model_dir, full, max_steps=6, save_steps=3, **schedule)))
     assert result.steps == 6
     assert [p.name for p in training.complete_checkpoints(full)] == ["checkpoint-3", "checkpoint-6"]
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    session = training.setup(make_config(tiny_model_dir, resumed, max_steps=6, save_steps=3, resume="auto"))
+    session = training.setup(make_config(tiny_model_dir, resumed, max_steps=6, save_steps=3, resume="auto", **schedule))
     assert session.resume_from == str(resumed / "checkpoint-3")
     again = training.run(session)
     assert again.steps == 6

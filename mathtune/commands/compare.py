@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mathtune.comparison import run_compare
 
+    from mathtune.run_dir import check_writable
+
     config = config_from_args(EvalConfig, args)
+    # before two evaluations, not after them
+    check_writable(args.output, "--output", is_file=True)
+    if args.eval_dir is not None:
+        check_writable(args.eval_dir, "--eval-dir")
     run_compare(args.base_model, args.trained_model, config, output_path=args.output, output_dir=args.eval_dir)
     return 0

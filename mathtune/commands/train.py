@@ -10,6 +10,7 @@ Every TrainConfig field is a flag (generated, so flags and YAML keys never drift
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
 
@@ -38,9 +39,19 @@ def comparison_lines(comparison: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from mathtune import training
+    from mathtune.interrupt import TrainingInterrupted, resume_command
 
     config = config_from_args(TrainConfig, args)
-    result = training.train(config)
+    try:
+        result = training.train(config)
+    except TrainingInterrupted as stop:
+        # a signal, not a failure: the checkpoint to continue from and the command that does it
+        print(f"interrupted: {stop}", file=sys.stderr)
+        if stop.checkpoint is not None:
+            argv = sys.argv[1:]
+            argv = argv[argv.index("train"):] if "train" in argv else ["train", *argv]
+            print(f"continue with: {resume_command(argv)}", file=sys.stderr)
+        return stop.exit_code
     print(training.end_summary(result))
     if result.comparison is not None:
         for line in comparison_lines(result.comparison):

@@ -25,6 +25,8 @@ def _json_items(path: Path, text: str) -> list:
         items = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(path, err.lineno, f"not valid JSON ({err.msg} at column {err.colno})") from err
+    except RecursionError:  # json recurses per nesting level: "[[[[..." thousands deep
+        raise InputError(path, None, "JSON nested too deeply; write a list of flat objects") from None
     if not isinstance(items, list):
         kind = type(items).__name__
         raise InputError(path, None, f"expected a JSON list of objects, got {kind}; use .jsonl for one object per line")
@@ -35,7 +37,14 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
     """``(line, {column: value})`` per record; the header is line 1, blank lines are skipped."""
     reader = csv.reader(io.StringIO(text, newline=""))
     header, end = None, 0
-    for record in reader:
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            # a field over csv's limit (131,072 characters) or a stray quote: the row, not a traceback
+            raise InputError(path, end + 1, f"unreadable CSV ({err}); check quoting and field length") from None
         # a quoted field may span lines: report the line the record starts on
         number, end = end + 1, reader.line_num
         if not any(field.strip() for field in record):

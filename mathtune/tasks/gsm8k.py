@@ -45,6 +45,8 @@ def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
         except json.JSONDecodeError as err:
             reason = f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
             raise InputError(path, number, reason) from err
+        except RecursionError:  # json recurses per nesting level: "[[[[..." thousands deep
+            raise InputError(path, number, "JSON nested too deeply; write one flat JSON object per line") from None
 
 
 def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, float]:
