@@ -542,6 +542,13 @@ def setup(config: TrainConfig) -> TrainingSession:
     # LoRA matrices are initialised from the global RNG: seed first so a run is reproducible
     set_seed(config.seed)
     model = loaded.model
+    if device == "cpu" and config.cpu_eager_attention:
+        # torch's CPU flash-attention kernels (what "sdpa" runs) are slow in the backward pass at
+        # training lengths: on 8 GSM8K rows of ~300 tokens, bf16, plain matmul + softmax attention
+        # made a forward+backward 12% faster (17.2 s vs 19.6 s for 3 steps, same losses to bf16
+        # rounding). Memory: the attention probabilities are kept for backward, batch x heads x T^2
+        # per layer (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
+        model.set_attn_implementation("eager")
     if config.method == "lora":
         model = models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                   target_modules=config.target_modules)
@@ -653,8 +660,11 @@ def run(session: TrainingSession) -> TrainResult:
     distributed.on_main(lambda: trainer.state.save_to_json(str(run_dir / STATE_FILE)))
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
     if stopped == "max_time":
-        print(f"stopped on time: --max-time {config.max_time:g} s reached after step {trainer.state.global_step} "
-              f"({step_cb.elapsed():.0f} s of training); final model saved")
+        budget = trainer.time_budget
+        print(f"stopped on time: --max-time {config.max_time:g} s bought {trainer.state.global_step} of "
+              f"{budget.planned_steps} planned steps ({trainer.state.global_step / budget.steps_per_epoch:.2f} "
+              f"epochs) in {step_cb.shared_elapsed:.0f} s of training; learning rate ended at "
+              f"{budget.multiplier(trainer.state.global_step):.1%} of its peak; final model saved")
     return TrainResult(
         run_dir=run_dir,
         steps=trainer.state.global_step,
