@@ -97,7 +97,9 @@ class TimeBudget:
 
     def should_stop(self) -> bool:
         """True when the next step would end past the budget (or the budget is already spent)."""
-        per_step = self.seconds_per_step or 0.0
+        # the first step alone (kernel selection, warm-up, a launcher's first all-reduce) is no
+        # forecast of the next: until a second step is timed, stop only once the budget is spent
+        per_step = self._later_steps_seconds / self._later_steps if self._later_steps else 0.0
         return self.elapsed + per_step > self.max_time
 
     def expected_steps(self) -> int | None:

@@ -36,7 +36,8 @@ class StepStats:
         self.supervised_tokens += supervised
         self.total_supervised_tokens += supervised
         self.input_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        self.total_padded_tokens += int(inputs["input_ids"].numel())
+        shaped = next((t for t in (inputs.get("input_ids"), labels, mask) if t is not None), None)
+        self.total_padded_tokens += int(shaped.numel()) if shaped is not None else 0
         self.micro_batches += 1
         self.losses.append(loss.detach())
 

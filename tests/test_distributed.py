@@ -77,8 +77,11 @@ def lora_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @needs_gloo
 def test_two_ranks_match_one_rank_with_the_global_batch_and_only_rank0_writes(tiny_model_dir, tmp_path, one_thread):
     run = tmp_path / "ddp"
+    # random batches, not length-grouped: Trainer's LengthGroupedSampler groups by the PER-DEVICE
+    # batch, so 2 x 4 and 1 x 8 would draw different rows into each step
     code, output, reports = launch(
-        tmp_path, train_args(tiny_model_dir, run, "--batch-size", "4", "--max-steps", "3", "--save-steps", "2"),
+        tmp_path, train_args(tiny_model_dir, run, "--batch-size", "4", "--max-steps", "3", "--save-steps", "2",
+                             "--no-group-by-length"),
         watch=[run],
     )
     assert code == 0, output[-4000:]
@@ -87,7 +90,7 @@ def test_two_ranks_match_one_rank_with_the_global_batch_and_only_rank0_writes(ti
     single = build_config(TrainConfig, None, dict(
         model=str(tiny_model_dir), task="unit-conversion", max_samples=16, learning_rate=1e-3, warmup_ratio=0.0,
         lr_scheduler="constant", lora_dropout=0.0, precision="fp32", device="cpu", seed=0,
-        output_dir=str(tmp_path / "single"), batch_size=8, max_steps=3))
+        output_dir=str(tmp_path / "single"), batch_size=8, max_steps=3, group_by_length=False))
     training.run(training.setup(single))
     two, one = lora_weights(run), lora_weights(tmp_path / "single")
     assert two.keys() == one.keys()

@@ -92,19 +92,19 @@ def test_fallback_loss_for_models_without_loss_kwargs_runs_and_normalises_by_the
     # a model that says it takes no loss kwargs: Trainer would average per micro-batch
     monkeypatch.setattr(LlamaForCausalLM, "accepts_loss_kwargs", False, raising=False)
     calls = []
-    real = training._token_normalised_loss
+    real = training.token_normalised_loss
 
     def counting(outputs, labels, num_items_in_batch=None):
         calls.append(int(num_items_in_batch))
         return real(outputs, labels, num_items_in_batch)
 
-    monkeypatch.setattr(training, "_token_normalised_loss", counting)
+    monkeypatch.setattr(training, "token_normalised_loss", counting)
 
     def train_with(out, batch_size, accumulation):
         # SGD: the update IS the gradient, so a wrongly weighted loss shows in the weights
         session = training.setup(make_config(tiny_model_dir, out, batch_size=batch_size,
                                              gradient_accumulation_steps=accumulation, learning_rate=0.5,
-                                             max_grad_norm=0.0))
+                                             max_grad_norm=0.0, supervised_logits=False))
         assert session.trainer.model_accepts_loss_kwargs is False
         assert session.trainer.compute_loss_func is counting
         session.trainer.args.optim = "sgd"
