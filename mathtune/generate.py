@@ -69,7 +69,7 @@ PREFILL_GROUP_ROWS = 16
 _ATTENTION_NAME = "mathtune_cpu"
 # Tasks whose targets carry GSM8K calculator annotations: calculator-assisted decoding is on by
 # default for these (``--calculator`` unset), off for every other task.
-CALCULATOR_TASKS = ("gsm8k",)
+CALCULATOR_TASKS = ("gsm8k", "unit-conversion")
 
 
 @dataclass
@@ -140,7 +140,8 @@ class GenerationSettings:
 
 
 def resolve_calculator(setting: bool | None, task: str | None) -> bool:
-    """``--calculator`` / ``--no-calculator`` as given; unset: on for GSM8K-style tasks only."""
+    """``--calculator`` / ``--no-calculator`` as given; unset: on for tasks whose targets carry
+    calculator annotations (gsm8k, unit-conversion), off otherwise."""
     return bool(setting) if setting is not None else task in CALCULATOR_TASKS
 
 

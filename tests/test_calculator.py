@@ -99,7 +99,7 @@ def test_what_counts_as_a_call():
 
 def test_calculator_default_follows_the_task():
     assert resolve_calculator(None, "gsm8k") is True
-    assert resolve_calculator(None, "unit-conversion") is False
+    assert resolve_calculator(None, "unit-conversion") is True  # its targets carry annotations too
     assert resolve_calculator(None, "file") is False
     assert resolve_calculator(False, "gsm8k") is False
     assert resolve_calculator(True, "file") is True

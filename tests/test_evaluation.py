@@ -276,6 +276,6 @@ def test_cache_key_and_summary_record_calculator_and_loop_stop():
             settings = GenerationSettings.from_config(EvalConfig(task="unit-conversion", calculator=calculator,
                                                                  loop_stop=loop_stop))
             keys.add(cache_key(identity, "unit-conversion", "sha", settings, "fp32", "cpu"))
-            assert settings.to_dict()["calculator"] is bool(calculator) and settings.loop_stop is loop_stop
-    assert len(keys) == 4  # unset = off for unit-conversion, so None and False share their keys
+            assert settings.to_dict()["calculator"] is (calculator is not False) and settings.loop_stop is loop_stop
+    assert len(keys) == 4  # unset = on for unit-conversion (annotated targets), so None and True share keys
     assert GenerationSettings.from_config(EvalConfig(task="gsm8k")).calculator is True

@@ -5,6 +5,8 @@ All problems below are made up for these tests; no GSM8K text is copied into the
 
 import json
 import re
+
+from mathtune.calculator import calculate, evaluate
 from pathlib import Path
 
 import pytest
@@ -388,7 +390,7 @@ def test_unit_conversion_both_directions_present(uc_splits):
     assert len({"->".join(_step_units(r)) for r in evals}) >= len(keys) - 2
 
 
-STEP = re.compile(r"^(?P<expr>.+?) = (?P<result>-?[\d.]+) (?P<unit>\S+)$")
+STEP = re.compile(r"^(?P<expr>.+?) = <<(?P<calc>[^=]+)=(?P<calc_result>-?[\d.]+)>>(?P<result>-?[\d.]+) (?P<unit>\S+)$")
 UNIT = re.compile(r"[A-Za-z°³]+(?:/[A-Za-z°³]+)*")
 
 
@@ -415,8 +417,11 @@ def test_unit_conversion_targets_are_consistent(uc_splits):
         # the step's own arithmetic gives the gold: evaluate it with units removed
         expr = UNIT.sub("", match.group("expr")).replace("×", "*").replace("÷", "/").replace("−", "-")
         assert re.fullmatch(r"[\d.\s()+\-*/]+", expr), expr
-        value = eval(expr, {"__builtins__": {}})  # safe: digits and operators only, checked above
-        assert abs(value - r.gold) <= 1e-6 * abs(r.gold), (step, value)
+        assert float(evaluate(expr)) == pytest.approx(r.gold, rel=1e-9), (step, expr)
+        # the annotation is the same expression, and its result is exactly what calculator-assisted
+        # decoding forces: training targets and decoding agree to the character
+        assert float(evaluate(match.group("calc"))) == pytest.approx(r.gold, rel=1e-9), step
+        assert calculate(match.group("calc")) == match.group("calc_result") == match.group("result"), step
         # readable numbers: at most 3 decimals, no float noise, a question that states the value
         assert not re.search(r"\d\.\d{4,}", r.answer_text), r.answer_text
         assert match.group("expr").split(" ")[0].lstrip("(") in r.question

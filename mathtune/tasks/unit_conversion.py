@@ -1,8 +1,9 @@
 """Task "unit-conversion": generated one-step unit conversions, deterministic per seed.
 
 Built for the CPU demo, where a 135M model sees a few hundred to ~1000 examples: every target
-is one worked step that shows the factor, ``3.5 km × 1000 m/km = 3500 m\\n#### 3500``, so the
-model learns one factor per unit pair plus one multiplication. Factors are kept easy (10, 100,
+is one worked step that shows the factor, ``3.5 km × 1000 m/km = <<3.5*1000=3500>>3500 m\\n#### 3500``,
+so the model learns one factor per unit pair and the expression; the calculator annotation lets
+calculator-assisted decoding do the arithmetic. Factors are kept easy (10, 100,
 1000, 60, 24, 8, 3.6 and the temperature formulas) and so are values: 2-99 or a half (0.5-19.5)
 next to powers of ten, 2-20 or a half (0.5-9.5) next to the other factors, whole degrees
 5-99 °C. Arithmetic is exact in ``Decimal``: no target carries float noise. Judged within 5 %.
@@ -65,27 +66,38 @@ class Conversion:
         return f"{_n(self.factor)} {small.abbr}/{big.label}"
 
     def solve(self, value: Decimal) -> tuple[Decimal, str, Decimal]:
-        """``(x, step, y)`` for the drawn ``value``: x goes in the question, y is the gold."""
+        """``(x, step, y)`` for the drawn ``value``: x goes in the question, y is the gold.
+
+        The step carries a GSM8K-style calculator annotation before the result,
+        ``3.5 km × 1000 m/km = <<3.5*1000=3500>>3500 m``: the model learns to write the expression,
+        and calculator-assisted decoding (on by default for this task) computes the result, which is
+        where a 135M model goes wrong (19 h × 60 = 1080, 31 °C × 9/5 + 32 = 109.2 in demo runs).
+        """
         s, d = self.src.abbr, self.dst.abbr
         if self.kind == "mul":
             x, y = value, value * self.factor
-            return x, f"{_n(x)} {s} × {self.factor_text()} = {_n(y)} {d}", y
+            return x, f"{_n(x)} {s} × {self.factor_text()} = {_calc(f'{_n(x)}*{_n(self.factor)}', y)} {d}", y
         if self.kind == "div":
             x, y = value * self.factor, value
-            return x, f"{_n(x)} {s} ÷ {self.factor_text()} = {_n(y)} {d}", y
+            return x, f"{_n(x)} {s} ÷ {self.factor_text()} = {_calc(f'{_n(x)}/{_n(self.factor)}', y)} {d}", y
         if self.kind == "c2f":
             x, y = value, value * 9 / 5 + 32
-            return x, f"{_n(x)} {s} × 9/5 + 32 = {_n(y)} {d}", y
+            return x, f"{_n(x)} {s} × 9/5 + 32 = {_calc(f'{_n(x)}*9/5+32', y)} {d}", y
         if self.kind == "f2c":
             x, y = value * 9 / 5 + 32, value
-            return x, f"({_n(x)} {s} − 32) × 5/9 = {_n(y)} {d}", y
+            return x, f"({_n(x)} {s} − 32) × 5/9 = {_calc(f'({_n(x)}-32)*5/9', y)} {d}", y
         if self.kind == "c2k":
             x, y = value, value + D("273.15")
-            return x, f"{_n(x)} {s} + 273.15 = {_n(y)} {d}", y
+            return x, f"{_n(x)} {s} + 273.15 = {_calc(f'{_n(x)}+273.15', y)} {d}", y
         if self.kind == "k2c":
             x, y = value + D("273.15"), value
-            return x, f"{_n(x)} {s} − 273.15 = {_n(y)} {d}", y
+            return x, f"{_n(x)} {s} − 273.15 = {_calc(f'{_n(x)}-273.15', y)} {d}", y
         raise ValueError(f"unknown conversion kind {self.kind!r}")
+
+
+def _calc(expression: str, result: Decimal) -> str:
+    """``<<EXPR=RESULT>>RESULT``, the annotation calculator-assisted decoding completes."""
+    return f"<<{expression}={_n(result)}>>{_n(result)}"
 
 
 def _n(value: Decimal) -> str:
