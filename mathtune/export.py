@@ -211,6 +211,13 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
         lines += ["## Evaluation", "",
                   f"Base vs trained on the same {comparison['n']} held-out `{comparison.get('task', task)}` items "
                   "(mathtune compare, greedy decoding):", ""]
+        trained = comparison["trained"]
+        if (trained.get("generation") or {}).get("calculator"):
+            # the figures below are not what plain generation gives: say so where people read them
+            lines[-1:-1] = ["", f"Measured with mathtune's calculator-assisted decoding ({trained.get('calculator_calls', 0)} "
+                            "`<<EXPR=` results computed by its evaluator). Plain transformers, llama.cpp or Ollama "
+                            "generation has no calculator: there the model computes those results itself, and "
+                            "its accuracy is lower (`mathtune eval --no-calculator` measures it)."]
         lines += [f"| {' | '.join(row)} |" for row in rows[:1]] + ["|---|---:|---:|---:|"]
         lines += [f"| {' | '.join(row)} |" for row in rows[1:]]
         lines += [""] + [f"- {line}" for line in stats_lines(comparison)] + [""]

@@ -77,7 +77,8 @@ def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale:
         (run_dir / "model_comparison.json").write_text(json.dumps({
             "task": "unit-conversion", "n": 200,
             "base": {"accuracy": 0.055, "strict_accuracy": 0.01, "answer_rate": 0.9, "n": 200},
-            "trained": {"accuracy": 0.74, "strict_accuracy": 0.7, "answer_rate": 1.0, "n": 200},
+            "trained": {"accuracy": 0.74, "strict_accuracy": 0.7, "answer_rate": 1.0, "n": 200,
+                        "generation": {"calculator": True}, "calculator_calls": 190},
             "accuracy_difference": 0.685, "ci95": [0.62, 0.75], "bootstrap": {"n_resamples": 10000, "seed": 0},
             "mcnemar_p": 1.1e-41, "fixed": 140, "broken": 3, "both_correct": 8, "both_wrong": 49}))
     return run_dir
@@ -251,6 +252,8 @@ def test_model_card_is_hub_front_matter_plus_settings_and_comparison(lora_export
     assert "| lora_r | `4` |" in text and "| target_modules | `q_proj, k_proj, v_proj` |" in text
     assert "| accuracy | 5.5% | 74.0% | +68.5 pp |" in text
     assert "95% CI [+62.0, +75.0] pp" in text and "McNemar exact p = 1.1e-41" in text
+    # the measured accuracy used calculator-assisted decoding, which plain generation lacks: said
+    assert "calculator-assisted decoding (190 `<<EXPR=` results" in text and "--no-calculator" in text
 
 
 def test_card_base_model_is_a_hub_id_or_nothing(tmp_path):
