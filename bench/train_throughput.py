@@ -45,26 +45,13 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from bench.eval_throughput import matmul_peak  # noqa: E402  (the same peak measurement as the eval bench)
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.models import DEFAULT_LORA_TARGETS, DEFAULT_MODEL, choose_precision  # noqa: E402
 
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RECIPE_PAD_TO = 256
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of a large square matmul in ``dtype`` (best of repeated timings)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    with torch.inference_mode():
-        torch.matmul(a, b)  # warm-up: oneDNN picks and caches its kernel
-        best, spent = float("inf"), 0.0
-        while spent < seconds:
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            dt = time.perf_counter() - t
-            best, spent = min(best, dt), spent + dt
-    return 2 * size**3 / best
 
 
 class Side:
@@ -184,7 +171,7 @@ def main(argv=None) -> int:
 
     base = recipe(rows, args.model, args.batch_size, args.seed)
     ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision)
-    peaks = {p: matmul_peak(DTYPES[p]) for p in sorted({"fp32", precision})}
+    peaks = {p: matmul_peak(DTYPES[p], 2048) for p in sorted({"fp32", precision})}
     for p, peak in peaks.items():
         print(f"peak      torch.matmul 2048x2048 {p}: {peak / 1e9:.0f} GFLOP/s")
     print(base.line(peaks["fp32"]))

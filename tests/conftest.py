@@ -59,6 +59,18 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_train_config(model_dir, out, **overrides):
+    """A TrainConfig for the tiny model: unit-conversion rows, fp32 on the CPU, guards off, constant LR
+    without warmup (a warmup step at lr 0 would waste one of very few steps); overrides win."""
+    from mathtune.config import TrainConfig, build_config
+
+    settings = dict(model=str(model_dir), task="unit-conversion", max_samples=16, batch_size=4, max_steps=3,
+                    learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", output_dir=str(out),
+                    precision="fp32", device="cpu", guards=False, seed=0)
+    settings.update(overrides)
+    return build_config(TrainConfig, None, settings)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     """A saved tiny model dir: a valid `--model` spec for the CLI and mathtune.load()."""

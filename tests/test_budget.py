@@ -14,6 +14,8 @@ from mathtune.budget import TimeBudget, schedule_multiplier
 from mathtune.config import TrainConfig, build_config
 from mathtune.errors import ConfigError
 
+from conftest import tiny_train_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -74,11 +76,8 @@ class Tick(TrainerCallback):
 
 
 def make_config(model_dir, out, **overrides) -> TrainConfig:
-    settings = dict(model=str(model_dir), task="unit-conversion", max_samples=32, batch_size=4, max_steps=100,
-                    learning_rate=1e-3, lr_scheduler="cosine", warmup_ratio=0.1, output_dir=str(out),
-                    precision="fp32", device="cpu", guards=False, seed=0)
-    settings.update(overrides)
-    return build_config(TrainConfig, None, settings)
+    settings = dict(max_samples=32, max_steps=100, lr_scheduler="cosine", warmup_ratio=0.1)
+    return tiny_train_config(model_dir, out, **{**settings, **overrides})
 
 
 def test_time_budget_completes_its_schedule_on_a_fake_clock(tiny_model_dir, tmp_path, capsys):

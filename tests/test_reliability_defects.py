@@ -13,15 +13,13 @@ from mathtune.answers import extract
 from mathtune.config import TrainConfig, build_config
 from mathtune.errors import ConfigError, MathtuneError, TrainingHalted
 
+from conftest import tiny_train_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(model_dir, out, **overrides) -> TrainConfig:
-    settings = dict(model=str(model_dir), task="unit-conversion", max_samples=8, batch_size=4, max_steps=1,
-                    learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", output_dir=str(out),
-                    precision="fp32", device="cpu", guards=False, seed=0)
-    settings.update(overrides)
-    return build_config(TrainConfig, None, settings)
+    return tiny_train_config(model_dir, out, **{**dict(max_samples=8, max_steps=1), **overrides})
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

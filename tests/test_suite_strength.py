@@ -20,15 +20,13 @@ from mathtune import training
 from mathtune.comparison import paired_bootstrap_ci
 from mathtune.config import TrainConfig, build_config
 
+from conftest import tiny_train_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(model_dir, out, **overrides) -> TrainConfig:
-    settings = dict(model=str(model_dir), task="unit-conversion", max_samples=16, batch_size=4, max_steps=2,
-                    learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", output_dir=str(out),
-                    precision="fp32", device="cpu", guards=False, seed=0)
-    settings.update(overrides)
-    return build_config(TrainConfig, None, settings)
+    return tiny_train_config(model_dir, out, **{**dict(max_steps=2), **overrides})
 
 
 # --------------------------------------------------------------------------- bootstrap coverage
