@@ -56,23 +56,20 @@ class TimeBudget:
     _first_step_seconds: float | None = None
     _later_steps_seconds: float = 0.0
     _later_steps: int = 0
-    _last_elapsed: float | None = None
 
     def step_ended(self, step: int, elapsed: float) -> None:
         """Record that optimizer step ``step`` ended after ``elapsed`` seconds of training."""
-        if self._last_elapsed is not None:
-            took = max(elapsed - self._last_elapsed, 0.0)
-            if self._first_step_seconds is None:
-                self._first_step_seconds = took
-            else:
-                self._later_steps_seconds += took
-                self._later_steps += 1
-        self._last_elapsed = elapsed
+        took = max(elapsed - self.elapsed, 0.0)  # since the previous step ended (or training started)
+        if self._first_step_seconds is None:
+            self._first_step_seconds = took
+        else:
+            self._later_steps_seconds += took
+            self._later_steps += 1
         self.steps_done, self.elapsed = step, elapsed
 
     def start(self, step: int, elapsed: float) -> None:
         """Training (re)starts at ``step`` with ``elapsed`` seconds already trained."""
-        self.steps_done, self.elapsed, self._last_elapsed = step, elapsed, elapsed
+        self.steps_done, self.elapsed = step, elapsed
 
     @property
     def seconds_per_step(self) -> float | None:

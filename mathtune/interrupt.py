@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
+from mathtune import distributed
 from mathtune.errors import MathtuneError
 
 # The shell's convention for "terminated by signal N": 128 + N (SIGINT 2 -> 130, SIGTERM 15 -> 143).
@@ -64,8 +65,6 @@ class InterruptCallback(TrainerCallback):
         return EXIT_CODES.get(self.signal, 128 + int(self.signal or 0))
 
     def on_step_end(self, args, state, control, **kwargs):
-        from mathtune import distributed
-
         # under a launcher a signal can reach one rank only: all of them stop after the same step
         # (one all-reduce of a flag per step; nothing at all on one process)
         if distributed.any_rank(self.should_stop()) and self.stopped_at is None:

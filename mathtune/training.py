@@ -190,14 +190,12 @@ class StepCallback(TrainerCallback):
         self.seconds_offset = seconds_offset  # training seconds of the run this one resumes
         self.clock = clock  # injectable: the time-budget tests drive a fake clock
         self.train_started: float | None = None
-        self.estimate_printed = False
         self.stopped_on_time = False
         self.window = self._empty_window()
         self.total_input_tokens = 0
         self.total_supervised_tokens = 0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        self.shared_elapsed = 0.0  # rank 0's elapsed seconds at the last step end (see on_step_end)
 
     @staticmethod
     def _empty_window() -> dict:
@@ -226,14 +224,9 @@ class StepCallback(TrainerCallback):
         if budget is not None:
             # rank 0's clock on every rank (one broadcast per step under a launcher): the stop decision
             # and the learning rate follow it, so all ranks stop after the same step with the same LR
-            self.shared_elapsed = distributed.main_clock(self.seconds_offset + self.elapsed())
-            budget.step_ended(state.global_step, self.shared_elapsed)
-            if not self.estimate_printed and state.global_step >= budget.planned_steps:
-                self.estimate_printed = True
-            elif not self.estimate_printed and budget.steps_done - self._first_step >= ESTIMATE_AFTER_STEPS:
-                self.estimate_printed = True
-                if distributed.is_main_process():
-                    tqdm.write(budget_estimate_line(budget), file=sys.stderr)
+            budget.step_ended(state.global_step, distributed.main_clock(self.seconds_offset + self.elapsed()))
+            if budget.steps_done - self._first_step == ESTIMATE_AFTER_STEPS and distributed.is_main_process():
+                tqdm.write(budget_estimate_line(budget), file=sys.stderr)
             if not control.should_training_stop and budget.should_stop():
                 # a step boundary: the update is complete, so the model saved next is a consistent one
                 self.stopped_on_time = True
@@ -663,7 +656,7 @@ def run(session: TrainingSession) -> TrainResult:
         budget = trainer.time_budget
         print(f"stopped on time: --max-time {config.max_time:g} s bought {trainer.state.global_step} of "
               f"{budget.planned_steps} planned steps ({trainer.state.global_step / budget.steps_per_epoch:.2f} "
-              f"epochs) in {step_cb.shared_elapsed:.0f} s of training; learning rate ended at "
+              f"epochs) in {budget.elapsed:.0f} s of training; learning rate ended at "
               f"{budget.multiplier(trainer.state.global_step):.1%} of its peak; final model saved")
     return TrainResult(
         run_dir=run_dir,
