@@ -455,25 +455,6 @@ def collapse_generation_config(max_new_tokens: int, stop_ids: list[int], pad_id:
     )
 
 
-@contextlib.contextmanager
-def _library_generation_defaults(model):
-    """Generate with the library's defaults in place of the model's generation_config, for the settings
-    that have no neutral value to state (bad_words_ids, suppress_tokens, sequence_bias, forced tokens:
-    None is "unset", which generate() fills from the model's config)."""
-    from transformers import GenerationConfig
-
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PeftModel
-    if not hasattr(target, "generation_config"):
-        yield  # not a transformers model: nothing to inherit from
-        return
-    saved = target.generation_config
-    target.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        target.generation_config = saved
-
-
 class CollapseDetector(TrainerCallback):
     """Greedy samples from fixed questions every ``sample_every`` steps and at the end of training.
 
@@ -538,9 +519,11 @@ class CollapseDetector(TrainerCallback):
         # measured several times slower than their bf16 autocast version).
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
-        from mathtune.generate import contiguous_head_input
+        # the model's own generation_config set aside (as eval does) for the settings that have no
+        # neutral value to state here (bad_words_ids, suppress_tokens, forced tokens, ...)
+        from mathtune.generate import contiguous_head_input, neutral_generation_config
 
-        with autocast, _one_cpu_thread(device), contiguous_head_input(model), _library_generation_defaults(model):
+        with autocast, _one_cpu_thread(device), contiguous_head_input(model), neutral_generation_config(model):
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)
         results = []
         for row in out[:, longest:].tolist():
