@@ -166,6 +166,28 @@ def _describe(ids: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
+SCORES = ("first", "majority")
+
+
+def _scored(items: list[dict], score: str, name: str) -> list[dict]:
+    """``items`` with ``correct`` replaced by the majority vote's verdict when ``score == "majority"``."""
+    if score not in SCORES:
+        raise MathtuneError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
+    if score == "first":
+        return items
+    scored = []
+    for position, item in enumerate(items):
+        if isinstance(item, dict) and "sample_correct" in item:  # k > 1 samples per item
+            if not isinstance(item.get("majority_correct"), bool):
+                raise MathtuneError(
+                    f"{name} item {position}: no true/false 'majority_correct' (the log predates it); "
+                    "re-run the evaluation to rewrite the log"
+                )
+            item = dict(item, correct=item["majority_correct"])
+        scored.append(item)
+    return scored
+
+
 def compare_items(
     base_items: list[dict],
     trained_items: list[dict],
@@ -174,16 +196,21 @@ def compare_items(
     seed: int = BOOTSTRAP_SEED,
     base_name: str = "base",
     trained_name: str = "trained",
+    score: str = "first",
 ) -> dict:
     """Pair two per-item logs by id and compute the paired statistics.
+
+    ``score`` picks what "correct" means per item: ``first`` the first (greedy or first sampled)
+    output; ``majority`` the most common answer of the item's k samples (maj@k; a log of one sample
+    per item scores that sample, since the majority of one is itself).
 
     Returns ``{"n", "base_metrics", "trained_metrics", "accuracy_difference", "ci95", "bootstrap",
     "mcnemar_p", "fixed", "broken", "both_correct", "both_wrong"}`` where ``*_metrics`` hold
     accuracy, strict_accuracy and answer_rate recomputed from the items. ``base_name`` and
     ``trained_name`` (e.g. the log paths) appear in error messages.
     """
-    base = _index(base_items, base_name)
-    trained = _index(trained_items, trained_name)
+    base = _index(_scored(base_items, score, base_name), base_name)
+    trained = _index(_scored(trained_items, score, trained_name), trained_name)
     if base.keys() != trained.keys():
         only_base = [i for i in base if i not in trained]
         only_trained = [i for i in trained if i not in base]
@@ -352,6 +379,7 @@ def run_compare(
     n_resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     quiet: bool = False,
+    score: str = "first",
 ) -> dict:
     """Evaluate both models on the same items, print the table, write ``output_path``; return its dict.
 
@@ -386,22 +414,82 @@ def run_compare(
 
     # under a launcher both evaluations ran sharded; rank 0 alone reads the logs it wrote and writes
     # the comparison, and every rank returns its dict
-    return distributed.on_main(lambda: _compare_logs(base_spec, trained_spec, config, summaries, logs, output_path,
-                                                     n_resamples=n_resamples, seed=seed, quiet=quiet))
+    return distributed.on_main(lambda: _compare_logs(base_spec, trained_spec, config.task, summaries, logs, output_path,
+                                                     n_resamples=n_resamples, seed=seed, quiet=quiet, score=score))
 
 
-def _compare_logs(base_spec, trained_spec, config, summaries, logs, output_path, *, n_resamples, seed, quiet) -> dict:
+def summary_path_of(log) -> Path:
+    """The ``.summary.json`` that ``mathtune eval`` writes beside a per-item log ``<tag>-<task>.jsonl``."""
+    log = Path(log)
+    return log.with_name(log.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def _read_summary(log: Path, flag: str) -> dict:
+    path = summary_path_of(log)
+    if not log.is_file():
+        raise MathtuneError(f"{flag} {log}: per-item eval log not found (write it with mathtune eval --output DIR)")
+    if not path.is_file():
+        raise MathtuneError(f"{flag} {log}: no {path.name} beside it; pass a per-item log written by mathtune eval")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, exc.lineno, f"not valid JSON ({exc.msg}); re-run the evaluation") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("task"), str):
+        raise MathtuneError(f"{path}: not an eval summary (no 'task'); re-run the evaluation")
+    return summary
+
+
+def compare_logs(
+    base_log,
+    trained_log,
+    output_path="model_comparison.json",
+    *,
+    score: str = "first",
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    quiet: bool = False,
+) -> dict:
+    """Paired statistics of two per-item logs already written by ``mathtune eval``.
+
+    This pairs evaluations made with different decoding settings (base greedy vs trained with the
+    calculator, or with maj@k sampling under ``score="majority"``), which ``run_compare`` cannot,
+    since it evaluates both models with one config.
+    """
+    logs = {"base": Path(base_log), "trained": Path(trained_log)}
+    summaries = {which: _read_summary(log, f"--{which}-log") for which, log in logs.items()}
+    if summaries["base"]["task"] != summaries["trained"]["task"]:
+        raise MathtuneError(
+            f"--base-log is task {summaries['base']['task']!r} but --trained-log is task "
+            f"{summaries['trained']['task']!r}: pair evaluations of the same task"
+        )
+    return _compare_logs(summaries["base"].get("model", str(base_log)), summaries["trained"].get("model", str(trained_log)),
+                         summaries["base"]["task"], summaries, logs, output_path,
+                         n_resamples=n_resamples, seed=seed, quiet=quiet, score=score)
+
+
+def _checked_summary(summary: dict, score: str) -> dict:
+    """The summary as the scored numbers should read: under maj@k its accuracy is ``maj_at_k``."""
+    if score == "majority" and summary.get("k", 1) > 1:
+        return dict(summary, accuracy=summary.get("maj_at_k"), first_sample_accuracy=summary.get("accuracy"))
+    return summary
+
+
+def _compare_logs(base_spec, trained_spec, task, summaries, logs, output_path, *, n_resamples, seed, quiet,
+                  score="first") -> dict:
     """The paired statistics from the two per-item logs on disk; writes ``output_path``."""
     stats = compare_items(
         load_items(logs["base"]), load_items(logs["trained"]),
         n_resamples=n_resamples, seed=seed, base_name=str(logs["base"]), trained_name=str(logs["trained"]),
+        score=score,
     )
+    summaries = {which: _checked_summary(summary, score) for which, summary in summaries.items()}
     for which in ("base", "trained"):
         _check_summary(summaries[which], stats[f"{which}_metrics"], stats["n"], logs[which])
 
     output_path = Path(output_path)
     result = {
-        "task": config.task,
+        "task": task,
+        "score": score,
         "n": stats["n"],
         "base": summaries["base"],
         "trained": summaries["trained"],
@@ -413,7 +501,8 @@ def _compare_logs(base_spec, trained_spec, config, summaries, logs, output_path,
     output_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_path, json.dumps(result, indent=2) + "\n")
     if not quiet:
-        print(f"base    {base_spec}\ntrained {trained_spec}\ntask    {config.task}, {stats['n']} items\n")
+        scored = "" if score == "first" else f", scored by {score} vote"
+        print(f"base    {base_spec}\ntrained {trained_spec}\ntask    {task}, {stats['n']} items{scored}\n")
         print(format_table(result))
         print(f"\nwrote {output_path}")
     return result

@@ -23,7 +23,8 @@ Files (read by comparison.py and report.py), in ``<output dir>``:
                                    sample), outputs, extracted, method, strict_extracted, correct,
                                    strict_correct, answered, majority, output_tokens, loop, calculator_calls
                                    ({"expr", "value"} per call; value null: refused)
-                                   (+ sample_correct, sample_loop, sample_calculator_calls, k > 1)
+                                   (+ sample_correct, majority_correct, sample_loop,
+                                   sample_calculator_calls, k > 1)
   <model_tag>-<task>.summary.json  the metrics above, generation settings, items_sha, tokens_generated,
                                    seconds, tokens_per_second, per_item_path (see ``evaluate_model``)
 """
@@ -108,9 +109,11 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
         "answered": first_value is not None,
     }
     values = [value for value, _ in judged]
+    record["majority"] = majority_value(values)
     if len(outputs) > 1:
         record["sample_correct"] = [judge(v, example.gold, judge_rule) for v in values]
-    record["majority"] = majority_value(values)
+        # per item, so ``mathtune compare --score majority`` can pair maj@k against another log
+        record["majority_correct"] = judge(record["majority"], example.gold, judge_rule)
     # all samples' tokens: what the item cost to generate (None when the generator does not count)
     record["output_tokens"] = int(sum(token_counts)) if token_counts is not None else None
     # None when the generator does not report them (a plain list of texts)

@@ -412,12 +412,88 @@ def test_cli_compare_tiny_model_against_itself(tiny_model_dir, tmp_path, capsys,
     assert "McNemar" in capsys.readouterr().out
 
 
-def test_cli_compare_requires_both_models(capsys):
+@pytest.mark.parametrize("argv", [
+    ["--base-model", "smollm2-135m"],
+    ["--base-model", "smollm2-135m", "--trained-log", "t.jsonl"],
+    ["--base-log", "b.jsonl"],
+])
+def test_cli_compare_requires_two_models_or_two_logs(argv, capsys):
     from mathtune.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["compare", "--base-model", "smollm2-135m", "--task", "unit-conversion"])
-    assert "--trained-model" in capsys.readouterr().err
+    assert main(["compare", *argv, "--task", "unit-conversion"]) == 2
+    err = capsys.readouterr().err
+    assert "--trained-model" in err and "--base-log and --trained-log" in err and err.count("\n") == 1
+
+
+# --- compare --base-log/--trained-log: evaluations made with different settings ----------------
+
+
+def sampled(item_id, first, majority, k=4):
+    """An item of a k-sample evaluation whose first sample is ``first`` and majority vote ``majority``."""
+    row = item(item_id, first)
+    row["outputs"] = row["outputs"] * k
+    row["sample_correct"] = [first] + [majority] * (k - 1)
+    row["majority_correct"] = majority
+    return row
+
+
+def _sampled_summary(directory, tag, items, k=4):
+    summary, _ = _write_log(directory, tag, "gsm8k", items, tag)
+    summary.update(k=k, maj_at_k=sum(i["majority_correct"] for i in items) / len(items))
+    (directory / f"{tag}-gsm8k.summary.json").write_text(json.dumps(summary))
+
+
+def test_compare_logs_pairs_two_eval_logs_by_first_or_majority(tmp_path, capsys):
+    from mathtune.cli import main
+
+    base = [item("a", False), item("b", True), item("c", False), item("d", False)]
+    _write_log(tmp_path / "base", "base", "gsm8k", base, "base")
+    # first samples: a right; majorities: a, c, d right, b wrong
+    trained = [sampled("a", True, True), sampled("b", True, False), sampled("c", False, True), sampled("d", False, True)]
+    _sampled_summary(tmp_path / "maj", "trained", trained)
+    out = tmp_path / "cmp.json"
+    argv = ["compare", "--base-log", str(tmp_path / "base" / "base-gsm8k.jsonl"),
+            "--trained-log", str(tmp_path / "maj" / "trained-gsm8k.jsonl"), "--output", str(out)]
+
+    assert main(argv) == 0
+    first = json.loads(out.read_text())
+    assert (first["score"], first["fixed"], first["broken"]) == ("first", 1, 0)
+    assert first["trained"]["accuracy"] == 0.5
+
+    assert main(argv + ["--score", "majority"]) == 0
+    majority = json.loads(out.read_text())
+    assert (majority["score"], majority["fixed"], majority["broken"]) == ("majority", 3, 1)
+    assert majority["trained"]["accuracy"] == 0.75 and majority["trained"]["first_sample_accuracy"] == 0.5
+    # the greedy base has one sample per item: its majority is that sample
+    assert majority["base"]["accuracy"] == 0.25
+    assert "scored by majority vote" in capsys.readouterr().out
+
+
+def test_compare_logs_errors_name_the_file(tmp_path, capsys):
+    from mathtune.cli import main
+
+    _write_log(tmp_path / "a", "m", "gsm8k", [item("a", True)], "m")
+    _write_log(tmp_path / "b", "m", "unit-conversion", [item("a", True)], "m")
+    log_a = str(tmp_path / "a" / "m-gsm8k.jsonl")
+    cases = [
+        ([log_a, str(tmp_path / "b" / "m-unit-conversion.jsonl")], "pair evaluations of the same task"),
+        ([log_a, str(tmp_path / "missing.jsonl")], "missing.jsonl: per-item eval log not found"),
+    ]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bare.jsonl").write_text(json.dumps(item("a", True)) + "\n")
+    cases.append(([log_a, str(tmp_path / "c" / "bare.jsonl")], "no bare.summary.json beside it"))
+    for (base, trained), message in cases:
+        assert main(["compare", "--base-log", base, "--trained-log", trained, "--output", str(tmp_path / "o.json")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_majority_score_refuses_a_sampled_log_without_majority_verdicts():
+    old = sampled("a", True, True)
+    del old["majority_correct"]
+    with pytest.raises(MathtuneError, match="'majority_correct'.*re-run the evaluation"):
+        compare_items([item("a", True)], [old], score="majority")
 
 
 def test_cli_compare_reports_bad_flags_in_one_line(capsys):

@@ -16,6 +16,7 @@ REQUIRED = (
     "smollm2-135m/lora-unit-conversion.yaml",
     "smollm2-135m/lora-gsm8k.yaml",
     "smollm2-135m/full-gsm8k.yaml",
+    "smollm2-135m/lora-gsm8k-cpu.yaml",
     "qwen2.5-0.5b/lora-gsm8k.yaml",
 )
 
@@ -28,9 +29,9 @@ def test_required_recipes_are_shipped():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_recipe_loads_and_matches_its_name(path):
     config = build_config(TrainConfig, path)
-    # configs/<model>/<method>-<task>.yaml
+    # configs/<model>/<method>-<task>.yaml, or <method>-<task>-<variant>.yaml (e.g. -cpu)
     assert path.parent.name == config.model
-    assert path.stem == f"{config.method}-{config.task}"
+    assert path.stem == f"{config.method}-{config.task}" or path.stem.startswith(f"{config.method}-{config.task}-")
     assert not Path(config.output_dir).is_absolute(), "runs go under the working dir, not a machine path"
     assert "wandb_key_file" not in path.read_text(), "recipes are shared: keys stay out of them"
 

@@ -154,7 +154,9 @@ def test_pass_at_k_and_maj_at_k_on_a_fake_sampler():
     assert by_id["d"]["majority"] == 8.0
     assert by_id["a"]["output"] == "#### 5" and by_id["a"]["outputs"] == samples["a"]
     assert by_id["a"]["output_tokens"] == 12  # all three samples
-    assert set(by_id["a"]) == ITEM_FIELDS | {"sample_correct", "sample_loop", "sample_calculator_calls"}
+    assert set(by_id["a"]) == ITEM_FIELDS | {"sample_correct", "majority_correct", "sample_loop", "sample_calculator_calls"}
+    # the per-item majority verdicts add up to maj@k (what compare --score majority pairs)
+    assert [by_id[i]["majority_correct"] for i in "abcd"] == [False, True, False, False]
     assert result["k"] == 3
     assert result["accuracy"] == pytest.approx(1 / 4)  # first sample: only a
     assert result["pass_at_k"] == pytest.approx(3 / 4)  # a, b, d
