@@ -195,17 +195,69 @@ class CompletionCollator:
         }
 
 
-class RowDataset(torch.utils.data.Dataset):
-    """PreparedRows as the dicts Trainer feeds the collator (ids kept for diagnostics)."""
+# Rows sorted together per group: 50 batches, as transformers' LengthGroupedSampler at most.
+GROUP_BATCHES = 50
 
-    def __init__(self, rows: Sequence[PreparedRow]):
+
+def length_grouped_order(lengths: Sequence[int], batch_rows: int, seed: int, epoch: int = 0) -> list[int]:
+    """One epoch's row order: consecutive runs of ``batch_rows`` rows have similar lengths.
+
+    Training passes the rows of one optimizer step as ``batch_rows``: each micro-batch the
+    DataLoader cuts from a run is then a sorted stretch of it, and the rows of a step do not depend on
+    how it is split into micro-batches or processes.
+
+    Rows are shuffled, cut into groups of ``GROUP_BATCHES`` batches, each group sorted by length and
+    cut into batches; then the batches are shuffled (the one holding the longest row first, so an
+    out-of-memory shows at step 1) and only the last batch of the epoch may be short.
+
+    Why not transformers' ``LengthGroupedSampler``: it makes at least 4 groups, so a 64-row set
+    (batch 8) is sorted only within 16 rows; on the first 64 GSM8K rows that pads the model's input
+    to 1.29x the real tokens, against 1.11x for one sorted group. And within a group its batches go
+    longest to shortest in every epoch; here their order is random. Same ``seed`` and ``epoch``:
+    same order (a resumed run skips exactly the batches it trained on).
+    """
+    n = len(lengths)
+    if batch_rows <= 0:
+        raise MathtuneError(f"batch_rows must be > 0 (got {batch_rows})")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    shuffled = torch.randperm(n, generator=generator).tolist()
+    group_rows = GROUP_BATCHES * batch_rows
+    batches: list[list[int]] = []
+    for start in range(0, n, group_rows):
+        group = sorted(shuffled[start : start + group_rows], key=lambda i: lengths[i], reverse=True)
+        batches += [group[k : k + batch_rows] for k in range(0, len(group), batch_rows)]
+    # a short batch (n not a multiple of batch_rows) stays last: anywhere else it would shift every
+    # later batch boundary of the DataLoader, which cuts the flat order into runs of batch_rows
+    short = [batches.pop()] if batches and len(batches[-1]) < batch_rows else []
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for batch in batches + short for i in batch]
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """PreparedRows as the dicts Trainer feeds the collator (ids kept for diagnostics).
+
+    With ``batch_rows`` the dataset presents its rows in ``length_grouped_order`` for the epoch that
+    Trainer announces through ``set_epoch`` (read it with a sequential sampler); without, in file order.
+    """
+
+    def __init__(self, rows: Sequence[PreparedRow], *, batch_rows: int | None = None, seed: int = 0):
         self.rows = list(rows)
+        self.batch_rows, self.seed = batch_rows, seed
+        self.order: list[int] | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.batch_rows is not None:
+            self.order = length_grouped_order([len(r.input_ids) for r in self.rows], self.batch_rows, self.seed, epoch)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
+        row = self.rows[self.order[index] if self.order is not None else index]
         return {"input_ids": row.input_ids, "labels": row.labels}
 
 

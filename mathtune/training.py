@@ -478,9 +478,11 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=config.save_steps or 500,  # ignored by save_strategy "no", but must be > 0
         save_total_limit=config.save_total_limit,
-        # batches of similar-length rows (random order of batches): random batches of GSM8K rows pad
-        # to the longest of 8, ~1.5x the real tokens; grouped ones to ~1.05x
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        # batches of similar-length rows: random batches of GSM8K rows pad to the longest of 8,
+        # 1.43x the real tokens; grouped ones (data.length_grouped_order, which the dataset applies
+        # per epoch, so the sampler reads it in sequence) to 1.11x on 64 rows, 1.02x on 256 or more
+        # (transformers' LengthGroupedSampler: 1.30x and 1.09x; equal from ~2,000 rows)
+        train_sampling_strategy="sequential" if config.group_by_length else "random",
         seed=config.seed,
         data_seed=config.seed,
         # bf16: autocast on fp32 master weights (CPU or CUDA); fp16: CUDA autocast + GradScaler
@@ -586,7 +588,11 @@ def setup(config: TrainConfig) -> TrainingSession:
         model=model,
         args=args,
         data_collator=CompletionCollator(tokenizer.pad_token_id),
-        train_dataset=RowDataset(rows),
+        # grouped per optimizer step (batch x accumulation x processes): the same rows make a step
+        # however it is split into micro-batches or processes, as with accumulation off or one process
+        train_dataset=RowDataset(rows, seed=config.seed, batch_rows=(
+            config.batch_size * config.gradient_accumulation_steps * distributed.world_size()
+            if config.group_by_length else None)),
         processing_class=tokenizer,
         # order matters: the interrupt callback first (its should_save/should_training_stop must reach
         # the step callback, which logs the last step, and the guards, which check weights before a

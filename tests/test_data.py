@@ -112,3 +112,72 @@ def test_take_refuses_to_clamp():
     assert take([1, 2, 3], -1, "train") == [1, 2, 3]
     with pytest.raises(MathtuneError, match="--max-samples 5 exceeds the 3 rows of the train split"):
         take([1, 2, 3], 5, "train")
+
+
+# --- length-grouped batches --------------------------------------------------------------------
+
+
+def _padded(order, lengths, batch_rows):
+    """Positions through the model (each batch padded to its longest row) per real token."""
+    batches = [order[k : k + batch_rows] for k in range(0, len(order), batch_rows)]
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths)
+
+
+def test_length_grouped_order_is_a_permutation_with_aligned_batches():
+    import random
+
+    from mathtune.data import length_grouped_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 400) for _ in range(203)]  # not a multiple of the batch
+    order = length_grouped_order(lengths, 8, seed=3, epoch=0)
+    assert sorted(order) == list(range(203))
+    # the only short batch is the last; the longest row is in the first batch (out of memory at step 1)
+    assert len(order[200:]) == 3
+    assert max(lengths) == max(lengths[i] for i in order[:8])
+    # one group (203 rows < 50 batches): every full batch is a run of 8 of the sorted lengths
+    ranked = sorted(lengths, reverse=True)
+    runs = {tuple(ranked[k : k + 8]) for k in range(0, 200, 8)}
+    assert {tuple(sorted((lengths[i] for i in order[k : k + 8]), reverse=True)) for k in range(0, 200, 8)} == runs
+
+
+def test_length_grouped_order_pads_less_than_random_and_transformers_on_a_small_set():
+    import random
+
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from mathtune.data import length_grouped_order
+
+    rng = random.Random(1)
+    lengths = [rng.randint(60, 420) for _ in range(64)]
+    ours = _padded(length_grouped_order(lengths, 8, seed=0), lengths, 8)
+    theirs = _padded(get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(0)), lengths, 8)
+    shuffled = _padded(torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist(), lengths, 8)
+    assert ours < theirs < shuffled
+
+
+def test_length_grouped_order_is_deterministic_per_seed_and_epoch():
+    from mathtune.data import length_grouped_order
+
+    lengths = list(range(10, 650, 5))
+    assert length_grouped_order(lengths, 4, seed=1, epoch=2) == length_grouped_order(lengths, 4, seed=1, epoch=2)
+    assert length_grouped_order(lengths, 4, seed=1, epoch=2) != length_grouped_order(lengths, 4, seed=1, epoch=3)
+    assert length_grouped_order(lengths, 4, seed=1, epoch=2) != length_grouped_order(lengths, 4, seed=2, epoch=2)
+    with pytest.raises(MathtuneError, match="batch_rows must be > 0"):
+        length_grouped_order(lengths, 0, seed=1)
+
+
+def test_row_dataset_follows_the_epoch_it_is_told(tokenizer):
+    from mathtune.data import RowDataset, length_grouped_order
+
+    examples = [Example(str(i), "q " * (i % 7 + 1), "a " * (i % 5 + 1) + "#### 1", 1.0) for i in range(30)]
+    rows, _ = prepare_examples(examples, tokenizer, max_length=128)
+    dataset = RowDataset(rows, batch_rows=4, seed=5)
+    lengths = [len(r.input_ids) for r in rows]
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        seen = [dataset[i]["input_ids"] for i in range(len(dataset))]
+        assert seen == [rows[i].input_ids for i in length_grouped_order(lengths, 4, seed=5, epoch=epoch)]
+    plain = RowDataset(rows)
+    assert [plain[i]["input_ids"] for i in range(3)] == [r.input_ids for r in rows[:3]]

@@ -116,7 +116,8 @@ def test_trainer_is_wired_for_completion_only_labels(tiny_model_dir, tmp_path):
     with torch.no_grad():
         loss = trainer.compute_loss(session.model, dict(batch))
         logits = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    for i, row in enumerate(session.rows[:4]):
+    # the dataset presents the rows in the epoch's length-grouped order
+    for i, row in enumerate(session.rows[j] for j in trainer.train_dataset.order[:4]):
         labels, n = batch["labels"][i], len(row.input_ids)
         assert labels[: row.prompt_len].eq(-100).all() and labels[n:].eq(-100).all()  # prompt, padding
         assert torch.equal(labels[row.prompt_len : n], batch["input_ids"][i, row.prompt_len : n])  # answer
@@ -264,3 +265,31 @@ def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch)
     assert len(calls["prompts"]) == 3 and all("<|im_start|>assistant" in p for p in calls["prompts"])
     training.run(session)
     assert calls["preflight"] == (16, "cpu", "fp32")
+
+
+# --------------------------------------------------------------------------- length-grouped batches
+
+
+def test_trainer_reads_the_grouped_order_of_each_epoch(tiny_model_dir, tmp_path):
+    """Trainer's sequential sampler + RowDataset.set_epoch: each epoch's batches are exactly the runs
+    of data.length_grouped_order for that epoch (a new order per epoch, each batch similar lengths)."""
+    from mathtune.data import length_grouped_order
+
+    config = make_config(tiny_model_dir, tmp_path / "run", max_samples=24, batch_size=4, max_steps=-1, num_epochs=2)
+    session = training.setup(config)
+    seen = []
+    collate = session.trainer.data_collator
+
+    def recording(features):
+        seen.append([len(f["input_ids"]) for f in features])
+        return collate(features)
+
+    session.trainer.data_collator = recording
+    training.run(session)
+    lengths = [len(r.input_ids) for r in session.rows]
+    expected = []
+    for epoch in (0, 1):
+        order = length_grouped_order(lengths, 4 * 1 * 1, seed=config.seed, epoch=epoch)  # batch x accumulation x processes
+        expected += [[lengths[i] for i in order[k : k + 4]] for k in range(0, len(order), 4)]
+    assert seen == expected
+    assert seen[:6] != seen[6:]  # the second epoch is ordered anew
