@@ -334,7 +334,8 @@ def test_gguf_f16_and_q8_0(small_llama_export, small_tokenizer, tmp_path, gguf_t
     else:
         # q8_0 on random weights: logits move by a few % of their spread; the greedy agreement
         # figure (>= 6/8) is asserted on the bundled model in the integration test
-        spread = float(model(input_ids=_prompt_ids(small_tokenizer)[0]).logits.std())
+        with torch.no_grad():
+            spread = float(model(input_ids=_prompt_ids(small_tokenizer)[0]).logits.std())
         assert 0 < worst < spread
     assert path.stat().st_size < result.gguf.stat().st_size  # f16 and q8_0 are smaller than f32
 

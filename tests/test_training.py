@@ -293,3 +293,13 @@ def test_trainer_reads_the_grouped_order_of_each_epoch(tiny_model_dir, tmp_path)
         expected += [[lengths[i] for i in order[k : k + 4]] for k in range(0, len(order), 4)]
     assert seen == expected
     assert seen[:6] != seen[6:]  # the second epoch is ordered anew
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", "sdpa"), ("bf16", "eager")])
+def test_cpu_training_attention_follows_the_precision(precision, expected, tiny_model_dir, tmp_path):
+    """Eager attention only where it is the faster one on CPU (bf16); fp32 keeps SDPA."""
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run", precision=precision))
+    base = session.model.get_base_model()
+    assert base.config._attn_implementation == expected
+    off = training.setup(make_config(tiny_model_dir, tmp_path / "off", precision=precision, cpu_eager_attention=False))
+    assert off.model.get_base_model().config._attn_implementation == "sdpa"
