@@ -537,13 +537,16 @@ def setup(config: TrainConfig) -> TrainingSession:
     # LoRA matrices are initialised from the global RNG: seed first so a run is reproducible
     set_seed(config.seed)
     model = loaded.model
-    if device == "cpu" and precision == "bf16" and config.cpu_eager_attention:
+    if device == "cpu" and config.cpu_eager_attention:
         # torch's CPU flash-attention kernels (what "sdpa" runs) are slow in the backward pass in
         # bf16 at training lengths: on 8 GSM8K rows of ~300 tokens, plain matmul + softmax attention
         # made a forward+backward 12% faster (17.2 s vs 19.6 s for 3 steps, same losses to bf16
-        # rounding). In fp32 it is the other way round (same 3 batches: SDPA 27.3 s, eager 34.8 s),
-        # so fp32 keeps SDPA. Memory: the attention probabilities are kept for backward, batch x
-        # heads x T^2 per layer (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
+        # rounding). In fp32 the same 3 batches took 27.3 s with SDPA and 34.8 s with eager, yet
+        # bench/train_throughput.py showed no gain from SDPA in fp32 (1.27x vs 1.33x, inside its
+        # run-to-run spread), and SDPA's blockwise softmax rounds differently per padded length: 2
+        # ranks x 4 rows then differ from 1 x 8 by 2e-5 instead of < 1e-5. So eager in fp32 too.
+        # Memory: the attention probabilities are kept for backward, batch x heads x T^2 per layer
+        # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
         model.set_attn_implementation("eager")
     if config.method == "lora":
         model = models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
