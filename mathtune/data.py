@@ -212,7 +212,7 @@ def length_grouped_order(lengths: Sequence[int], batch_rows: int, seed: int, epo
 
     Why not transformers' ``LengthGroupedSampler``: it makes at least 4 groups, so a 64-row set
     (batch 8) is sorted only within 16 rows; on the first 64 GSM8K rows that pads the model's input
-    to 1.29x the real tokens, against 1.11x for one sorted group. And within a group its batches go
+    to 1.30x the real tokens, against 1.11x for one sorted group. And within a group its batches go
     longest to shortest in every epoch; here their order is random. Same ``seed`` and ``epoch``:
     same order (a resumed run skips exactly the batches it trained on).
     """

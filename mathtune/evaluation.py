@@ -132,7 +132,7 @@ def items_sha(examples) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def metrics(records: Sequence[dict], num_samples: int, judge_rule: str) -> dict:
+def metrics(records: Sequence[dict], num_samples: int) -> dict:
     """Accuracy figures of judged records (see the module docstring for definitions)."""
     n = len(records)
     if n == 0:
@@ -146,9 +146,7 @@ def metrics(records: Sequence[dict], num_samples: int, judge_rule: str) -> dict:
     if num_samples > 1:
         out["k"] = num_samples
         out["pass_at_k"] = sum(any(r["sample_correct"]) for r in records) / n
-        out["maj_at_k"] = sum(
-            judge(r["majority"], r["gold"], judge_rule) for r in records
-        ) / n
+        out["maj_at_k"] = sum(r["majority_correct"] for r in records) / n
         # mean over all n*k samples: a lower-variance estimate of single-sample accuracy
         out["sample_accuracy"] = sum(sum(r["sample_correct"]) for r in records) / (n * num_samples)
     flagged = [r["loop"] for r in records if r.get("loop") is not None]
@@ -203,7 +201,7 @@ def judge_generations(examples: Sequence, outputs, judge_rule: str, *, num_sampl
                    loops[i] if loops is not None else None, calls[i] if calls is not None else None)
         for i, (e, samples) in enumerate(zip(examples, outputs))
     ]
-    result = metrics(records, k, judge_rule)
+    result = metrics(records, k)
     seconds = getattr(outputs, "seconds", wall_seconds)
     tokens = sum(r["output_tokens"] for r in records) if counts is not None else None
     result["tokens_generated"] = tokens

@@ -486,6 +486,11 @@ def test_compare_logs_errors_name_the_file(tmp_path, capsys):
         assert main(["compare", "--base-log", base, "--trained-log", trained, "--output", str(tmp_path / "o.json")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+    # evaluation flags would change nothing: refused, not ignored
+    assert main(["compare", "--base-log", log_a, "--trained-log", log_a, "--calculator", "--max-samples", "5",
+                 "--output", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--calculator, --max-samples: with --base-log/--trained-log nothing is evaluated" in err
     assert not (tmp_path / "o.json").exists()
 
 

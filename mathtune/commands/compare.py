@@ -7,6 +7,7 @@ and the output JSON path are compare's own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from mathtune.config import EvalConfig, add_config_arguments, config_from_args
 from mathtune.errors import MathtuneError
@@ -55,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
     from_logs = _check_sources(args)
     check_writable(args.output, "--output", is_file=True)
     if from_logs:
-        if args.eval_dir is not None:
-            raise MathtuneError("--eval-dir is where compare writes the logs of models it evaluates; with --base-log/--trained-log nothing is evaluated, drop it")
+        # every config flag defaults to None, so a typed one is not None: it would change nothing
+        typed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(EvalConfig)
+                 if f.name not in SKIPPED and getattr(args, f.name, None) is not None]
+        typed += ["--eval-dir"] * (args.eval_dir is not None) + ["--config"] * (getattr(args, "config", None) is not None)
+        if typed:
+            raise MathtuneError(f"{', '.join(typed)}: with --base-log/--trained-log nothing is evaluated "
+                                "(the logs hold the generations already), so these change nothing; drop them")
         compare_logs(args.base_log, args.trained_log, output_path=args.output, score=args.score)
         return 0
     config = config_from_args(EvalConfig, args)
