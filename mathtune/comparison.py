@@ -467,7 +467,7 @@ def compare_logs(
                          n_resamples=n_resamples, seed=seed, quiet=quiet, score=score)
 
 
-def _checked_summary(summary: dict, score: str) -> dict:
+def _summary_as_scored(summary: dict, score: str) -> dict:
     """The summary as the scored numbers should read: under maj@k its accuracy is ``maj_at_k``."""
     if score == "majority" and summary.get("k", 1) > 1:
         return dict(summary, accuracy=summary.get("maj_at_k"), first_sample_accuracy=summary.get("accuracy"))
@@ -482,7 +482,7 @@ def _compare_logs(base_spec, trained_spec, task, summaries, logs, output_path, *
         n_resamples=n_resamples, seed=seed, base_name=str(logs["base"]), trained_name=str(logs["trained"]),
         score=score,
     )
-    summaries = {which: _checked_summary(summary, score) for which, summary in summaries.items()}
+    summaries = {which: _summary_as_scored(summary, score) for which, summary in summaries.items()}
     for which in ("base", "trained"):
         _check_summary(summaries[which], stats[f"{which}_metrics"], stats["n"], logs[which])
 

@@ -246,12 +246,16 @@ class RowDataset(torch.utils.data.Dataset):
     def __init__(self, rows: Sequence[PreparedRow], *, batch_rows: int | None = None, seed: int = 0):
         self.rows = list(rows)
         self.batch_rows, self.seed = batch_rows, seed
+        self.lengths = [len(r.input_ids) for r in self.rows]
         self.order: list[int] | None = None
+        self.epoch: int | None = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        if self.batch_rows is not None:
-            self.order = length_grouped_order([len(r.input_ids) for r in self.rows], self.batch_rows, self.seed, epoch)
+        # Trainer announces epoch 0 again before its first pass: the order is made once per epoch
+        if self.batch_rows is not None and epoch != self.epoch:
+            self.order = length_grouped_order(self.lengths, self.batch_rows, self.seed, epoch)
+            self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
