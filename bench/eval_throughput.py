@@ -1,6 +1,6 @@
 """Generated tokens/s: mathtune's eval path vs the usual one-question-at-a-time fp32 ``generate()``.
 
-    .venv/bin/python bench/eval_throughput.py                  # 64 GSM8K questions, 128 new tokens
+    .venv/bin/python bench/eval_throughput.py                  # 128 GSM8K questions, 128 new tokens
     .venv/bin/python bench/eval_throughput.py --data unit-conversion --questions 32
 
 Everything is measured in this one run, on the same questions and the same max_new_tokens:
@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from mathtune.config import EVAL_BATCH_SIZE  # noqa: E402
 from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.generate import CHUNK_TOKENS, GenerationSettings, Generator  # noqa: E402
@@ -105,10 +106,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", choices=("auto", "gsm8k", "unit-conversion"), default="auto",
                         help="auto: GSM8K if ../shared/data/gsm8k/train.jsonl exists, else unit-conversion")
-    parser.add_argument("--questions", type=int, default=64, help="questions for the mathtune path")
+    # as many questions as `mathtune eval` decodes together by default, so the bench measures its batch
+    parser.add_argument("--questions", type=int, default=EVAL_BATCH_SIZE, help="questions for the mathtune path")
     parser.add_argument("--baseline-questions", type=int, default=16, help="first N of them for the baseline")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     parser.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="new tokens per generate() call")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="mathtune path")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -139,8 +139,10 @@ class CpuClock(TrainerCallback):
         self.seconds = time.process_time() - self.started
 
 
-def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int, precision: str) -> Side:
-    """``mathtune train``'s own path (setup + run), defaults for this machine."""
+def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int, precision: str,
+                  compile_layers: bool = False) -> Side:
+    """``mathtune train``'s own path (setup + run), defaults for this machine. ``compile_layers``: a
+    lever measured, not kept: ``torch.compile`` each decoder layer (regional compilation) first."""
     from mathtune import training
     from mathtune.config import TrainConfig
 
@@ -151,6 +153,11 @@ def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int,
                              num_epochs=1, precision=precision, output_dir=str(Path(tmp) / "run"), seed=seed,
                              logging_steps=1).validate()
         session = training.setup(config)
+        if compile_layers:
+            model = session.trainer.model
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            for layer in base.model.layers:
+                layer.compile()  # compiles lazily, on its first call inside trainer.train()
         params = session.total_params - session.trainable_params
         real = sum(len(r.input_ids) for r in session.rows)
         supervised = sum(r.supervised_tokens for r in session.rows)
@@ -174,6 +181,8 @@ def main(argv=None) -> int:
                         help="mathtune side (auto: what `mathtune train` picks on this machine)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="mathtune side: torch.compile each decoder layer (a lever measured; off in mathtune train)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +193,7 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs; mathtune precision {precision} ({reason}); load avg {os.getloadavg()[0]:.2f}")
 
     base = recipe(rows, args.model, args.batch_size, args.seed)
-    ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision)
+    ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision, args.compile_layers)
     peaks = {p: matmul_peak(DTYPES[p], 2048) for p in sorted({"fp32", precision})}
     for p, peak in peaks.items():
         print(f"peak      torch.matmul 2048x2048 {p}: {peak / 1e9:.0f} GFLOP/s")

@@ -57,6 +57,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mathtune.config import EVAL_BATCH_SIZE
 from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt
 from mathtune.errors import MathtuneError
 
@@ -81,7 +82,7 @@ class GenerationSettings:
     top_p: float = 1.0  # nucleus sampling threshold (sampling only)
     num_samples: int = 1  # completions per prompt (> 1 needs temperature > 0)
     stop: list[str] = field(default_factory=list)  # extra stop strings; the output is cut before them
-    batch_size: int = 64  # rows (prompt x sample) decoded together
+    batch_size: int = EVAL_BATCH_SIZE  # rows (prompt x sample) decoded together
     seed: int = 0  # sampling seed
     calculator: bool = False  # force computed results after "<<EXPR=" (mathtune.calculator)
     loop_stop: bool = True  # stop a row that repeats a line / an 8+ token span 3 times (mathtune.loops)
