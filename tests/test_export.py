@@ -332,8 +332,9 @@ def test_gguf_f16_and_q8_0(small_llama_export, small_tokenizer, tmp_path, gguf_t
     if tolerance is not None:
         assert worst <= tolerance
     else:
-        # q8_0 on random weights: logits move by a few % of their spread; the greedy agreement
-        # figure (>= 6/8) is asserted on the bundled model in the integration test
+        # q8_0 on random weights: logits move by a few % of their spread. The bundled model's q8_0
+        # file is not read back in the suite: a transformers GGUF load parses the file in Python,
+        # ~58 s for SmolLM2-135M on a 2-core fp32 CPU; its f16 file, read back once, checks the layout.
         with torch.no_grad():
             spread = float(model(input_ids=_prompt_ids(small_tokenizer)[0]).logits.std())
         assert 0 < worst < spread
@@ -439,8 +440,3 @@ def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenize
                     for ids in _prompt_ids(smol_tokenizer))
     print(f"f16 GGUF vs the merged model with f16-rounded weights: max |logit diff| {exact:.3g}")
     assert exact <= 1e-3 and worst <= 0.1 and agree == len(QUESTIONS)
-    q8 = write_gguf(merged, smol_tokenizer, result.output, tmp_path / "m.q8_0.gguf", "q8_0",
-                    eot_token_id=end_of_turn_token_id(smol_tokenizer), name="m")
-    worst8, agree8, _ = _compare(merged, smol_tokenizer, q8, tmp_path)
-    print(f"q8_0 GGUF: {q8.stat().st_size} bytes, max |logit diff| {worst8:.4g}, greedy {agree8}/8 identical")
-    assert agree8 >= 6
