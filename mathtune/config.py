@@ -27,7 +27,7 @@ from mathtune.errors import ConfigError, MathtuneError
 # Prompts decoded together by eval/compare. A decode step multiplies every weight by a [rows x 576]
 # activation; on a 2-core CPU fp32 matmuls of 64 rows ran at ~60% of the speed of 128-row ones, so
 # larger batches decode faster: the demo's 200 trained-model answers took 93.0 s at batch 50, 74.9 s
-# at 100 and 64.3 s at 200 (outputs equal). Memory: the fp32 KV cache holds 30 layers x 2 x 192
+# at 100 and 64.3 s at 200 (same accuracy). Memory: the fp32 KV cache holds 30 layers x 2 x 192
 # floats = 46 KB per token, so 128 GSM8K rows of ~400 tokens (prompt + 256 new) need ~2.4 GB.
 EVAL_BATCH_SIZE = 128
 
