@@ -30,9 +30,9 @@ tokens per CPU-second over plain batched generate()):
                  ``prompt + max_new_tokens`` slots and writes each new token in place.
   attention      one query token per row: SDPA's CPU kernel took 2.3 ms per layer where two small
                  bf16 bmm's take 0.7 ms, so decode steps use ``_cpu_attention`` (grouped-query heads
-                 packed, no ``repeat_kv`` copy, attention over the whole preallocated buffer with the
-                 unused slots masked: a sliced view would be copied by bmm). Decode step with both:
-                 263 -> 199 ms CPU. Prompts (more than one query token) still go through SDPA.
+                 packed, no ``repeat_kv`` copy, reading only the filled slots of the preallocated
+                 buffers, in place). Decode step with both: 263 -> 199 ms CPU. Prompts (more than
+                 one query token) still go through SDPA.
 
 Other devices take the plain path (left-padded batch, transformers' own cache and attention).
 Precision is the caller's choice: load the model in bf16 on CPUs with AVX512-BF16 / AMX
@@ -180,52 +180,32 @@ def _cpu_attention(module, query, key, value, attention_mask, scaling=None, drop
 
     ``key``/``value`` are the filled slots only: views ``buffer[:, :, :filled]`` of the cache's
     preallocated buffers, so the fill length is the tensor's own shape and cannot be lost (a copy made
-    by a library keeps it). During decode the bmm's run over the whole contiguous buffer behind the
-    view (``_whole_buffer``; a sliced view would be copied by bmm every step), with the slots past
-    ``filled`` masked here and padding by ``attention_mask`` (None when no row is padded).
+    by a library keeps it). The bmm's read those views in place: merging batch and heads of such a
+    view is still a view (its batch stride is heads x the head stride), and bmm takes strided
+    batches without a copy. So a step reads only the filled slots: on a 2-core fp32 CPU, 128 rows x
+    3 KV heads, 150 of 300 slots filled: 2.6 ms per bmm against 5.5 ms over the whole buffer.
+    Padding is masked by ``attention_mask`` (None when no row is padded).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    filled = key.shape[2]
     batch, heads, q_len, dim = query.shape
     if q_len != 1 or kwargs.get("position_bias") is not None or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    key, value = _whole_buffer(key), _whole_buffer(value)
-    if key.shape[2] != value.shape[2]:  # not one cache's pair of buffers: attend over the filled slots only
-        key, value = key[:, :, :filled].contiguous(), value[:, :, :filled].contiguous()
-    kv_heads, length = key.shape[1], key.shape[2]
+    kv_heads, filled = key.shape[1], key.shape[2]
     rep = heads // kv_heads  # query heads per key/value head (grouped-query attention)
     scale = scaling if scaling is not None else dim**-0.5
-    # [batch*kv_heads, rep, dim] x [batch*kv_heads, dim, length]: each kv head serves its rep query heads
-    scores = torch.bmm(query.reshape(batch * kv_heads, rep, dim), key.reshape(batch * kv_heads, length, dim).transpose(1, 2))
-    scores = scores.view(batch, kv_heads, rep, length) * scale
-    if attention_mask is None:
-        allowed = (torch.arange(length, device=key.device) < filled).view(1, 1, 1, length)
-    elif attention_mask.dtype == torch.bool and attention_mask.shape[-1] == filled:
-        allowed = torch.nn.functional.pad(attention_mask, (0, length - filled), value=False)
-    else:
-        raise RuntimeError(f"decode attention expects a boolean mask over {filled} slots, got "
-                           f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    # [batch*kv_heads, rep, dim] x [batch*kv_heads, dim, filled]: each kv head serves its rep query heads
+    scores = torch.bmm(query.reshape(batch * kv_heads, rep, dim), key.reshape(batch * kv_heads, filled, dim).transpose(1, 2))
+    scores = scores.view(batch, kv_heads, rep, filled) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.shape[-1] != filled:
+            raise RuntimeError(f"decode attention expects a boolean mask over {filled} slots, got "
+                               f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.bmm(probs.view(batch * kv_heads, rep, length), value.reshape(batch * kv_heads, length, dim))
+    out = torch.bmm(probs.view(batch * kv_heads, rep, filled), value.reshape(batch * kv_heads, filled, dim))
     return out.view(batch, 1, heads, dim), None
-
-
-def _whole_buffer(view: torch.Tensor) -> torch.Tensor:
-    """The contiguous ``[batch, heads, capacity, dim]`` buffer whose first ``view.shape[2]`` slots
-    ``view`` is, checked from the view's own strides and storage; ``view`` itself (contiguous) when
-    it is not such a prefix view, e.g. a copy: then attention covers exactly the filled slots."""
-    batch, heads, filled, dim = view.shape
-    if view.is_contiguous():
-        return view
-    capacity = view.stride(1) // dim if dim else 0
-    needed = batch * heads * capacity * dim
-    if (view.stride() == (heads * capacity * dim, capacity * dim, dim, 1) and capacity >= filled
-            and view.storage_offset() == 0 and view.untyped_storage().nbytes() >= needed * view.element_size()):
-        return view.as_strided((batch, heads, capacity, dim), view.stride())
-    return view.contiguous()
 
 
 # How many Generators currently use the registered attention (registration is global in transformers,
@@ -287,7 +267,8 @@ def _in_place_cache_type():
 
         def lazy_initialization(self, key_states, value_states):
             self.dtype, self.device = key_states.dtype, key_states.device
-            # zeros, not empty: masked slots get probability 0, and 0 * NaN garbage would still be NaN
+            # zeros, not empty: padding slots inside the filled part may never be written, and a masked
+            # slot's probability 0 times NaN garbage would still be NaN
             self._k = key_states.new_zeros(key_states.shape[:2] + (self.capacity, key_states.shape[-1]))
             self._v = value_states.new_zeros(value_states.shape[:2] + (self.capacity, value_states.shape[-1]))
             self.is_initialized = True
@@ -302,8 +283,8 @@ def _in_place_cache_type():
             self._k[:, :, self.length : end] = key_states
             self._v[:, :, self.length : end] = value_states
             self.length = end
-            # views of the filled slots: their shape is the fill length (_cpu_attention reads it there
-            # and reaches the contiguous buffer behind them through _whole_buffer)
+            # views of the filled slots: their shape is the fill length, and _cpu_attention reads
+            # them in place
             self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
             return self.keys, self.values
 
