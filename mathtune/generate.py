@@ -268,8 +268,12 @@ def _in_place_cache_type():
         def lazy_initialization(self, key_states, value_states):
             self.dtype, self.device = key_states.dtype, key_states.device
             # zeros, not empty: padding slots inside the filled part may never be written, and a masked
-            # slot's probability 0 times NaN garbage would still be NaN
-            self._k = key_states.new_zeros(key_states.shape[:2] + (self.capacity, key_states.shape[-1]))
+            # slot's probability 0 times NaN garbage would still be NaN.
+            # Keys are stored transposed, [batch, heads, dim, capacity]: the decode step's query x keys
+            # bmm then reads each row's keys as a plain (dim x filled) matrix. 128 rows x 3 KV heads,
+            # fp32, 165 / 250 slots filled: 1.7 / 2.4 ms per bmm against 2.6 / 3.5 ms from the
+            # [capacity, dim] layout (values stay [capacity, dim]: that bmm is fastest as it is).
+            self._kt = key_states.new_zeros(key_states.shape[:2] + (key_states.shape[-1], self.capacity))
             self._v = value_states.new_zeros(value_states.shape[:2] + (self.capacity, value_states.shape[-1]))
             self.is_initialized = True
 
@@ -280,20 +284,24 @@ def _in_place_cache_type():
             end = self.length + n
             if end > self.capacity:
                 raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} tokens)")
-            self._k[:, :, self.length : end] = key_states
+            self._kt[:, :, :, self.length : end] = key_states.transpose(2, 3)
             self._v[:, :, self.length : end] = value_states
             self.length = end
-            # views of the filled slots: their shape is the fill length, and _cpu_attention reads
-            # them in place
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            self._set_views()
             return self.keys, self.values
+
+        def _set_views(self):
+            # [batch, heads, filled, dim] views of the filled slots: their shape is the fill length,
+            # and _cpu_attention reads them in place
+            self.keys = self._kt[:, :, :, : self.length].transpose(2, 3)
+            self.values = self._v[:, :, : self.length]
 
         def write(self, rows, start: int, key_states, value_states):
             """Place prefilled states for batch ``rows`` at slots ``start..`` (prefill assembly)."""
             if not self.is_initialized:
                 raise RuntimeError("write() before the layer's buffers exist")
             end = start + key_states.shape[-2]
-            self._k[rows, :, start:end] = key_states
+            self._kt[rows, :, :, start:end] = key_states.transpose(2, 3)
             self._v[rows, :, start:end] = value_states
 
         def get_seq_length(self) -> int:
@@ -301,8 +309,8 @@ def _in_place_cache_type():
 
         def batch_select_indices(self, indices):
             if self.is_initialized:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+                self._kt, self._v = self._kt[indices], self._v[indices]
+                self._set_views()
 
         def _unsupported(self, *args, **kwargs):
             raise NotImplementedError("the in-place generation cache supports greedy/sampled decoding only")

@@ -256,6 +256,36 @@ def test_cache_fill_length_survives_a_tensor_copy():
     torch.testing.assert_close(masked, expected_masked, **close)
 
 
+def test_in_place_cache_hands_attention_its_filled_slots_without_a_copy():
+    """The in-place cache stores keys transposed (a faster decode bmm): what it returns must still be
+    the states written, [batch, heads, filled, dim], after prefill writes, appends and dropped rows, and
+    merging batch and heads (what _cpu_attention does) must read the buffer itself, not a copy."""
+    from mathtune.generate import _in_place_cache
+
+    torch.manual_seed(0)
+    batch, heads, dim, capacity = 4, 2, 8, 12
+    cache = _in_place_cache(capacity)
+    prompt_k, prompt_v = torch.randn(batch, heads, 5, dim), torch.randn(batch, heads, 5, dim)
+    cache.update(prompt_k[:, :, :0], prompt_v[:, :, :0], 0)  # create the layer's buffers
+    layer = cache.layers[0]
+    layer.write(torch.tensor([1, 3]), 2, prompt_k[[1, 3], :, 2:], prompt_v[[1, 3], :, 2:])
+    layer.write(slice(None), 0, prompt_k[:, :, :2], prompt_v[:, :, :2])
+    layer.length = 2
+    step_k, step_v = torch.randn(batch, heads, 1, dim), torch.randn(batch, heads, 1, dim)
+    keys, values = cache.update(step_k, step_v, 0)
+    assert keys.shape == values.shape == (batch, heads, 3, dim)
+    torch.testing.assert_close(keys, torch.cat([prompt_k[:, :, :2], step_k], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat([prompt_v[:, :, :2], step_v], dim=2), rtol=0, atol=0)
+    layer.length = 5  # rows 1 and 3 got their slots 2..4 from the prefill write
+    cache.batch_select_indices(torch.tensor([3, 1]))
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    torch.testing.assert_close(keys[:, :, 3:], prompt_k[[3, 1], :, 3:], rtol=0, atol=0)
+    torch.testing.assert_close(values[:, :, 2], step_v[[3, 1], :, 0], rtol=0, atol=0)
+    for view in (keys, values):
+        merged = view.reshape(2 * heads, 5, dim)
+        assert merged.data_ptr() == view.data_ptr() and merged.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+
+
 def test_attention_registration_is_scoped_to_generation(varied_model, smol_tokenizer):
     """Defect: the decode attention was registered in transformers' class-wide mapping forever.
     Now it exists only while a Generator uses it, and the model's own attention comes back."""
