@@ -10,10 +10,10 @@ The evaluator never calls ``eval``: the expression is parsed with ``ast`` and on
 ``+ - * / ** ( )``, unary signs, ``N%`` (percent: N/100) and thousands commas (``1,000``) are
 accepted. Arithmetic is exact (``fractions.Fraction``), so ``0.1+0.2`` is ``0.3``. Size and
 magnitude are bounded so that one call does a bounded amount of work (tests/test_calculator.py
-checks the worst inputs build no number beyond MAX_MAGNITUDE**2): at most ``MAX_CHARS`` characters, integer exponents of at most
-``MAX_EXPONENT`` whose result is checked *before* it is computed, every intermediate value and
-denominator within ``MAX_MAGNITUDE``. Anything else is refused (None) and the model keeps its own
-text.
+checks that the worst inputs build no number beyond MAX_MAGNITUDE**2): at most ``MAX_CHARS``
+characters, integer exponents of at most ``MAX_EXPONENT`` whose result is checked *before* it is
+computed, every intermediate value and denominator within ``MAX_MAGNITUDE``. Anything else is
+refused (None) and the model keeps its own text.
 """
 
 from __future__ import annotations
