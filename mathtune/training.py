@@ -51,6 +51,7 @@ from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_s
 from mathtune.loss import supervised_mask, supervised_only_loss, takes_logits_mask, token_normalised_loss
 from mathtune import run_dir as run_dirs
 from mathtune.step_stats import StepStats
+from mathtune.shared_prefix import shared_prefix_length, split_off_prefix, takes_cache, worth_sharing
 
 CHECKPOINT_MARKER = "mathtune_checkpoint.json"  # written by on_save once Trainer has finished writing
 METRICS_FILE = "metrics.jsonl"
@@ -122,15 +123,22 @@ class MathtuneTrainer(Trainer):
     saves adapters offline."""
 
     def __init__(self, *args, step_stats: StepStats, time_budget: TimeBudget | None = None,
-                 supervised_logits: bool = False, **kwargs):
+                 supervised_logits: bool = False, shared_prefix: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.step_stats = step_stats
         self.time_budget = time_budget
         self.supervised_logits = supervised_logits
+        self.shared_prefix = shared_prefix and supervised_logits
         if supervised_logits:
             self.compute_loss_func = supervised_only_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.shared_prefix and "labels" in inputs and not return_outputs:
+            rows, positions = inputs["input_ids"].shape
+            prefix = shared_prefix_length(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            if worth_sharing(rows, positions, prefix):
+                # the shared system turn runs once at batch 1; the rows continue from its cache
+                inputs = split_off_prefix(model, inputs, prefix)
         if self.supervised_logits and "labels" in inputs:
             # the LM head runs on these positions only; supervised_only_loss takes its cross-entropy
             inputs = {**inputs, "logits_to_keep": supervised_mask(inputs["labels"])}
@@ -588,6 +596,10 @@ def setup(config: TrainConfig) -> TrainingSession:
     args = _training_arguments(config, run_dir, device, precision, report_to)
     # the LM head only at supervised positions, where the model's forward can take that mask
     supervised_logits = config.supervised_logits and takes_logits_mask(model)
+    # a second forward pass per micro-batch: kept to one process (DDP/FSDP hook their own forward)
+    # and off with checkpointing (transformers drops the cache inside checkpointed layers)
+    shared_prefix = (config.shared_prefix and supervised_logits and distributed.world_size() == 1
+                     and not config.gradient_checkpointing and takes_cache(model))
     trainer = MathtuneTrainer(
         model=model,
         args=args,
@@ -606,6 +618,7 @@ def setup(config: TrainConfig) -> TrainingSession:
         step_stats=step_stats,
         time_budget=budget,
         supervised_logits=supervised_logits,
+        shared_prefix=shared_prefix,
     )
     trainer.remove_callback(ProgressCallback)
     if not supervised_logits and not trainer.model_accepts_loss_kwargs:
