@@ -107,23 +107,32 @@ def report(prof, wall: float, vocab: int, lora_rank: int | None, peak: float, dt
           f"(total / (matmuls + attention) = {total:.1f} / {needed:.1f} s)")
 
 
-def train(args) -> None:
+def training_session(args, task: str, tmp: str):
+    """``training.setup`` as ``mathtune train`` runs it, on the first ``--rows`` rows of ``task``, and
+    the first ``--steps`` + 1 batches of its dataloader (the first one for warming up)."""
     from mathtune import training
     from mathtune.config import TrainConfig
 
-    rows = read_rows(args.rows)
-    with tempfile.TemporaryDirectory() as tmp:
+    if task == "gsm8k":
         train_file = Path(tmp) / "rows.jsonl"
-        train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config = TrainConfig(model=args.model, task="gsm8k", train_file=str(train_file), batch_size=args.batch_size,
-                             num_epochs=1, precision=args.precision, output_dir=str(Path(tmp) / "run"),
-                             logging_steps=1).validate()
-        session = training.setup(config)
-        trainer = session.trainer
-        batches = [b for b, _ in zip(trainer.get_train_dataloader(), range(args.steps + 1))]
-        if len(batches) < args.steps + 1:
-            raise MathtuneError(f"--steps {args.steps}: {args.rows} rows make only {len(batches)} batches; "
-                                f"raise --rows")
+        train_file.write_text("".join(json.dumps(r) + "\n" for r in read_rows(args.rows)))
+        data = {"train_file": str(train_file)}
+    else:
+        data = {"max_samples": args.rows}
+    config = TrainConfig(model=args.model, task=task, batch_size=args.batch_size, num_epochs=1,
+                         precision=args.precision, output_dir=str(Path(tmp) / "run"), logging_steps=1,
+                         **data).validate()
+    session = training.setup(config)
+    batches = [b for b, _ in zip(session.trainer.get_train_dataloader(), range(args.steps + 1))]
+    if len(batches) < args.steps + 1:
+        raise MathtuneError(f"--steps {args.steps}: {args.rows} rows make only {len(batches)} batches; raise --rows")
+    return session, batches
+
+
+def train(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        session, batches = training_session(args, "gsm8k", tmp)
+        config, trainer = session.config, session.trainer
         model = trainer.model
         model.train()
         supervised = [int(b["labels"][:, 1:].ne(-100).sum()) for b in batches]
@@ -164,24 +173,14 @@ def decode(args) -> None:
 def prefix(args) -> None:
     import statistics
 
-    from mathtune import training
-    from mathtune.config import TrainConfig
     from mathtune.loss import supervised_mask, supervised_only_loss
     from mathtune.shared_prefix import shared_prefix_length, split_off_prefix
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.task == "gsm8k":
-            train_file = Path(tmp) / "rows.jsonl"
-            train_file.write_text("".join(json.dumps(r) + "\n" for r in read_rows(args.rows)))
-            data = {"train_file": str(train_file)}
-        else:
-            data = {"max_samples": args.rows}
-        config = TrainConfig(model=args.model, task=args.task, batch_size=args.batch_size, num_epochs=1,
-                             precision=args.precision, output_dir=str(Path(tmp) / "run"), **data).validate()
-        session = training.setup(config)
+        session, batches = training_session(args, args.task, tmp)
+    batches = batches[1:]  # (the first one is left for warming up, as in train mode)
     model = session.trainer.model
     model.train()
-    batches = [b for b, _ in zip(session.trainer.get_train_dataloader(), range(args.steps + 1))][1:]
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch, shared: bool) -> None:
