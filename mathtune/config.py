@@ -117,9 +117,11 @@ class TrainConfig(ModelSettings):
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = setting(0.0, "LoRA dropout")
-    target_modules: list[str] = setting(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names LoRA adapts",
+    target_modules: list[str] | None = setting(
+        None,
+        "module names LoRA adapts, or all-linear (default: the attention and MLP projections under the names of the "
+        "model's family, e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; Phi-3: qkv_proj o_proj "
+        "gate_up_proj down_proj)",
         nargs="+",
     )
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory (slower)")
@@ -170,7 +172,7 @@ class TrainConfig(ModelSettings):
         for name in ("save_steps", "eval_samples", "sample_every"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
-        if self.method == "lora" and not self.target_modules:
+        if self.method == "lora" and self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules needs at least one module name")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             problems.append(f"--resume {self.resume}: not a checkpoint directory (use --resume auto or a checkpoint-N dir)")

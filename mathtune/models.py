@@ -44,6 +44,7 @@ from urllib.parse import urlparse
 import torch
 
 from mathtune.errors import MathtuneError
+from mathtune.families import LLAMA_PROJECTIONS, lora_target_modules
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -71,7 +72,8 @@ ALIASES: dict[str, ModelAlias] = {
     "qwen2.5-0.5b": ModelAlias(hub_id="Qwen/Qwen2.5-0.5B-Instruct"),
 }
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Llama's attention + MLP projections; the default for each family is in mathtune/families.py
+DEFAULT_LORA_TARGETS = list(LLAMA_PROJECTIONS)
 
 # Written last into a converted cache dir; its presence (with the weights) means "complete".
 CONVERSION_MARKER = "mathtune_conversion.json"
@@ -729,7 +731,7 @@ def apply_lora(
 ):
     """Wrap ``model`` in a LoRA PeftModel (task CAUSAL_LM). ``target_modules``: module names (the last
     part of the dotted name), a comma-separated string, "all-linear", or None for the attention and
-    MLP projections of Llama/Qwen-style models."""
+    MLP projections under the names of the model's family (``families.lora_target_modules``)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
@@ -742,7 +744,7 @@ def apply_lora(
         raise MathtuneError(f"LoRA dropout must be in [0, 1), got {dropout!r}: set --lora-dropout")
 
     if target_modules is None:
-        targets: list[str] | str = list(DEFAULT_LORA_TARGETS)
+        targets: list[str] | str = lora_target_modules(model)
     elif isinstance(target_modules, str):
         targets = (
             "all-linear"

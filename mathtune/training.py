@@ -557,6 +557,10 @@ def setup(config: TrainConfig) -> TrainingSession:
         # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
         model.set_attn_implementation("eager")
     if config.method == "lora":
+        if config.target_modules is None:  # the family's default, written into the run's config as resolved
+            from mathtune.families import lora_target_modules
+
+            config = dataclasses.replace(config, target_modules=lora_target_modules(model))
         model = models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                   target_modules=config.target_modules)
     else:
