@@ -203,9 +203,20 @@ class EvalConfig(ModelSettings):
     output: str | None = setting(None, "directory for per-item JSONL and summary JSON (default: eval/ in the model's run dir or ./eval)")
     no_cache: bool = setting(False, "ignore cached per-item results and evaluate again")
     loop_stop: bool = setting(True, "stop an output that repeats a line or an 8+ token span 3 times (flagged 'loop' either way)")
+    protocol: str = setting(
+        "chat", "how prompts are built and answers scored: chat (zero-shot, chat template, mathtune's extraction) or "
+        "lm-eval (lm-evaluation-harness' gsm8k: 5 shots from the train split, plain 'Question:/Answer:' text, its "
+        "filters and exact_match, no calculator or loop stop; comparable with published lm-eval GSM8K numbers)",
+        choices=("chat", "lm-eval"))
 
     def validate(self) -> "EvalConfig":
         problems = self._common_problems()
+        if self.protocol == "lm-eval" and self.calculator:
+            problems.append("--calculator with --protocol lm-eval: lm-evaluation-harness decodes without a calculator, "
+                            "so the numbers would not be comparable; drop --calculator")
+        if self.protocol == "lm-eval" and self.task == "gsm8k" and self.eval_file is not None and self.train_file is None:
+            problems.append("--protocol lm-eval takes its 5 shots from the train split: pass --train-file "
+                            "(GSM8K train JSONL) with --eval-file")
         if self.all:
             self.max_samples = -1
         if self.max_samples == 0 or self.max_samples < -1:
