@@ -61,6 +61,10 @@ class ModelSettings:
     train_file: str | None = setting(None, "local training data (GSM8K JSONL, or JSONL/JSON/CSV with question,answer)")
     eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
     strip_calculator: bool = setting(False, "remove GSM8K calculator annotations <<a*b=c>> from targets")
+    target_format: str = setting(
+        "full", "gsm8k training targets: full (the worked solution), equations (only the <<expr=result>> chain "
+        "and '#### N'; a row without annotations keeps its full text) or equations-drop (such rows are dropped "
+        "and counted)", choices=("full", "equations", "equations-drop"))
     seed: int = setting(42, "random seed (data order, generated tasks, initialisation, sampling)")
     device: str = setting("auto", "where to run: auto, cpu, cuda, cuda:N or mps")
     precision: str = setting("auto", "auto picks bf16/fp16/fp32 from the hardware", choices=PRECISIONS)

@@ -24,8 +24,9 @@ Files (read by comparison.py and report.py), in ``<output dir>``:
                                    strict_correct, answered, majority, output_tokens, loop, calculator_calls
                                    ({"expr", "value"} per call; value null: refused)
                                    (+ sample_correct, majority_correct, sample_loop,
-                                   sample_calculator_calls, k > 1)
-  <model_tag>-<task>.summary.json  the metrics above, generation settings, items_sha, tokens_generated,
+                                   sample_calculator_calls, k > 1) (+ lm_eval_strict, lm_eval_flexible:
+                                   lm-eval's filtered strings, under --protocol lm-eval)
+  <model_tag>-<task>.summary.json  the metrics above, protocol, generation settings, items_sha, tokens_generated,
                                    seconds, tokens_per_second, per_item_path (see ``evaluate_model``)
 """
 
@@ -174,7 +175,6 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
         "correct": judge(first_value, example.gold, judge_rule),
         "strict_correct": judge(strict, example.gold, judge_rule),
         "answered": first_value is not None,
-        "protocol": protocol,
     }
     if verdicts is not None:
         record.update(verdicts[0])
@@ -465,7 +465,8 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     # the train split only feeds --protocol lm-eval's few-shot examples
     train_file = config.train_file if protocol == "lm-eval" else None
     task = get_task(config.task, train_file=train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed)
+                    strip_calculator=config.strip_calculator, seed=config.seed,
+                    target_format=config.target_format)
     examples = take(task.examples("eval"), config.max_samples, "eval")
     if not examples:
         raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")
