@@ -153,3 +153,49 @@ def format_number(value: float | Decimal) -> str:
     exact = value if isinstance(value, Decimal) else Decimal(str(round(float(value), 6)))
     text = f"{exact.normalize():f}"
     return "0" if text == "-0" else text
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness rules
+# lm-evaluation-harness' gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3.0), copied rule for rule
+# so that ``--protocol lm-eval`` scores a generation exactly as that harness does (tested against the
+# real package in tests/test_lm_eval_protocol.py). Its extraction is string based: "18.00" is not "18".
+LM_EVAL_STRICT_PATTERN = r"#### (\-?[0-9\.\,]+)"  # "strict-match" filter: first match
+LM_EVAL_FLEXIBLE_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # "flexible-extract" filter: last match
+LM_EVAL_FALLBACK = "[invalid]"  # what its regex filter returns when nothing matches
+# exact_match's regexes_to_ignore, applied to prediction and reference alike, then lower-cased
+_LM_EVAL_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+
+
+def lm_eval_regex_filter(text: str, pattern: str, group_select: int = 0) -> str:
+    """lm-eval's ``regex`` filter on one response: the ``group_select``-th match of ``pattern`` (its
+    first non-empty group when the pattern has several), stripped; ``"[invalid]"`` when none."""
+    matches = re.findall(pattern, text)
+    if not matches:
+        return LM_EVAL_FALLBACK
+    match = matches[group_select]
+    if isinstance(match, tuple):
+        match = next((group for group in match if group), LM_EVAL_FALLBACK)
+    return match.strip()
+
+
+def lm_eval_extract_strict(text: str) -> str:
+    """lm-eval gsm8k "strict-match": the number after the first ``#### ``, as written."""
+    return lm_eval_regex_filter(text, LM_EVAL_STRICT_PATTERN, 0)
+
+
+def lm_eval_extract_flexible(text: str) -> str:
+    """lm-eval gsm8k "flexible-extract": the last number-like run (``group_select: -1``), as written."""
+    return lm_eval_regex_filter(text, LM_EVAL_FLEXIBLE_PATTERN, -1)
+
+
+def lm_eval_normalize(text: str) -> str:
+    """What lm-eval's exact_match compares: commas, "$", everything up to "#### " and a final "."
+    removed (in that order), lower-cased."""
+    for pattern in _LM_EVAL_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def lm_eval_exact_match(prediction: str, reference: str) -> bool:
+    """lm-eval gsm8k exact_match of a filtered prediction against the full reference solution."""
+    return lm_eval_normalize(prediction) == lm_eval_normalize(reference)

@@ -462,6 +462,11 @@ def compare_logs(
             f"--base-log is task {summaries['base']['task']!r} but --trained-log is task "
             f"{summaries['trained']['task']!r}: pair evaluations of the same task"
         )
+    protocols = {which: summary.get("protocol", "chat") for which, summary in summaries.items()}
+    if protocols["base"] != protocols["trained"]:
+        # different prompts and scoring rules: the difference would measure the protocol, not training
+        raise MathtuneError(f"--base-log was measured with protocol {protocols['base']!r} but --trained-log with "
+                            f"{protocols['trained']!r}: pair evaluations made with the same --protocol")
     return _compare_logs(summaries["base"].get("model", str(base_log)), summaries["trained"].get("model", str(trained_log)),
                          summaries["base"]["task"], summaries, logs, output_path,
                          n_resamples=n_resamples, seed=seed, quiet=quiet, score=score)
@@ -489,6 +494,7 @@ def _compare_logs(base_spec, trained_spec, task, summaries, logs, output_path, *
     output_path = Path(output_path)
     result = {
         "task": task,
+        "protocol": summaries["base"].get("protocol", "chat"),
         "score": score,
         "n": stats["n"],
         "base": summaries["base"],
@@ -502,7 +508,10 @@ def _compare_logs(base_spec, trained_spec, task, summaries, logs, output_path, *
     write_text_atomically(output_path, json.dumps(result, indent=2) + "\n")
     if not quiet:
         scored = "" if score == "first" else f", scored by {score} vote"
-        print(f"base    {base_spec}\ntrained {trained_spec}\ntask    {task}, {stats['n']} items{scored}\n")
+        from mathtune.evaluation import protocol_description
+
+        print(f"base    {base_spec}\ntrained {trained_spec}\ntask    {task}, {stats['n']} items{scored}\n"
+              f"protocol {protocol_description(result['protocol'])}\n")
         print(format_table(result))
         print(f"\nwrote {output_path}")
     return result

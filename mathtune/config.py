@@ -61,6 +61,10 @@ class ModelSettings:
     train_file: str | None = setting(None, "local training data (GSM8K JSONL, or JSONL/JSON/CSV with question,answer)")
     eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
     strip_calculator: bool = setting(False, "remove GSM8K calculator annotations <<a*b=c>> from targets")
+    target_format: str = setting(
+        "full", "gsm8k training targets: full (the worked solution), equations (only the <<expr=result>> chain "
+        "and '#### N'; a row without annotations keeps its full text) or equations-drop (such rows are dropped "
+        "and counted)", choices=("full", "equations", "equations-drop"))
     seed: int = setting(42, "random seed (data order, generated tasks, initialisation, sampling)")
     device: str = setting("auto", "where to run: auto, cpu, cuda, cuda:N or mps")
     precision: str = setting("auto", "auto picks bf16/fp16/fp32 from the hardware", choices=PRECISIONS)
@@ -205,9 +209,20 @@ class EvalConfig(ModelSettings):
     output: str | None = setting(None, "directory for per-item JSONL and summary JSON (default: eval/ in the model's run dir or ./eval)")
     no_cache: bool = setting(False, "ignore cached per-item results and evaluate again")
     loop_stop: bool = setting(True, "stop an output that repeats a line or an 8+ token span 3 times (flagged 'loop' either way)")
+    protocol: str = setting(
+        "chat", "how prompts are built and answers scored: chat (zero-shot, chat template, mathtune's extraction) or "
+        "lm-eval (lm-evaluation-harness' gsm8k: 5 shots from the train split, plain 'Question:/Answer:' text, its "
+        "filters and exact_match, no calculator or loop stop; comparable with published lm-eval GSM8K numbers)",
+        choices=("chat", "lm-eval"))
 
     def validate(self) -> "EvalConfig":
         problems = self._common_problems()
+        if self.protocol == "lm-eval" and self.calculator:
+            problems.append("--calculator with --protocol lm-eval: lm-evaluation-harness decodes without a calculator, "
+                            "so the numbers would not be comparable; drop --calculator")
+        if self.protocol == "lm-eval" and self.task == "gsm8k" and self.eval_file is not None and self.train_file is None:
+            problems.append("--protocol lm-eval takes its 5 shots from the train split: pass --train-file "
+                            "(GSM8K train JSONL) with --eval-file")
         if self.all:
             self.max_samples = -1
         if self.max_samples == 0 or self.max_samples < -1:

@@ -24,8 +24,9 @@ Files (read by comparison.py and report.py), in ``<output dir>``:
                                    strict_correct, answered, majority, output_tokens, loop, calculator_calls
                                    ({"expr", "value"} per call; value null: refused)
                                    (+ sample_correct, majority_correct, sample_loop,
-                                   sample_calculator_calls, k > 1)
-  <model_tag>-<task>.summary.json  the metrics above, generation settings, items_sha, tokens_generated,
+                                   sample_calculator_calls, k > 1) (+ lm_eval_strict, lm_eval_flexible:
+                                   lm-eval's filtered strings, under --protocol lm-eval)
+  <model_tag>-<task>.summary.json  the metrics above, protocol, generation settings, items_sha, tokens_generated,
                                    seconds, tokens_per_second, per_item_path (see ``evaluate_model``)
 """
 
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mathtune import distributed
-from mathtune.answers import extract, extract_strict, judge
+from mathtune.answers import (LM_EVAL_FALLBACK, extract, extract_strict, judge, lm_eval_exact_match,
+                              lm_eval_extract_flexible, lm_eval_extract_strict, parse_number)
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
 from mathtune.generate import GenerationSettings
@@ -68,6 +70,58 @@ _IDENTITY_FILES = (
 _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".gguf", ".safetensors.index.json")
 
 
+# --------------------------------------------------------------------------- protocols
+# How a question becomes a prompt and how an output is scored (``--protocol``):
+#   chat     mathtune's own: zero-shot, the model's chat template, ``answers.extract`` / ``extract_strict``
+#            judged numerically by the task's rule. Not comparable with published GSM8K numbers.
+#   lm-eval  lm-evaluation-harness' gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml): 5 shots from the
+#            train split, plain "Question: ...\nAnswer:" text, no chat template, stop at "Question:",
+#            its regex filters and string exact_match. What published 5-shot GSM8K numbers use.
+PROTOCOLS = ("chat", "lm-eval")
+LM_EVAL_NUM_FEWSHOT = 5  # gsm8k.yaml num_fewshot
+LM_EVAL_FEWSHOT_SEED = 1234  # lm_eval.defaults.DEFAULT_OTHER_SEED: simple_evaluate's fewshot_random_seed
+LM_EVAL_UNTIL = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml generation_kwargs.until (+ the EOS text)
+_LM_EVAL_DOC = "Question: {question}\nAnswer:"  # doc_to_text
+_LM_EVAL_TARGET_DELIMITER, _LM_EVAL_FEWSHOT_DELIMITER = " ", "\n\n"
+
+
+def lm_eval_prompts(examples: Sequence, fewshot_pool: Sequence, num_fewshot: int = LM_EVAL_NUM_FEWSHOT,
+                    seed: int = LM_EVAL_FEWSHOT_SEED) -> list[str]:
+    """lm-eval's gsm8k prompts for ``examples``, shots drawn from ``fewshot_pool`` (the train split).
+
+    lm-eval's default ContextSampler holds one ``random.Random(seed)`` per task and, for each eval
+    doc in order, takes ``rnd.sample(train_docs, num_fewshot)`` (the shots come from another split
+    than the eval doc, so none is removed). Replaying the same calls on the same pool in the same
+    order gives the same shots: item i's shots depend on items 0..i-1 having drawn before it.
+    """
+    import random
+
+    pool = list(fewshot_pool)
+    if len(pool) < num_fewshot:
+        raise MathtuneError(f"--protocol lm-eval needs {num_fewshot} few-shot rows from the train split, "
+                            f"which has {len(pool)}: pass a larger --train-file")
+    rnd = random.Random(seed)
+    prompts = []
+    for example in examples:
+        shots = rnd.sample(pool, num_fewshot)
+        context = "".join(_LM_EVAL_DOC.format(question=shot.question) + _LM_EVAL_TARGET_DELIMITER
+                          + shot.answer_text + _LM_EVAL_FEWSHOT_DELIMITER for shot in shots)
+        prompts.append(context + _LM_EVAL_DOC.format(question=example.question))
+    return prompts
+
+
+def lm_eval_verdict(text: str, reference: str) -> dict:
+    """lm-eval's filtered answers of one output (strings, as that harness logs them in
+    ``filtered_resps``) and their exact_match against the reference solution."""
+    strict, flexible = lm_eval_extract_strict(text), lm_eval_extract_flexible(text)
+    return {
+        "lm_eval_strict": strict,
+        "lm_eval_flexible": flexible,
+        "strict_correct": lm_eval_exact_match(strict, reference),
+        "correct": lm_eval_exact_match(flexible, reference),
+    }
+
+
 # --------------------------------------------------------------------------- judging
 
 
@@ -86,15 +140,29 @@ def majority_value(values: Sequence[float | None]) -> float | None:
 
 
 def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: Sequence[int] | None = None,
-               loops: Sequence[bool] | None = None, calculator_calls: Sequence[list] | None = None) -> dict:
-    """The per-item log record for one example and its sampled outputs (first = the scored one)."""
-    judged = []
-    for text in outputs:
-        value, method = extract(text)
-        value = _finite(value)
-        judged.append((value, method if value is not None else "none"))
+               loops: Sequence[bool] | None = None, calculator_calls: Sequence[list] | None = None,
+               protocol: str = "chat") -> dict:
+    """The per-item log record for one example and its sampled outputs (first = the scored one).
+
+    ``protocol`` "lm-eval": lm-eval's string filters and exact_match decide ``correct`` and
+    ``strict_correct`` (``lm_eval_strict`` / ``lm_eval_flexible`` hold the filtered strings);
+    ``extracted`` is the flexible string read as a number, for the majority vote and the logs."""
+    if protocol == "lm-eval":
+        verdicts = [lm_eval_verdict(text, example.answer_text) for text in outputs]
+        judged = [(_finite(parse_number(v["lm_eval_flexible"])) if v["lm_eval_flexible"] != LM_EVAL_FALLBACK
+                   else None, "lm-eval flexible") for v in verdicts]
+        judged = [(value, method if value is not None else "none") for value, method in judged]
+        strict_text = verdicts[0]["lm_eval_strict"]
+        strict = _finite(parse_number(strict_text)) if strict_text != LM_EVAL_FALLBACK else None
+    else:
+        verdicts = None
+        judged = []
+        for text in outputs:
+            value, method = extract(text)
+            value = _finite(value)
+            judged.append((value, method if value is not None else "none"))
+        strict = _finite(extract_strict(outputs[0]))
     first_value, first_method = judged[0]
-    strict = _finite(extract_strict(outputs[0]))
     record = {
         "id": example.id,
         "question": example.question,
@@ -108,10 +176,14 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
         "strict_correct": judge(strict, example.gold, judge_rule),
         "answered": first_value is not None,
     }
+    if verdicts is not None:
+        record.update(verdicts[0])
+        record["answered"] = verdicts[0]["lm_eval_flexible"] != LM_EVAL_FALLBACK
     values = [value for value, _ in judged]
     record["majority"] = majority_value(values)
     if len(outputs) > 1:
-        record["sample_correct"] = [judge(v, example.gold, judge_rule) for v in values]
+        record["sample_correct"] = ([v["correct"] for v in verdicts] if verdicts is not None
+                                    else [judge(v, example.gold, judge_rule) for v in values])
         # per item, so ``mathtune compare --score majority`` can pair maj@k against another log
         record["majority_correct"] = judge(record["majority"], example.gold, judge_rule)
     # all samples' tokens: what the item cost to generate (None when the generator does not count)
@@ -189,7 +261,7 @@ def evaluate_items(examples: Sequence, generate: Callable[[list[str]], Sequence[
 
 
 def judge_generations(examples: Sequence, outputs, judge_rule: str, *, num_samples: int | None = None,
-                      wall_seconds: float | None = None) -> tuple[list[dict], dict]:
+                      wall_seconds: float | None = None, protocol: str = "chat") -> tuple[list[dict], dict]:
     """Judge given generations (e.g. from the cache); see ``evaluate_items``."""
     examples = list(examples)
     k = _check_generations(outputs, len(examples), num_samples)
@@ -198,10 +270,11 @@ def judge_generations(examples: Sequence, outputs, judge_rule: str, *, num_sampl
     calls = getattr(outputs, "calculator_calls", None)
     records = [
         judge_item(e, samples, judge_rule, counts[i] if counts is not None else None,
-                   loops[i] if loops is not None else None, calls[i] if calls is not None else None)
+                   loops[i] if loops is not None else None, calls[i] if calls is not None else None, protocol)
         for i, (e, samples) in enumerate(zip(examples, outputs))
     ]
     result = metrics(records, k)
+    result["protocol"] = protocol
     seconds = getattr(outputs, "seconds", wall_seconds)
     tokens = sum(r["output_tokens"] for r in records) if counts is not None else None
     result["tokens_generated"] = tokens
@@ -289,7 +362,8 @@ def model_identity(spec: str) -> dict | None:
     return identity
 
 
-def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings, precision: str, device: str) -> str:
+def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings, precision: str, device: str,
+              protocol: str = "chat") -> str:
     # precision, device and library versions change the numerics, so they change greedy outputs too
     import torch
     import transformers
@@ -304,6 +378,8 @@ def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings,
         "precision": precision,
         "device": device.split(":")[0],
     }
+    if protocol != "chat":  # the prompts differ; chat keys stay as they were before protocols existed
+        material["protocol"] = protocol
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -372,7 +448,13 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     from mathtune.tasks import get_task
 
     config.validate()
+    protocol = getattr(config, "protocol", "chat")
     settings = GenerationSettings.from_config(config)
+    if protocol == "lm-eval":
+        # lm-eval decodes with neither a calculator nor a loop stop (either would change which number
+        # its last-match filter reads); it stops at its `until` strings, which the settings record
+        settings = settings.replace(calculator=False, loop_stop=False,
+                                    stop=list(dict.fromkeys([*LM_EVAL_UNTIL, *settings.stop])))
     device, device_reason = choose_device(config.device)
     precision, precision_reason = choose_precision(config.precision, device)
     # under a launcher: join the process group; each rank generates a share, rank 0 alone prints and writes
@@ -380,16 +462,25 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     device = distributed.local_device(device)
     verbose = verbose and distributed.is_main_process()
     progress = progress if distributed.is_main_process() else False
-    task = get_task(config.task, eval_file=config.eval_file, strip_calculator=config.strip_calculator, seed=config.seed)
+    # the train split only feeds --protocol lm-eval's few-shot examples
+    train_file = config.train_file if protocol == "lm-eval" else None
+    task = get_task(config.task, train_file=train_file, eval_file=config.eval_file,
+                    strip_calculator=config.strip_calculator, seed=config.seed,
+                    target_format=config.target_format)
     examples = take(task.examples("eval"), config.max_samples, "eval")
     if not examples:
         raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")
+    prompts = None
+    if protocol == "lm-eval":
+        if distributed.launched():
+            raise MathtuneError("--protocol lm-eval runs in one process: start mathtune eval without torchrun/accelerate")
+        prompts = lm_eval_prompts(examples, task.examples("train"))
     sha = items_sha(examples)
     tag = model_tag(spec)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(spec)
 
     identity = model_identity(spec)
-    key = cache_key(identity, config.task, sha, settings, precision, device) if identity is not None else None
+    key = cache_key(identity, config.task, sha, settings, precision, device, protocol) if identity is not None else None
     key = distributed.broadcast_object(key)  # rank 0's files decide (another machine's copy may differ)
     # rank 0 reads the cache and shares what it found: every rank then generates, or none does
     outputs = None if (key is None or config.no_cache) else distributed.on_main(lambda: _load_cached(key))
@@ -407,20 +498,25 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
                             trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
         generator = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)
         # one process: generator(questions); under a launcher: whole batches per rank, merged in item order
-        outputs = distributed.generate_sharded(generator, loaded.tokenizer, [e.question for e in examples], settings)
+        if prompts is not None:
+            # plain text encoded with the tokenizer's defaults, as lm-eval's hf model does
+            outputs = generator.generate_ids([loaded.tokenizer(p)["input_ids"] for p in prompts])
+        else:
+            outputs = distributed.generate_sharded(generator, loaded.tokenizer, [e.question for e in examples], settings)
         if key is None:  # a hub model downloaded just now: its identity is known from here on
             identity = model_identity(spec)
-            key = cache_key(identity, config.task, sha, settings, precision, device) if identity is not None else None
+            key = cache_key(identity, config.task, sha, settings, precision, device, protocol) if identity is not None else None
         # written once, by rank 0 (whose key decides)
         distributed.on_main(lambda: key is not None and _store_cached(
             key, outputs, {"spec": str(spec), "task": config.task, "items_sha": sha}))
 
-    records, result = judge_generations(examples, outputs, task.judge_rule, num_samples=settings.num_samples)
+    records, result = judge_generations(examples, outputs, task.judge_rule, num_samples=settings.num_samples,
+                                        protocol=protocol)
     summary = {
         "model": str(spec),
         "model_tag": tag,
         "task": config.task,
-        "judge_rule": task.judge_rule,
+        "judge_rule": task.judge_rule if protocol == "chat" else "lm-eval exact_match",
         **result,
         "generation": settings.to_dict(),
         "precision": precision,
@@ -437,11 +533,21 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     return summary, records
 
 
+def protocol_description(protocol: str) -> str:
+    """One line saying how the numbers were measured, for every summary a person reads."""
+    if protocol == "lm-eval":
+        return ("lm-eval: 5-shot 'Question:/Answer:', no chat template, lm-evaluation-harness gsm8k "
+                "filters and exact_match (comparable with published lm-eval GSM8K numbers)")
+    return ("chat: zero-shot with the chat template, mathtune's extraction (not comparable with "
+            "published 5-shot lm-eval numbers; use --protocol lm-eval for those)")
+
+
 def format_summary(summary: dict) -> str:
     """The headline numbers as a few readable lines."""
     n = summary["n"]
     lines = [
         f"{summary['model']} on {summary['task']} ({n} items, judge {summary['judge_rule']}):",
+        f"  protocol         {protocol_description(summary.get('protocol', 'chat'))}",
         f"  accuracy         {summary['accuracy']:.1%}  ({round(summary['accuracy'] * n)}/{n}, flexible extraction)",
         f"  strict accuracy  {summary['strict_accuracy']:.1%}  ('#### N' present and right)",
         f"  answer rate      {summary['answer_rate']:.1%}  (a number could be extracted)",

@@ -303,6 +303,11 @@ def _comparison_section(comparison: dict) -> list[str]:
     lines += [f"- {line}" for line in stats_lines(comparison)]
     models = [f"{side} `{comparison[side].get('model', '?')}`" for side in ("base", "trained")]
     lines.append(f"- models: {', '.join(models)}; task `{comparison.get('task', '?')}`")
+    from mathtune.evaluation import protocol_description
+
+    # a comparison written before protocols existed was measured with the chat protocol
+    protocol = comparison.get("protocol") or comparison["base"].get("protocol", "chat")
+    lines.append(f"- protocol {protocol_description(protocol)}")
     logs = [f"`{comparison[k]}`" for k in ("base_log", "trained_log") if k in comparison]
     if logs:
         lines.append(f"- per-item logs: {', '.join(logs)}")

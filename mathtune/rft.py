@@ -150,7 +150,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
 
     config.validate()
     task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed)
+                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
     examples = take(task.examples("train"), config.max_samples, "train")
     if not examples:
         raise MathtuneError("no training questions: the train split is empty (check --train-file / --max-samples)")

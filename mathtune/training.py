@@ -537,7 +537,7 @@ def setup(config: TrainConfig) -> TrainingSession:
     tokenizer = loaded.tokenizer
 
     task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed)
+                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
     examples = take(task.examples("train"), config.max_samples, "train")
     rows, data_stats = prepare_examples(examples, tokenizer, config.max_length)
     sample_prompts, sample_source = _sample_prompts(task, tokenizer, config)

@@ -20,7 +20,7 @@ from mathtune.config import EvalConfig, add_config_arguments, build_config, conf
 from mathtune.errors import MathtuneError
 
 # EvalConfig fields that choose or judge eval items, not how one answer is generated
-SKIPPED = ("model", "task", "train_file", "eval_file", "strip_calculator", "max_samples", "all",
+SKIPPED = ("model", "task", "train_file", "eval_file", "strip_calculator", "target_format", "max_samples", "all",
            "num_samples", "output", "no_cache")
 
 

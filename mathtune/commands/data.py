@@ -6,7 +6,7 @@ import argparse
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
 
-FLAGS = ("model", "task", "train_file", "strip_calculator", "seed", "max_length", "max_samples", "trust_remote_code")
+FLAGS = ("model", "task", "train_file", "strip_calculator", "target_format", "seed", "max_length", "max_samples", "trust_remote_code")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(TrainConfig, args)
     resolve_model_source(config.model)  # a wrong --model fails now, before any data is read
     task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed)
+                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
     examples = take(task.examples("train"), config.max_samples, "train")
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     rows, stats = prepare_examples(examples, tokenizer, config.max_length)

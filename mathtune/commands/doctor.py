@@ -158,7 +158,7 @@ def _rows_needed(config: TrainConfig, steps: int) -> int:
 
     needed = steps * config.batch_size * config.gradient_accumulation_steps
     task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed)
+                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
     return needed if needed < len(task.examples("train")) else -1
 
 

@@ -16,7 +16,8 @@ from mathtune.config import EvalConfig, add_config_arguments, config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with eval settings (flags win)")
-    add_config_arguments(parser, EvalConfig, skip=("train_file",))
+    # --train-file: where --protocol lm-eval draws its few-shot examples from
+    add_config_arguments(parser, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:

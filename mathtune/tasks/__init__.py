@@ -46,20 +46,28 @@ class Task:
 class FileBackedTask(Task):
     """A task read from the user's files (``--train-file`` / ``--eval-file``), per split."""
 
-    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False):
+    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False,
+                 target_format: str = "full"):
         super().__init__()
         self.files = {"train": train_file, "eval": eval_file}
         self.strip_calculator = strip_calculator  # drop GSM8K's <<48/2=24>> annotations from answers
+        self.target_format = target_format  # full | equations | equations-drop (tasks.gsm8k.TARGET_FORMATS)
 
 
 def get_task(
-    name: str, *, train_file=None, eval_file=None, strip_calculator: bool = False, seed: int = 0
+    name: str, *, train_file=None, eval_file=None, strip_calculator: bool = False, seed: int = 0,
+    target_format: str = "full",
 ) -> Task:
     """Build the task ``name``; file paths are checked when a split is first read."""
     if name == "gsm8k":
         from mathtune.tasks.gsm8k import GSM8KTask
 
-        return GSM8KTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator)
+        return GSM8KTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
+                         target_format=target_format)
+    if target_format != "full":
+        # only GSM8K solutions carry the <<expr=result>> chains an equations target is made of
+        raise MathtuneError(f"--target-format {target_format} applies to --task gsm8k (GSM8K-format files); "
+                            f"task {name!r} takes --target-format full")
     if name == "unit-conversion":
         if train_file is not None or eval_file is not None:
             # silently ignoring the files would train on data the user did not ask for

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -90,9 +92,35 @@ def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, f
     return question.strip(), answer, gold
 
 
-def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False) -> Example:
-    """``check_row`` plus optional calculator stripping; ValueError(reason) on a bad row."""
+# --target-format: what a training target holds.
+#   full             the whole worked solution (default)
+#   equations        only the chain of <<expr=result>> annotations, in order, space-separated, then the
+#                    final "#### N": "<<10/5=2>> <<2*2=4>> #### 4". The annotations stay, so calculator
+#                    decoding still fills their results. A row without annotations keeps its full text.
+#   equations-drop   as equations, but rows without annotations are dropped (and counted)
+TARGET_FORMATS = ("full", "equations", "equations-drop")
+_ANNOTATION_RE = re.compile(r"<<[^<>]*>>")
+
+
+def equations_target(answer_text: str) -> str | None:
+    """``answer_text`` as its annotation chain plus the final ``#### N`` line; None without annotations."""
+    body, _, final = answer_text.rpartition("####")
+    equations = _ANNOTATION_RE.findall(body)
+    if not equations:
+        return None
+    return " ".join(equations) + " #### " + final.strip()
+
+
+def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False,
+                 target_format: str = "full") -> Example | None:
+    """``check_row`` plus optional calculator stripping and the target format; ValueError(reason) on
+    a bad row, None for a row that ``equations-drop`` drops."""
     question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok)
+    if target_format != "full":
+        equations = equations_target(answer_text)
+        if equations is None and target_format == "equations-drop":
+            return None
+        answer_text = equations if equations is not None else answer_text
     if strip_calc:
         answer_text = strip_calculator(answer_text)
     return Example(id=example_id, question=question, answer_text=answer_text, gold=gold)
@@ -100,32 +128,45 @@ def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_
 
 def build_examples(
     path: Path, numbered_rows: Iterable[tuple[int, object]], *, strip_calc: bool, bare_number_ok: bool,
-    hint: str, by_item: bool = False,
+    hint: str, by_item: bool = False, target_format: str = "full",
 ) -> list[Example]:
     """Examples with ids ``"<filename>:<number>"``; a bad row is an InputError at its line.
 
     ``by_item``: numbers are JSON list positions, reported as "item N" rather than as lines.
     """
-    examples = []
+    examples, dropped = [], []
     for number, row in numbered_rows:
         try:
-            examples.append(
-                make_example(f"{path.name}:{number}", row, strip_calc=strip_calc, bare_number_ok=bare_number_ok)
-            )
+            example = make_example(f"{path.name}:{number}", row, strip_calc=strip_calc,
+                                   bare_number_ok=bare_number_ok, target_format=target_format)
         except ValueError as err:
             if by_item:
                 raise InputError(path, None, f"item {number}: {err}") from err
             raise InputError(path, number, str(err)) from err
+        if example is None:
+            dropped.append(f"{path.name}:{number}")
+        else:
+            examples.append(example)
+    report_dropped(dropped, len(examples) + len(dropped), str(path))
     if not examples:  # training or scoring on nothing proves nothing
         raise InputError(path, None, f"no examples: the file is empty; {hint}")
     return examples
 
 
-def read_jsonl_examples(path: Path, flag: str, *, strip_calc: bool, bare_number_ok: bool = False) -> list[Example]:
+def report_dropped(dropped: list[str], total: int, where: str) -> None:
+    """Say how many rows ``--target-format equations-drop`` dropped (nothing is skipped silently)."""
+    if dropped:
+        print(f"{where}: --target-format equations-drop dropped {len(dropped)} of {total} rows without "
+              f"<<expr=result>> annotations (e.g. {', '.join(dropped[:3])})", file=sys.stderr)
+
+
+def read_jsonl_examples(path: Path, flag: str, *, strip_calc: bool, bare_number_ok: bool = False,
+                        target_format: str = "full") -> list[Example]:
     """Examples from a JSONL file, one object per line; any bad line is an InputError."""
     rows = iter_jsonl(path, read_text(path, flag))
     hint = "write one JSON object per line with 'question' and 'answer'"
-    return build_examples(path, rows, strip_calc=strip_calc, bare_number_ok=bare_number_ok, hint=hint)
+    return build_examples(path, rows, strip_calc=strip_calc, bare_number_ok=bare_number_ok, hint=hint,
+                          target_format=target_format)
 
 
 @contextlib.contextmanager
@@ -177,15 +218,20 @@ class GSM8KTask(FileBackedTask):
             path = Path(path)
             if path.suffix.lower() in (".json", ".csv"):  # else every line would be "not valid JSON"
                 raise MathtuneError(f"{path}: task gsm8k reads JSONL; for a JSON list or CSV use --task file")
-            return read_jsonl_examples(path, SPLIT_FLAGS[split], strip_calc=self.strip_calculator)
+            return read_jsonl_examples(path, SPLIT_FLAGS[split], strip_calc=self.strip_calculator,
+                                       target_format=self.target_format)
         if any(self.files.values()):
             # mixing a local file with the hub would silently change the data source
             raise MathtuneError(f"no {split} data: pass {SPLIT_FLAGS[split]} (GSM8K JSONL) as well")
         hub_split = HUB_SPLITS[split]
-        examples = []
+        examples, dropped = [], []
         for index, row in enumerate(load_hub_rows(split)):
+            example_id = f"gsm8k-{hub_split}-{index:05d}"
             try:
-                examples.append(make_example(f"gsm8k-{hub_split}-{index:05d}", row, strip_calc=self.strip_calculator))
+                example = make_example(example_id, row, strip_calc=self.strip_calculator,
+                                       target_format=self.target_format)
             except ValueError as err:  # the hub schema changed under us
                 raise MathtuneError(f"{HUB_ID} {hub_split} row {index}: {err}") from err
+            (examples.append(example) if example is not None else dropped.append(example_id))
+        report_dropped(dropped, len(examples) + len(dropped), f"{HUB_ID} {hub_split}")
         return examples
