@@ -426,8 +426,14 @@ def _report_to(config: TrainConfig) -> list[str]:
             )
         os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
         targets.append("wandb")
-    if is_tensorboard_available():
-        targets.append("tensorboard")
+    # --report-to (Trainer's name) narrows the default "tensorboard when installed"; its wandb is --wandb
+    wanted = config.report_to or ["tensorboard"]
+    if any(t in wanted for t in ("tensorboard", "all")):
+        if not is_tensorboard_available():
+            if "tensorboard" in (config.report_to or []):  # asked for by name: say so, not log nowhere
+                raise MathtuneError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        else:
+            targets.append("tensorboard")
     return targets
 
 
