@@ -369,7 +369,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     """
     from mathtune.data import take
     from mathtune.models import choose_device, choose_precision, load_model, model_tag
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     config.validate()
     settings = GenerationSettings.from_config(config)
@@ -380,7 +380,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     device = distributed.local_device(device)
     verbose = verbose and distributed.is_main_process()
     progress = progress if distributed.is_main_process() else False
-    task = get_task(config.task, eval_file=config.eval_file, strip_calculator=config.strip_calculator, seed=config.seed)
+    task = task_from_config(config, train_file=False)
     examples = take(task.examples("eval"), config.max_samples, "eval")
     if not examples:
         raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")

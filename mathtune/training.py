@@ -517,7 +517,7 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
 def setup(config: TrainConfig) -> TrainingSession:
     """Build everything needed to train; nothing is trained yet. Prints the device and precision choice."""
     from mathtune import models
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     device, device_reason = models.choose_device(config.device)
     from mathtune.train_device import check_training_device
@@ -542,8 +542,7 @@ def setup(config: TrainConfig) -> TrainingSession:
                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     tokenizer = loaded.tokenizer
 
-    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed)
+    task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     rows, data_stats = prepare_examples(examples, tokenizer, config.max_length)
     sample_prompts, sample_source = _sample_prompts(task, tokenizer, config)
