@@ -246,6 +246,6 @@ def read_gold(answer_text: str) -> tuple[float, str, str]:
         return (*parsed, "answer_is")
     parsed = latex_number(answer_text)
     if parsed is None:
-        raise ValueError(f"no gold answer in {answer_text.strip()[-60:]!r}: end it with '#### N', "
-                         "\\boxed{N} or 'The answer is: N', or give a bare number")
+        raise ValueError(f"{answer_text.strip()[:40]!r} is neither a solution ending in '#### <number>' nor a bare "
+                         "number; end it with '#### N', \\boxed{N} or 'The answer is: N'")
     return (*parsed, "number")

@@ -47,7 +47,7 @@ def test_gold_forms_are_read(text, value, plain, form):
 @pytest.mark.parametrize("text, message", [
     ("\\boxed{x^2 + 1}", "is not a single number"),
     ("The answer is: (A)", "is not a single number"),
-    ("no final answer at all", "end it with '#### N'"),
+    ("no final answer at all", "is neither a solution ending in '#### <number>' nor a bare number"),
 ])
 def test_unreadable_gold_is_refused(text, message):
     with pytest.raises(ValueError, match=message):
@@ -80,7 +80,7 @@ def test_parquet_and_save_to_disk_are_read_by_datasets(tmp_path):
     # a row whose gold cannot be read: the file and the row, one line
     datasets.Dataset.from_list(MATH + [{"problem": "Find x.", "solution": "$\\boxed{x=2y}$"}]).to_parquet(
         str(tmp_path / "bad.parquet"))
-    with pytest.raises(MathtuneError, match=r"bad.parquet: row 2: \\boxed\{x=2y\} is not a single number"):
+    with pytest.raises(MathtuneError, match=r"bad.parquet: row 2: 'solution' \\boxed\{x=2y\} is not a single number"):
         read_examples(tmp_path / "bad.parquet", "--train-file", fields=fields)
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(MathtuneError, match="junk.parquet: not readable as a Parquet file"):

@@ -54,7 +54,10 @@ def normalize_row(row: object, fields: Fields) -> object:
                          "set --question-field/--answer-field")
     question, answer = row.get(fields.question), row.get(fields.answer)
     if isinstance(answer, str) and answer.strip() and "####" not in answer:
-        _, plain, form = read_gold(answer)
+        try:
+            _, plain, form = read_gold(answer)
+        except ValueError as err:
+            raise ValueError(f"'{fields.answer}' {err}") from None
         answer = f"#### {plain}" if form == "number" else f"{answer.rstrip()}\n#### {plain}"
     return {"question": question, "answer": answer}
 
