@@ -199,3 +199,99 @@ def lm_eval_normalize(text: str) -> str:
 def lm_eval_exact_match(prediction: str, reference: str) -> bool:
     """lm-eval gsm8k exact_match of a filtered prediction against the full reference solution."""
     return lm_eval_normalize(prediction) == lm_eval_normalize(reference)
+
+
+# --------------------------------------------------------------------------- gold answers in other datasets' forms
+# MATH / NuminaMath end solutions in \boxed{...}, MetaMathQA in "The answer is: N", GSM8K in "#### N".
+# These read a *gold* answer (a dataset's own, trusted to be final), so unlike ``extract`` they take
+# the last \boxed{} and the last "The answer is" (a solution may box intermediate results), and they
+# refuse anything that is not one number rather than guess.
+_ANSWER_IS_LINE_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*[:=]?\s*(.+?)\s*$", re.IGNORECASE)
+_LATEX_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}$")
+_LATEX_FRAC_DIGITS_RE = re.compile(r"^(-?)\\[dt]?frac\s*(\d)(\d)$")  # \frac34, as TeX allows
+_PLAIN_FRAC_RE = re.compile(r"^(-?)(\d+)\s*/\s*(\d+)$")
+GOLD_FORMS = ("####", "boxed", "answer_is", "number")
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, braces balanced
+    (``\\boxed{\\frac{3}{4}}`` -> ``\\frac{3}{4}``); an unclosed one is left out."""
+    found = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, start = 1, match.end()
+        for index in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            if depth == 0:
+                found.append(text[start:index])
+                break
+    return found
+
+
+def latex_number(text: str) -> tuple[float, str] | None:
+    """One number written in LaTeX or plain text -> ``(value, plain)``, where ``plain`` is how a
+    target states it (``\\dfrac{3}{4}`` -> (0.75, "3/4"), ``\\$1{,}234`` -> (1234.0, "1234"));
+    None when the text is not exactly one number (``x+1``, ``(1, 2)``, ``\\sqrt{2}``)."""
+    text = text.strip().strip("$").strip()
+    # presentation only: \text{ cm}, \mbox{...}, \$, thin spaces, degrees, percent, \left/\right
+    text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}", "", text)
+    for old, new in (("\\$", ""), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\ ", ""), ("^\\circ", ""),
+                     ("^{\\circ}", ""), ("\\%", ""), ("%", ""), ("\\left", ""), ("\\right", ""), ("$", "")):
+        text = text.replace(old, new)
+    text = text.strip()
+    while text.startswith("{") and text.endswith("}") and _balanced(text[1:-1]):
+        text = text[1:-1].strip()
+    fraction = _LATEX_FRAC_RE.match(text) or _LATEX_FRAC_DIGITS_RE.match(text) or _PLAIN_FRAC_RE.match(text)
+    if fraction:
+        sign, num, den = fraction.groups()
+        negative = (sign == "-") != num.startswith("-")
+        num = num.lstrip("-")
+        if int(den) == 0:
+            return None
+        value = int(num) / int(den)
+        plain = f"{num}/{den}" if int(num) % int(den) else str(int(num) // int(den))
+        return (-value, f"-{plain}") if negative else (value, plain)
+    value = parse_number(text)
+    if value is None:
+        return None
+    return value, format_number(value)
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def read_gold(answer_text: str) -> tuple[float, str, str]:
+    """A dataset's gold answer in any supported form -> ``(value, plain, form)``, form in ``GOLD_FORMS``.
+
+    ``#### N`` (GSM8K) is read by ``parse_gold``; else the last ``\\boxed{}`` (MATH, NuminaMath); else the
+    last "The answer is: N" (MetaMathQA); else the whole text as one number. ValueError(reason, with the
+    fix) when none of them holds a single number.
+    """
+    if "####" in answer_text:
+        value = parse_gold(answer_text)
+        return value, format_number(value), "####"
+    boxes = boxed_contents(answer_text)
+    if boxes:
+        parsed = latex_number(boxes[-1])
+        if parsed is None:
+            raise ValueError(f"\\boxed{{{boxes[-1][:40]}}} is not a single number; mathtune judges numeric "
+                             "answers: filter such rows out of the dataset")
+        return (*parsed, "boxed")
+    matches = [m for line in answer_text.splitlines() for m in _ANSWER_IS_LINE_RE.finditer(line)]
+    if matches:
+        stated = matches[-1].group(1)
+        parsed = latex_number(stated[:-1] if stated.endswith(".") else stated)
+        if parsed is None:
+            raise ValueError(f"'The answer is: {stated[:40]}' is not a single number; mathtune judges numeric "
+                             "answers: filter such rows out of the dataset")
+        return (*parsed, "answer_is")
+    parsed = latex_number(answer_text)
+    if parsed is None:
+        raise ValueError(f"{answer_text.strip()[:40]!r} is neither a solution ending in '#### <number>' nor a bare "
+                         "number; end it with '#### N', \\boxed{N} or 'The answer is: N'")
+    return (*parsed, "number")

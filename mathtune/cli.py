@@ -9,9 +9,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
-from mathtune.errors import MathtuneError
+from mathtune.errors import ConfigError, MathtuneError
+
+# Exit codes a script can act on: argparse already exits 2 on a usage error (unknown flag, bad
+# choice), and so does a setting validate() refuses (ConfigError); a run that failed exits 1, and a signal exits 128 + its number, the
+# shell's convention (SIGINT 2 -> 130, SIGTERM 15 -> 143).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+EPILOG = """\
+exit status: 0 success, 1 the run failed (the 'error:' line says why and how to fix it),
+2 usage error (unknown flag, bad flag value or YAML setting), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+Flags also take underscores (--max_length) and the Hugging Face Trainer/TRL names
+(--num_train_epochs, --per_device_train_batch_size, --lr_scheduler_type, --model_name_or_path,
+--max_seq_length, --dataset_name)."""
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -24,7 +39,40 @@ COMMANDS = {
     "rft": ("mathtune.commands.rft", "rejection-sampling fine-tuning data: a model's distinct correct solutions"),
     "export": ("mathtune.commands.export", "merged Hugging Face model dir with a model card; --gguf for llama.cpp/Ollama"),
     "ask": ("mathtune.commands.ask", "answer questions from the command line, generated exactly as eval does"),
+    "env": ("mathtune.commands.env", "versions, CPU/GPU, the device and precision mathtune would choose, the cache"),
 }
+
+
+def hyphenate_flags(argv: list[str]) -> list[str]:
+    """``--max_length 64`` -> ``--max-length 64``, ``--learning_rate=1e-4`` -> ``--learning-rate=1e-4``:
+    the names a Trainer/TRL script uses, so a pasted command works. Values (after "=", or separate
+    words) are untouched, and so is everything after a bare "--"."""
+    out = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        if arg.startswith("--"):
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
+class MathtuneParser(argparse.ArgumentParser):
+    """argparse with underscores read as hyphens in flag names (subcommand parsers inherit the class)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(hyphenate_flags(args), namespace)
+
+
+class Terminated(BaseException):
+    """SIGTERM outside training (which saves a checkpoint first, mathtune.interrupt): stop, exit 143.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def requested_command(argv: list[str] | None) -> str | None:
@@ -41,10 +89,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     ``mathtune CMD ...`` imports CMD's module alone. Command modules import torch, transformers
     and PEFT only inside ``run``, so even the full parser answers in well under a second
     (tests/test_cli_imports.py checks the import set)."""
-    parser = argparse.ArgumentParser(
+    parser = MathtuneParser(
         prog="mathtune",
         description="Fine-tune small language models on math word problems; no silent failures.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from mathtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"mathtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
@@ -56,7 +109,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             if exc.name != module_name:
                 raise
             continue  # command not built yet in this checkout
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -69,19 +123,29 @@ def main(argv: list[str] | None = None) -> int:
 
     distributed.quiet_replicas()  # under a launcher, rank 0 alone prints
     parser = build_parser(only=requested_command(argv))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error exits 2 here (argparse)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
+    # signal.signal works in the main thread only (an embedding program may call main elsewhere)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return int(args._run(args) or 0)
     except MathtuneError as exc:
         if getattr(exc, "echo", True):  # False: another rank's failure, which rank 0 prints
             print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # a bad setting (flag value, YAML key) is a usage error like argparse's own: fix the command
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

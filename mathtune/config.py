@@ -39,6 +39,21 @@ _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 METHODS = ("lora", "full")
 # Fields that are never written to the saved run config (secrets or where to find them).
 SECRET_FIELDS = ("wandb_key_file",)
+# The names a Hugging Face Trainer / TRL script uses for a mathtune field: alias -> field. Flags and
+# YAML keys both accept them (add_config_arguments adds "--alias" next to the field's own flag,
+# build_config renames the YAML key), so a setting stays one field with one flag. Names that are
+# already the same in both (learning_rate, warmup_ratio, output_dir, save_steps, logging_steps,
+# gradient_accumulation_steps, report_to) need no entry: underscores are accepted for every flag.
+FIELD_ALIASES = {
+    "num_train_epochs": "num_epochs",
+    "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "lr_scheduler",
+    "model_name_or_path": "model",
+    "max_seq_length": "max_length",
+    "dataset_name": "dataset",
+}
+# Trainer's report_to targets mathtune can set up (wandb needs its key handling: same as --wandb)
+REPORT_TARGETS = ("none", "all", "tensorboard", "wandb")
 
 
 def setting(default, help: str, **flag_options):
@@ -58,8 +73,16 @@ class ModelSettings:
 
     model: str = setting("smollm2-135m", "model spec: alias (smollm2-135m), hub id, local dir, .gguf file or LoRA adapter dir")
     task: str = setting("gsm8k", "task name: gsm8k, unit-conversion or file")
-    train_file: str | None = setting(None, "local training data (GSM8K JSONL, or JSONL/JSON/CSV with question,answer)")
+    train_file: str | None = setting(None, "local training data: JSONL, JSON, CSV, Parquet or a datasets.save_to_disk "
+                                           "dir with question/answer columns (see --question-field)")
     eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
+    dataset: str | None = setting(None, "Hugging Face dataset ORG/NAME[:CONFIG] read with datasets.load_dataset "
+                                        "(with --task file; --train-split/--eval-split pick its splits)")
+    train_split: str = setting("train", "the --dataset split to train on")
+    eval_split: str = setting("test", "the --dataset split held out for evaluation")
+    question_field: str = setting("question", "column holding the problem (e.g. query, problem)")
+    answer_field: str = setting("answer", "column holding the gold answer: '#### N', \\boxed{N}, "
+                                          "'The answer is: N' or a bare number (e.g. response, solution)")
     strip_calculator: bool = setting(False, "remove GSM8K calculator annotations <<a*b=c>> from targets")
     target_format: str = setting(
         "full", "gsm8k training targets: full (the worked solution), equations (only the <<expr=result>> chain "
@@ -88,10 +111,15 @@ class ModelSettings:
         if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             problems.append(f"--device {self.device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
         for flag, path in (("--train-file", self.train_file), ("--eval-file", self.eval_file)):
-            if path is not None and not Path(path).is_file():
-                problems.append(f"{flag} {path}: no such file")
-        if self.task == "file" and self.train_file is None and self.eval_file is None:
-            problems.append("--task file needs --train-file and/or --eval-file")
+            if path is not None and not Path(path).exists():
+                problems.append(f"{flag} {path}: no such file or directory")
+        if self.dataset is not None:
+            if self.train_file is not None or self.eval_file is not None:
+                problems.append("--dataset and --train-file/--eval-file name two data sources: keep one")
+            if self.task != "file":
+                problems.append(f"--dataset is read by --task file (got --task {self.task}): add --task file")
+        if self.task == "file" and self.train_file is None and self.eval_file is None and self.dataset is None:
+            problems.append("--task file needs --train-file and/or --eval-file, or --dataset")
         return problems
 
 
@@ -117,6 +145,9 @@ class TrainConfig(ModelSettings):
     save_steps: int = setting(0, "write a checkpoint every N optimizer steps (0: only the final model)")
     save_total_limit: int | None = setting(3, "keep at most this many checkpoints")
     logging_steps: int = setting(1, "log metrics every N optimizer steps")
+    report_to: list[str] | None = setting(
+        None, f"where Trainer logs metrics: {', '.join(REPORT_TARGETS)} (wandb: same as --wandb); "
+        "unset: tensorboard when installed, W&B with --wandb", nargs="+")
     method: str = setting("lora", "lora (default) or full fine-tuning", choices=METHODS)
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA alpha (scaling = alpha / r)")
@@ -182,8 +213,18 @@ class TrainConfig(ModelSettings):
             problems.append(f"--resume {self.resume}: not a checkpoint directory (use --resume auto or a checkpoint-N dir)")
         if self.wandb_key_file is not None and not Path(self.wandb_key_file).is_file():
             problems.append(f"--wandb-key-file {self.wandb_key_file}: no such file")
-        if self.eval_samples > 0 and self.task == "file" and self.eval_file is None:
+        if self.eval_samples > 0 and self.task == "file" and self.eval_file is None and self.dataset is None:
             problems.append("--eval-samples with --task file needs --eval-file")
+        if self.report_to is not None:
+            # Trainer's spelling "a,b" as well as "a b"
+            self.report_to = [t.strip() for item in self.report_to for t in item.split(",") if t.strip()]
+            unknown = [t for t in self.report_to if t not in REPORT_TARGETS]
+            if unknown:
+                problems.append(f"--report-to {' '.join(unknown)}: use one or more of {', '.join(REPORT_TARGETS)}")
+            elif "none" in self.report_to and len(self.report_to) > 1:
+                problems.append("--report-to none cannot be combined with other targets")
+            elif "wandb" in self.report_to or "all" in self.report_to:
+                self.wandb = True  # one code path for W&B: its key checks live with --wandb
         if problems:
             raise ConfigError(problems)
         return self
@@ -254,10 +295,18 @@ def _flag(name: str) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
                          skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field. Every flag defaults to None so we can tell what was typed."""
+    """Add one flag per dataclass field. Every flag defaults to None so we can tell what was typed.
+
+    A field with a Trainer/TRL name in ``FIELD_ALIASES`` gets that name as a second option string
+    (``--num-epochs`` / ``--num-train-epochs``); ``mathtune.cli`` reads underscores as hyphens, so
+    ``--num_train_epochs`` reaches it too."""
+    aliases: dict[str, list[str]] = {}
+    for alias, name in FIELD_ALIASES.items():
+        aliases.setdefault(name, []).append(f"--{_flag(alias)}")
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in skip:
             continue
+        names = [f"--{_flag(f.name)}", *aliases.get(f.name, [])]
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -281,7 +330,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
             meta["type"] = kind
         if "nargs" in meta and kind is not None and kind is not str and "type" not in meta:
             meta["type"] = kind
-        parser.add_argument(f"--{_flag(f.name)}", default=None, help=f"{help_text} (default: {default})", **meta)
+        parser.add_argument(*names, dest=f.name, default=None, help=f"{help_text} (default: {default})", **meta)
 
 
 def _field_type(f: dataclasses.Field):
@@ -316,7 +365,13 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
     values: dict[str, Any] = {}
     problems = []
     if yaml_path is not None:
-        for key, value in load_yaml(yaml_path).items():
+        data = load_yaml(yaml_path)
+        for alias, name in FIELD_ALIASES.items():
+            if alias in data and name in data:
+                problems.append(f"{yaml_path}: '{alias}' and '{name}' are the same setting: keep one")
+            elif alias in data and name in names:
+                data[name] = data.pop(alias)  # a Trainer/TRL key: the mathtune field of that name
+        for key, value in data.items():
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -334,6 +389,8 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
             values[key] = value
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = [m.strip() for m in values["target_modules"].split(",") if m.strip()]
+    if isinstance(values.get("report_to"), str):
+        values["report_to"] = [values["report_to"]]
     if isinstance(values.get("stop"), str):
         values["stop"] = [values["stop"]]
     config = cls(**values)

@@ -1,7 +1,8 @@
 """Errors that reach the user as one line, never as a traceback.
 
 Every input that can be wrong (a flag, a file line, a model spec) raises a ``MathtuneError`` whose
-message names the culprit and the fix; ``mathtune.cli`` prints it as ``error: <message>`` and exits 2.
+message names the culprit and the fix; ``mathtune.cli`` prints it as ``error: <message>`` and exits 1
+(2 is argparse's usage-error code).
 """
 
 

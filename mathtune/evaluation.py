@@ -445,7 +445,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     """
     from mathtune.data import take
     from mathtune.models import choose_device, choose_precision, load_model, model_tag
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     config.validate()
     protocol = getattr(config, "protocol", "chat")
@@ -463,10 +463,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     verbose = verbose and distributed.is_main_process()
     progress = progress if distributed.is_main_process() else False
     # the train split only feeds --protocol lm-eval's few-shot examples
-    train_file = config.train_file if protocol == "lm-eval" else None
-    task = get_task(config.task, train_file=train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed,
-                    target_format=config.target_format)
+    task = task_from_config(config, train_file=protocol == "lm-eval")
     examples = take(task.examples("eval"), config.max_samples, "eval")
     if not examples:
         raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")

@@ -146,11 +146,10 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     from mathtune.atomic import write_text_atomically
     from mathtune.data import take
     from mathtune.generate import GenerationSettings, resolve_calculator
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     config.validate()
-    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
+    task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     if not examples:
         raise MathtuneError("no training questions: the train split is empty (check --train-file / --max-samples)")

@@ -426,8 +426,14 @@ def _report_to(config: TrainConfig) -> list[str]:
             )
         os.environ.setdefault("WANDB_PROJECT", config.wandb_project)
         targets.append("wandb")
-    if is_tensorboard_available():
-        targets.append("tensorboard")
+    # --report-to (Trainer's name) narrows the default "tensorboard when installed"; its wandb is --wandb
+    wanted = config.report_to or ["tensorboard"]
+    if any(t in wanted for t in ("tensorboard", "all")):
+        if not is_tensorboard_available():
+            if "tensorboard" in (config.report_to or []):  # asked for by name: say so, not log nowhere
+                raise MathtuneError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        else:
+            targets.append("tensorboard")
     return targets
 
 
@@ -511,7 +517,7 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
 def setup(config: TrainConfig) -> TrainingSession:
     """Build everything needed to train; nothing is trained yet. Prints the device and precision choice."""
     from mathtune import models
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     device, device_reason = models.choose_device(config.device)
     from mathtune.train_device import check_training_device
@@ -536,8 +542,7 @@ def setup(config: TrainConfig) -> TrainingSession:
                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     tokenizer = loaded.tokenizer
 
-    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
+    task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     rows, data_stats = prepare_examples(examples, tokenizer, config.max_length)
     sample_prompts, sample_source = _sample_prompts(task, tokenizer, config)

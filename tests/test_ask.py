@@ -98,7 +98,7 @@ def test_ask_cli_reads_stdin(tiny_model_dir):
     assert "Q: Convert 3 km to m." in proc.stdout
     empty = subprocess.run([sys.executable, "-m", "mathtune.cli", "ask", str(tiny_model_dir)], input="\n",
                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert empty.returncode == 2 and "error: no questions" in empty.stderr
+    assert empty.returncode == 1 and "error: no questions" in empty.stderr
 
 
 def test_public_api_names():

@@ -194,6 +194,6 @@ def test_cli_report(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert "report.md" in capsys.readouterr().out
     assert (run_dir / "report.md").is_file()
-    assert main(["report", str(run_dir.parent)]) == 2
+    assert main(["report", str(run_dir.parent)]) == 1  # a failed run, not a usage error
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "metrics.jsonl is missing" in err and err.count("\n") == 1

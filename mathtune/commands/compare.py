@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from mathtune.config import EvalConfig, add_config_arguments, config_from_args
-from mathtune.errors import MathtuneError
+from mathtune.errors import ConfigError
 
 # EvalConfig.model is replaced by the two specs; EvalConfig.output (a directory for eval logs) by
 # --eval-dir, because here --output is the comparison JSON.
@@ -42,10 +42,10 @@ def _check_sources(args: argparse.Namespace) -> bool:
         return True
     if all(models) and not any(logs):
         return False
-    raise MathtuneError(
+    raise ConfigError([  # a usage error (exit 2): the flags, not the run, are wrong
         "compare needs either --base-model and --trained-model (it evaluates both) "
         "or --base-log and --trained-log (per-item logs from mathtune eval), not a mix"
-    )
+    ])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,13 +61,13 @@ def run(args: argparse.Namespace) -> int:
                  if f.name not in SKIPPED and getattr(args, f.name, None) is not None]
         typed += ["--eval-dir"] * (args.eval_dir is not None) + ["--config"] * (getattr(args, "config", None) is not None)
         if typed:
-            raise MathtuneError(f"{', '.join(typed)}: with --base-log/--trained-log nothing is evaluated "
-                                "(the logs hold the generations already), so these change nothing; drop them")
+            raise ConfigError([f"{', '.join(typed)}: with --base-log/--trained-log nothing is evaluated "
+                               "(the logs hold the generations already), so these change nothing; drop them"])
         compare_logs(args.base_log, args.trained_log, output_path=args.output, score=args.score)
         return 0
     config = config_from_args(EvalConfig, args)
     if args.score == "majority" and config.num_samples < 2:
-        raise MathtuneError("--score majority needs --num-samples 2 or more (and --temperature > 0)")
+        raise ConfigError(["--score majority needs --num-samples 2 or more (and --temperature > 0)"])
     # before two evaluations, not after them
     if args.eval_dir is not None:
         check_writable(args.eval_dir, "--eval-dir")

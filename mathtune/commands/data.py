@@ -6,7 +6,8 @@ import argparse
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
 
-FLAGS = ("model", "task", "train_file", "strip_calculator", "target_format", "seed", "max_length", "max_samples", "trust_remote_code")
+FLAGS = ("model", "task", "train_file", "dataset", "train_split", "question_field", "answer_field",
+         "strip_calculator", "target_format", "seed", "max_length", "max_samples", "trust_remote_code")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # imported here: mathtune.data/models import torch, which building the CLI parser must not
+    from mathtune.answers import format_number
     from mathtune.data import is_chat_model, prepare_examples, render_supervised, take
     from mathtune.models import load_tokenizer, resolve_model_source
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     config = config_from_args(TrainConfig, args)
     resolve_model_source(config.model)  # a wrong --model fails now, before any data is read
-    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
+    task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
+    source = config.dataset or config.train_file or f"task {config.task}"
+    print(f"columns: question <- '{config.question_field}', answer <- '{config.answer_field}' ({source})")
+    for example in examples[: max(args.show, 3)]:
+        # the gold the judge compares against, and the last line of the target that states it
+        print(f"  {example.id}: gold {format_number(example.gold)}  <- {example.answer_text.splitlines()[-1][:60]!r}")
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     rows, stats = prepare_examples(examples, tokenizer, config.max_length)
     style = "chat template" if is_chat_model(tokenizer) else "plain 'Question: ... Answer:' prompt"

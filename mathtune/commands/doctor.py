@@ -154,11 +154,10 @@ def _doctor_config(config: TrainConfig, args: argparse.Namespace, default_run_di
 def _rows_needed(config: TrainConfig, steps: int) -> int:
     """Only the rows the steps will see (all, when the split is smaller): preparing the whole of a
     large split would take longer than the steps themselves."""
-    from mathtune.tasks import get_task
+    from mathtune.tasks import task_from_config
 
     needed = steps * config.batch_size * config.gradient_accumulation_steps
-    task = get_task(config.task, train_file=config.train_file, eval_file=config.eval_file,
-                    strip_calculator=config.strip_calculator, seed=config.seed, target_format=config.target_format)
+    task = task_from_config(config)
     return needed if needed < len(task.examples("train")) else -1
 
 

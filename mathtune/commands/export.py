@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from mathtune.config import add_config_arguments, config_from_args
-from mathtune.errors import MathtuneError
+from mathtune.errors import ConfigError
 from mathtune.export import ExportConfig
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(ExportConfig, args)
     if args.gguf_type is not None and not config.gguf:
-        raise MathtuneError(f"--gguf-type {args.gguf_type} needs --gguf (the GGUF file is only written with it)")
+        raise ConfigError([f"--gguf-type {args.gguf_type} needs --gguf (the GGUF file is only written with it)"])
     result = export_model(config.model, config.output, dtype=config.dtype, gguf=config.gguf,
                           gguf_type=config.gguf_type, overwrite=config.overwrite,
                           trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,

@@ -54,11 +54,30 @@ class FileBackedTask(Task):
         self.target_format = target_format  # full | equations | equations-drop (tasks.gsm8k.TARGET_FORMATS)
 
 
+def task_from_config(config, *, train_file: bool = True) -> Task:
+    """The task a config's settings name (ModelSettings fields): files or --dataset, column mapping.
+    ``train_file=False``: eval reads only held-out data, so a --train-file there is not opened."""
+    from mathtune.tasks.files import Fields
+
+    return get_task(config.task, train_file=config.train_file if train_file else None, eval_file=config.eval_file,
+                    strip_calculator=config.strip_calculator, seed=config.seed, dataset=config.dataset,
+                    fields=Fields(config.question_field, config.answer_field),
+                    splits={"train": config.train_split, "eval": config.eval_split},
+                    target_format=config.target_format)
+
+
 def get_task(
     name: str, *, train_file=None, eval_file=None, strip_calculator: bool = False, seed: int = 0,
-    target_format: str = "full",
+    target_format: str = "full", dataset: str | None = None, fields=None, splits: dict | None = None,
 ) -> Task:
-    """Build the task ``name``; file paths are checked when a split is first read."""
+    """Build the task ``name``; file paths are checked when a split is first read. ``dataset``,
+    ``fields`` and ``splits`` (a hub dataset, its columns and splits) are read by task 'file' only."""
+    if name != "file" and dataset is not None:
+        raise MathtuneError(f"--dataset is read by --task file (got --task {name}): add --task file")
+    if name != "file" and fields is not None and (fields.question, fields.answer) != ("question", "answer"):
+        # silently ignoring the mapping would read the wrong columns or fail on a missing one
+        raise MathtuneError(f"--question-field/--answer-field are read by --task file (got --task {name}): "
+                            "add --task file")
     if name == "gsm8k":
         from mathtune.tasks.gsm8k import GSM8KTask
 
@@ -79,9 +98,11 @@ def get_task(
 
         return UnitConversionTask(seed=seed)
     if name == "file":
-        if train_file is None and eval_file is None:
-            raise MathtuneError("task 'file' needs --train-file and/or --eval-file (JSONL, JSON or CSV)")
-        from mathtune.tasks.files import FileTask
+        if train_file is None and eval_file is None and dataset is None:
+            raise MathtuneError("task 'file' needs --train-file and/or --eval-file (JSONL, JSON, CSV, Parquet or "
+                                "a datasets.save_to_disk dir), or --dataset ORG/NAME")
+        from mathtune.tasks.files import Fields, FileTask
 
-        return FileTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator)
+        return FileTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
+                        fields=fields or Fields(), dataset=dataset, splits=splits)
     raise MathtuneError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")

@@ -1,8 +1,13 @@
-"""Task "file": your own problems from JSONL, a JSON list, or CSV (columns question, answer).
+"""Task "file": your own problems from JSONL, a JSON list, CSV, Parquet, a ``datasets.save_to_disk``
+dir, or a Hugging Face dataset (``--dataset``, read in ``mathtune.tasks.hub``).
 
-The answer is a worked solution ending in ``#### N`` or a bare number (target ``"#### N"``).
-Rows are checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task accepts is
-one the gsm8k task accepts too. Locations: JSONL and CSV by line (the CSV header is line 1), JSON by item.
+Columns ``question`` and ``answer`` by default; ``--question-field`` / ``--answer-field`` map others
+(MetaMathQA's query/response, MATH's problem/solution). The answer is a worked solution ending in
+``#### N``, ``\\boxed{N}`` or "The answer is: N", or a bare number (``mathtune.answers.read_gold``).
+A solution without ``####`` is trained as itself plus a final ``#### N`` line, the form every task
+targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task
+accepts is one the gsm8k task accepts too. Locations: JSONL and CSV by line (the CSV header is line
+1), JSON by item, Parquet and dataset dirs by row (0-based, as ``dataset[N]`` reads it).
 """
 
 from __future__ import annotations
@@ -13,11 +18,65 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from dataclasses import dataclass
+
+from mathtune.answers import read_gold
 from mathtune.errors import InputError, MathtuneError
 from mathtune.tasks import Example, FileBackedTask
-from mathtune.tasks.gsm8k import SPLIT_FLAGS, build_examples, read_jsonl_examples, read_text
+from mathtune.tasks.gsm8k import SPLIT_FLAGS, build_examples, iter_jsonl, read_text
 
-SUPPORTED = (".jsonl", ".json", ".csv")
+SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a datasets.save_to_disk directory")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which columns hold the question and the gold answer (--question-field / --answer-field)."""
+
+    question: str = "question"
+    answer: str = "answer"
+
+    def flags(self) -> str:
+        return f"--question-field {self.question} --answer-field {self.answer}"
+
+
+def normalize_row(row: object, fields: Fields) -> object:
+    """A source row -> ``{question, answer}`` in GSM8K's shape; ValueError(reason) when it cannot be.
+
+    Renames the mapped columns, and turns a gold answer in another dataset's form (\\boxed{}, "The
+    answer is: N") into the solution plus a final ``#### N`` line (a fraction stays one: ``#### 3/4``).
+    """
+    if not isinstance(row, dict):
+        return row  # check_row names the problem
+    missing = [name for name in (fields.question, fields.answer) if name not in row]
+    if missing and (fields.question, fields.answer) != ("question", "answer"):
+        found = ", ".join(map(str, row)) or "none"
+        raise ValueError(f"no column {' or '.join(map(repr, missing))} (columns: {found}); "
+                         "set --question-field/--answer-field")
+    question, answer = row.get(fields.question), row.get(fields.answer)
+    if isinstance(answer, str) and answer.strip() and "####" not in answer:
+        try:
+            _, plain, form = read_gold(answer)
+        except ValueError as err:
+            raise ValueError(f"'{fields.answer}' {err}") from None
+        answer = f"#### {plain}" if form == "number" else f"{answer.rstrip()}\n#### {plain}"
+    return {"question": question, "answer": answer}
+
+
+def numbered_rows(rows, fields: Fields):
+    """``(number, row)`` pairs -> the same numbers with normalized rows; a ValueError keeps its number."""
+    for number, row in rows:
+        try:
+            yield number, normalize_row(row, fields)
+        except ValueError as err:
+            yield number, _BadRow(str(err))
+
+
+class _BadRow(dict):
+    """A row normalize_row refused: check_row sees no 'question', so the reason travels here instead."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
 
 
 def _json_items(path: Path, text: str) -> list:
@@ -33,7 +92,7 @@ def _json_items(path: Path, text: str) -> list:
     return items
 
 
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+def _csv_rows(path: Path, text: str, fields: Fields = Fields()) -> Iterator[tuple[int, dict]]:
     """``(line, {column: value})`` per record; the header is line 1, blank lines are skipped."""
     reader = csv.reader(io.StringIO(text, newline=""))
     header, end = None, 0
@@ -51,8 +110,9 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
             continue  # blank lines hold no data: allowed
         if header is None:
             header = [field.strip() for field in record]
-            if "question" not in header or "answer" not in header:
-                raise InputError(path, number, f"header must name the columns 'question' and 'answer', found {header}")
+            if fields.question not in header or fields.answer not in header:
+                raise InputError(path, number, f"header must name the columns '{fields.question}' and "
+                                               f"'{fields.answer}', found {header}; or set --question-field/--answer-field")
             continue
         if len(record) > len(header):
             reason = f"{len(record)} fields but the header has {len(header)}; quote fields that contain commas"
@@ -60,30 +120,91 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield number, dict(zip(header, record))  # a short record lacks 'answer': check_row reports it
 
 
-def read_examples(path, flag: str, *, strip_calc: bool = False) -> list[Example]:
-    """Examples from ``path``, format chosen by extension; ids ``"<filename>:<line or item>"``."""
+def load_dataset_rows(path: Path, flag: str, split: str | None = None) -> list[dict]:
+    """Rows of a Parquet file or a ``datasets.save_to_disk`` dir, read by the datasets library."""
+    try:
+        import datasets
+    except ImportError as err:  # a core dependency, but say what to do rather than trace back
+        raise MathtuneError(f"{flag} {path}: reading it needs the datasets package: pip install datasets") from err
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as err:  # pyarrow and datasets raise many types; the user needs the file and the fix
+        what = "a datasets.save_to_disk directory" if path.is_dir() else "a Parquet file"
+        raise InputError(path, None, f"not readable as {what} ({type(err).__name__}: {_first_line(err)}); "
+                                     f"check the path given to {flag}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in loaded:
+            raise InputError(path, None, f"holds splits {', '.join(names)}: name one as {path / (split or names[0])}")
+        loaded = loaded[split]
+    return list(loaded)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def read_examples(path, flag: str, *, strip_calc: bool = False, fields: Fields = Fields()) -> list[Example]:
+    """Examples from ``path``, format chosen by extension; ids ``"<filename>:<line, item or row>"``."""
     path = Path(path)
     suffix = path.suffix.lower()
+    hint = f"write rows with '{fields.question}' and '{fields.answer}'"
     if suffix == ".jsonl":
-        return read_jsonl_examples(path, flag, strip_calc=strip_calc, bare_number_ok=True)
+        rows = iter_jsonl(path, read_text(path, flag))
+        return _build(path, numbered_rows(rows, fields), strip_calc, hint + ", one JSON object per line")
     if suffix == ".json":
         items = enumerate(_json_items(path, read_text(path, flag)), start=1)  # "item 1" is the first
-        hint = "write a list of objects with 'question' and 'answer'"
-        return build_examples(path, items, strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True)
+        return _build(path, numbered_rows(items, fields), strip_calc, hint + " as a list of objects", by_item=True)
     if suffix == ".csv":
-        rows = _csv_rows(path, read_text(path, flag))
-        hint = "write a header row 'question,answer' and one row per problem"
-        return build_examples(path, rows, strip_calc=strip_calc, bare_number_ok=True, hint=hint)
+        rows = _csv_rows(path, read_text(path, flag), fields)
+        return _build(path, numbered_rows(rows, fields), strip_calc, hint + " as header columns, one row per problem")
+    if suffix == ".parquet" or path.is_dir():
+        rows = enumerate(load_dataset_rows(path, flag))
+        return _build(path, numbered_rows(rows, fields), strip_calc, hint, by_row=True)
     kind = suffix or "(none)"
     raise MathtuneError(f"{path}: unsupported file type {kind!r} for {flag}; use one of {', '.join(SUPPORTED)}")
+
+
+def _build(path: Path, rows, strip_calc: bool, hint: str, *, by_item: bool = False,
+           by_row: bool = False) -> list[Example]:
+    """``build_examples`` with the refusals of ``normalize_row`` located like its own."""
+    def checked():
+        for number, row in rows:
+            if isinstance(row, _BadRow):
+                where = f"item {number}" if by_item else f"row {number}" if by_row else None
+                raise InputError(path, None if where else number, f"{where}: {row.reason}" if where else row.reason)
+            yield number, row
+
+    if by_row:  # 0-based positions, reported as "row N" (build_examples would say "item N")
+        try:
+            return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True)
+        except InputError as err:
+            raise InputError(path, None, err.reason.replace("item ", "row ", 1)) from None
+    return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=by_item)
 
 
 class FileTask(FileBackedTask):
     name = "file"
     judge_rule = "exact"
 
+    def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False,
+                 fields: Fields = Fields(), dataset: str | None = None, splits: dict | None = None):
+        super().__init__(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator)
+        self.fields = fields
+        self.dataset = dataset  # ORG/NAME[:CONFIG] on the hub (mathtune.tasks.hub)
+        self.splits = {"train": "train", "eval": "test", **(splits or {})}
+
     def _load(self, split: str) -> list[Example]:
+        if self.dataset is not None:
+            from mathtune.tasks.hub import hub_examples
+
+            return hub_examples(self.dataset, self.splits[split], self.fields, strip_calc=self.strip_calculator)
         flag = SPLIT_FLAGS[split]
         if self.files[split] is None:
             raise MathtuneError(f"task 'file' has no {split} data: pass {flag}")
-        return read_examples(self.files[split], flag, strip_calc=self.strip_calculator)
+        return read_examples(self.files[split], flag, strip_calc=self.strip_calculator, fields=self.fields)

@@ -1,0 +1,127 @@
+"""The names users paste: underscore spellings, Trainer/TRL flag and YAML names, exit codes, --version."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mathtune import cli
+from mathtune.config import FIELD_ALIASES, TrainConfig, build_config, config_from_args
+from mathtune.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_train(argv: list[str]) -> TrainConfig:
+    args = cli.build_parser(only="train").parse_args(["train", *argv])
+    return config_from_args(TrainConfig, args)
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--max_length", "64"], "max_length", 64),
+    (["--learning_rate=1e-4"], "learning_rate", 1e-4),
+    (["--gradient_accumulation_steps", "4"], "gradient_accumulation_steps", 4),
+    (["--warmup_ratio", "0.1"], "warmup_ratio", 0.1),
+    (["--output_dir", "runs/x"], "output_dir", "runs/x"),
+    (["--save_steps", "5"], "save_steps", 5),
+    (["--logging_steps", "3"], "logging_steps", 3),
+    (["--num_train_epochs", "2.5"], "num_epochs", 2.5),
+    (["--per_device_train_batch_size", "4"], "batch_size", 4),
+    (["--lr_scheduler_type", "linear"], "lr_scheduler", "linear"),
+    (["--model_name_or_path", "some/model"], "model", "some/model"),
+    (["--max_seq_length", "128"], "max_length", 128),
+    (["--report_to", "none"], "report_to", ["none"]),
+    (["--no_group_by_length"], "group_by_length", False),
+])
+def test_trainer_and_underscore_names_set_the_mathtune_field(argv, field, value):
+    default = getattr(TrainConfig(), field)
+    assert default != value  # else the test would pass without the flag being read
+    assert getattr(parse_train(argv), field) == value
+
+
+def test_underscores_are_rewritten_in_flag_names_only():
+    argv = ["train", "--output_dir", "my_runs/a_b", "--stop=a_b", "--", "--not_a_flag"]
+    assert cli.hyphenate_flags(argv) == ["train", "--output-dir", "my_runs/a_b", "--stop=a_b", "--", "--not_a_flag"]
+
+
+def test_yaml_accepts_trainer_keys_and_refuses_both_spellings(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_train_epochs: 3\nper_device_train_batch_size: 2\nlr_scheduler_type: linear\n"
+                      "max_seq_length: 96\nreport_to: none\n")
+    config = build_config(TrainConfig, recipe)
+    assert (config.num_epochs, config.batch_size, config.lr_scheduler, config.max_length) == (3, 2, "linear", 96)
+    assert config.report_to == ["none"]
+    both = tmp_path / "both.yaml"
+    both.write_text("num_epochs: 1\nnum_train_epochs: 2\n")
+    with pytest.raises(ConfigError, match="'num_train_epochs' and 'num_epochs' are the same setting"):
+        build_config(TrainConfig, both)
+    assert set(FIELD_ALIASES.values()) <= set(TrainConfig.__dataclass_fields__)
+
+
+def test_report_to_selects_trainer_integrations():
+    pytest.importorskip("transformers")
+    from transformers.integrations import is_tensorboard_available
+
+    from mathtune.training import _report_to
+
+    assert _report_to(parse_train(["--report_to", "none"])) == []
+    assert parse_train(["--report_to", "wandb"]).wandb is True  # one code path for W&B keys
+    default = _report_to(parse_train([]))
+    assert default == (["tensorboard"] if is_tensorboard_available() else [])
+    with pytest.raises(ConfigError, match="--report-to nonsense"):
+        parse_train(["--report_to", "nonsense"])
+
+
+def _mathtune(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "mathtune", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_version_and_exit_codes(tmp_path):
+    from mathtune import __version__
+
+    version = _mathtune("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"mathtune {__version__}"
+    usage = _mathtune("train", "--learnig_rate", "1")  # a typo: argparse's usage error
+    assert usage.returncode == 2 and "unrecognized arguments" in usage.stderr
+    bad_value = _mathtune("train", "--max_steps", "0", "--output_dir", tmp_path / "run")
+    assert bad_value.returncode == 2 and bad_value.stderr.startswith("error: --max-steps must be > 0")
+    failed = _mathtune("report", tmp_path)  # an empty dir is no run dir: the run fails
+    assert failed.returncode == 1 and failed.stderr.startswith("error: ") and "Traceback" not in failed.stderr
+    help_text = _mathtune("train", "--help").stdout
+    assert "exit status: 0 success, 1" in help_text and "143" in help_text
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Has the process installed a SIGTERM handler (mathtune.cli.main has started)? Linux /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waits on /proc/PID/status")
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_exit_128_plus_the_signal(signum, code):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    # `ask` with no questions reads stdin: it blocks there, inside main, until the signal
+    proc = subprocess.Popen([sys.executable, "-m", "mathtune", "ask", "no-such-model"], cwd=REPO_ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "mathtune never reached main()"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code and "Traceback" not in err
