@@ -282,6 +282,8 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
     if head_dim != config.hidden_size // n_head:  # Qwen3, Gemma 2, Mistral Nemo: heads not hidden/n_head wide
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
+    if config.model_type == "phi3":  # llama.cpp's phi3 loader requires the key; a window >= the context is full attention
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or _context_length(config)))
     if config.model_type == "gemma2":
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
