@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.mathtune-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean check-gguf
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,25 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4;
 test: $(STAMP)
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
+# GGUF exports run in a real llama.cpp (scripts/check_gguf.py): the prebuilt CPU library of the PyPI
+# wheel llama-cpp-cffi 0.4.42 (llama.cpp b4965) in its own venv, never built from source. The wheel's
+# library wants one GCC 14 libstdc++ symbol that Debian 12 lacks: a 5-line shim supplies it (needs cc).
+# ~5 min on 2 cores: not part of `make test`.
+GGUF_VENV ?= .venv-gguf
+GGUF_STAMP := $(GGUF_VENV)/.installed
+
+$(GGUF_STAMP): Makefile scripts/gcc14_terminate_shim.c
+	$(PYTHON) -m venv $(GGUF_VENV)
+	$(GGUF_VENV)/bin/pip install --quiet --upgrade pip
+	# --no-deps: its own high-level API pulls transformers<5 and more; the check uses the C library only
+	$(GGUF_VENV)/bin/pip install --quiet --no-deps llama-cpp-cffi==0.4.42
+	$(GGUF_VENV)/bin/pip install --quiet cffi numpy jinja2 gguf==0.19.0
+	cc -shared -fPIC -O2 -o $(GGUF_VENV)/gcc14_terminate_shim.so scripts/gcc14_terminate_shim.c
+	touch $(GGUF_STAMP)
+
+check-gguf: $(STAMP) $(GGUF_STAMP)
+	GCC14_SHIM=$(CURDIR)/$(GGUF_VENV)/gcc14_terminate_shim.so HF_HUB_OFFLINE=1 \
+		$(PY) scripts/check_gguf.py --llama-python $(GGUF_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GGUF_VENV) build *.egg-info

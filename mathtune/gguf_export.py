@@ -25,6 +25,7 @@ The file is written under a temporary name and renamed when complete: no half-wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -34,25 +35,71 @@ from pathlib import Path
 from mathtune.errors import MathtuneError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-# transformers model_type -> gguf architecture name (gguf.MODEL_ARCH_NAMES value)
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 
 
 @dataclass(frozen=True)
-class PreTokenizer:
-    """A tokenizer.json pre-tokenizer shape and the name llama.cpp knows it by."""
+class Family:
+    """How one transformers ``model_type`` is written: the llama.cpp architecture (a
+    ``gguf.MODEL_ARCH_NAMES`` value, whose ``gguf.TensorNameMap`` names the tensors) and the few
+    per-family facts llama.cpp's ``convert_hf_to_gguf.py`` also hand-codes."""
 
-    name: str
-    matches: object  # callable(pre_tokenizer_json) -> bool
+    arch: str
+    hidden_act: str = "silu"
+    # Llama-style q/k rows are permuted into llama.cpp's interleaved rotary layout; NeoX-style
+    # families (Qwen, Phi-3, Gemma) rotate half-split rows, which llama.cpp reads as they are
+    permute_qk: bool = False
+    # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp multiplies by the stored weight, so the
+    # converter stores weight + 1 (as convert_hf_to_gguf.py's Gemma2Model does)
+    norm_plus_one: bool = False
+    no_bias: tuple = ()  # config flags that must be off (llama.cpp's graph for the arch has no such bias)
+
+
+# transformers model_type -> how it is written
+FAMILIES = {
+    "llama": Family("llama", permute_qk=True, no_bias=("attention_bias", "mlp_bias")),
+    "mistral": Family("llama", permute_qk=True),  # llama.cpp runs Mistral as llama (so does its converter)
+    "qwen2": Family("qwen2"),
+    "qwen3": Family("qwen3", no_bias=("attention_bias",)),  # + per-head q/k RMSNorm: attn_q_norm / attn_k_norm
+    "phi3": Family("phi3"),  # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (llama.cpp splits both)
+    "gemma2": Family("gemma2", hidden_act="gelu_pytorch_tanh", norm_plus_one=True, no_bias=("attention_bias",)),
+}
+SUPPORTED_ARCHITECTURES = {model_type: family.arch for model_type, family in FAMILIES.items()}
+
+# --- the pre-tokenizer name (tokenizer.ggml.pre): which split regex llama.cpp applies before BPE.
+# llama.cpp refuses to load an unknown name ("unknown pre-tokenizer type"), and a known but wrong
+# name splits text differently from the tokenizer the model was trained with. mathtune decides it
+# as llama.cpp's convert_hf_to_gguf.py does (get_vocab_base_pre): encode CHECK_TEXT, hash the ids,
+# look the hash up. The hashes are those of that script's table for the tokenizers of the families
+# above; a tokenizer not in it (a custom or retrained vocabulary) is named by the shape of its
+# tokenizer.json pre-tokenizer, and anything else is an error, never a guess.
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis "
+    "concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+KNOWN_TOKENIZERS = {  # sha256 of str(tokenizer.encode(CHECK_TEXT)) -> llama.cpp pre-tokenizer name
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / 2 / 2.5 / 3
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3 embedding vocab
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+}
+# the names above as llama.cpp's src/llama-vocab.cpp accepts them (it throws on any other)
+LLAMA_CPP_PRE_TOKENIZERS = frozenset({"gpt-2", "smollm", "qwen2", "llama-bpe", "tekken"})
 
 
 def _byte_level_regex(pre: dict | None) -> bool:
-    # GPT-2's split regex inside ByteLevel: what transformers' GGUF reader rebuilds for "gpt2"/"smollm"
+    # GPT-2's split regex inside ByteLevel (llama.cpp "gpt-2")
     return bool(pre) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
 
 
 def _digits_then_byte_level(pre: dict | None) -> bool:
-    # SmolLM's hub tokenizer: single digits, then GPT-2's regex (llama.cpp's "smollm")
+    # SmolLM's hub tokenizer: single digits, then GPT-2's regex (llama.cpp "smollm")
     items = (pre or {}).get("pretokenizers") or []
     return ((pre or {}).get("type") == "Sequence" and len(items) == 2 and items[0].get("type") == "Digits"
             and items[0].get("individual_digits") and _byte_level_regex(items[1]))
@@ -67,11 +114,8 @@ def _qwen2_split(pre: dict | None) -> bool:
             and items[1].get("type") == "ByteLevel" and not items[1].get("use_regex", True))
 
 
-PRE_TOKENIZERS = (
-    PreTokenizer("gpt2", _byte_level_regex),
-    PreTokenizer("smollm", _digits_then_byte_level),
-    PreTokenizer("qwen2", _qwen2_split),
-)
+PRE_TOKENIZER_SHAPES = (("gpt-2", _byte_level_regex), ("smollm", _digits_then_byte_level), ("qwen2", _qwen2_split))
+assert {name for name, _ in PRE_TOKENIZER_SHAPES} | set(KNOWN_TOKENIZERS.values()) <= LLAMA_CPP_PRE_TOKENIZERS
 
 
 def check_supported(config) -> str:
@@ -81,28 +125,45 @@ def check_supported(config) -> str:
     llama.cpp and transformers' reader assume, else the file would load as a different model.
     """
     model_type = getattr(config, "model_type", None)
-    arch = SUPPORTED_ARCHITECTURES.get(model_type)
-    if arch is None:
-        raise MathtuneError(
-            f"--gguf: architecture '{model_type}' is not supported: mathtune writes GGUF for "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (SmolLM2, Qwen2.5); export without --gguf"
-        )
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise MathtuneError(f"GGUF export does not support {model_type} yet; export safetensors instead "
+                            f"(without --gguf); supported: {', '.join(FAMILIES)}")
+    arch = family.arch
     problems = []
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {config.hidden_act!r} (GGUF {arch} assumes silu)")
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act != family.hidden_act:
+        problems.append(f"activation {act!r} (GGUF {arch} assumes {family.hidden_act})")
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         problems.append(f"rope scaling {rope.get('rope_type')!r} (only plain rotary embeddings are written)")
-    if arch == "llama":
-        for name in ("attention_bias", "mlp_bias"):
-            if getattr(config, name, False):
-                problems.append(f"{name}=True")
-    if arch == "qwen2" and getattr(config, "use_sliding_window", False):
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        problems.append(f"partial_rotary_factor {rope['partial_rotary_factor']}")
+    problems += [f"{name}=True" for name in family.no_bias if getattr(config, name, False)]
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
         problems.append("use_sliding_window=True")
+    if model_type == "gemma2":
+        head_dim = config.head_dim
+        # llama.cpp scales Gemma 2 attention by 1/sqrt(head_dim) (except its 27B size): the config must agree
+        if float(config.query_pre_attn_scalar) != float(head_dim):
+            problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} != head_dim {head_dim}")
+        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+        if list(getattr(config, "layer_types", expected)) != expected:
+            problems.append("layer_types other than Gemma 2's alternating sliding/full attention")
     if problems:
         raise MathtuneError(f"--gguf: this {model_type} model cannot be written to GGUF exactly: "
-                            f"{'; '.join(problems)}; export without --gguf")
+                            f"{'; '.join(problems)}; export safetensors instead (without --gguf)")
     return arch
+
+
+def _context_length(config) -> int:
+    """max_position_embeddings, capped at a sliding window the arch's llama.cpp graph does not
+    apply (Mistral, Phi-3): below the window, sliding-window attention equals full attention."""
+    length = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window and config.model_type in ("mistral", "phi3"):
+        length = min(length, int(window))
+    return length
 
 
 def _rope_theta(config) -> float:
@@ -124,16 +185,24 @@ def permute_qk(weight, n_head: int, n_head_kv: int | None = None):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def tokenizer_hash(tokenizer) -> str:
+    """llama.cpp's fingerprint of a tokenizer: sha256 of the ids it encodes CHECK_TEXT to."""
+    return hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
 def pre_tokenizer_name(tokenizer) -> str:
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer")
-    for candidate in PRE_TOKENIZERS:
-        if candidate.matches(pre):
-            return candidate.name
-    kind = (pre or {}).get("type")
-    raise MathtuneError(
-        f"--gguf: the tokenizer's pre-tokenizer ({kind}) is not one mathtune can name for llama.cpp; "
-        f"supported: {', '.join(p.name for p in PRE_TOKENIZERS)} (byte-level BPE as in SmolLM2 / Qwen2.5)"
-    )
+    """The ``tokenizer.ggml.pre`` name llama.cpp loads this tokenizer with (see KNOWN_TOKENIZERS)."""
+    name = KNOWN_TOKENIZERS.get(tokenizer_hash(tokenizer))
+    if name is None:
+        pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer")
+        name = next((shape for shape, matches in PRE_TOKENIZER_SHAPES if matches(pre)), None)
+        if name is None:
+            raise MathtuneError(
+                f"--gguf: the tokenizer (pre-tokenizer {(pre or {}).get('type')}, hash {tokenizer_hash(tokenizer)[:12]}) "
+                f"is not one mathtune can name for llama.cpp (known: {', '.join(sorted(LLAMA_CPP_PRE_TOKENIZERS))}); "
+                f"export safetensors instead (without --gguf)"
+            )
+    return name
 
 
 def _token_table(tokenizer, n_vocab: int):
@@ -187,6 +256,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
         raise MathtuneError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
     config = model.config
     arch_name = check_supported(config)
+    family = FAMILIES[config.model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     n_layers = config.num_hidden_layers
     n_head, n_head_kv = config.num_attention_heads, config.num_key_value_heads
@@ -199,7 +269,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_context_length(_context_length(config))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(n_layers))
     writer.add_feed_forward_length(int(config.intermediate_size))
@@ -208,8 +278,16 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(n_vocab))
-    if arch_name == "llama":
-        writer.add_rope_dimension_count(int(head_dim))
+    writer.add_rope_dimension_count(int(head_dim))
+    if head_dim != config.hidden_size // n_head:  # Qwen3, Gemma 2, Mistral Nemo: heads not hidden/n_head wide
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+    if config.model_type == "phi3":  # llama.cpp's phi3 loader requires the key; a window >= the context is full attention
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or _context_length(config)))
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+        writer.add_sliding_window(int(config.sliding_window))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     writer.add_file_type(int(file_type))
@@ -248,10 +326,12 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
         if gguf_name is None:
             raise MathtuneError(f"--gguf: tensor {hf_name} has no GGUF name for {arch_name}: cannot write it")
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        if arch_name == "llama" and hf_name.endswith("q_proj.weight"):
+        if family.permute_qk and hf_name.endswith("q_proj.weight"):
             data = permute_qk(data, n_head, n_head)
-        elif arch_name == "llama" and hf_name.endswith("k_proj.weight"):
+        elif family.permute_qk and hf_name.endswith("k_proj.weight"):
             data = permute_qk(data, n_head, n_head_kv)
+        elif family.norm_plus_one and hf_name.endswith("norm.weight"):
+            data = data + 1.0
         qtype = target
         if data.ndim <= 1:
             qtype = gguf.GGMLQuantizationType.F32

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from mathtune.data import end_of_turn_token, end_of_turn_token_id, format_prompt
 from mathtune.errors import MathtuneError
 from mathtune.export import card_base_model, export_model, run_dir_of
-from mathtune.gguf_export import check_supported, modelfile_text, write_gguf
+from mathtune.gguf_export import check_supported, modelfile_text, pre_tokenizer_name, write_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -357,12 +357,37 @@ def test_gguf_qwen2_with_biases_and_untied_head_round_trips_exactly(small_tokeni
 def test_unsupported_architectures_and_settings_are_one_line_errors():
     from transformers import GPT2Config, LlamaConfig
 
-    with pytest.raises(MathtuneError, match=r"architecture 'gpt2' is not supported: mathtune writes GGUF for llama, qwen2"):
+    with pytest.raises(MathtuneError, match=r"^GGUF export does not support gpt2 yet; export safetensors instead"):
         check_supported(GPT2Config())
     scaled = LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(MathtuneError, match="rope scaling 'linear'"):
         check_supported(scaled)
     assert check_supported(LlamaConfig()) == "llama"
+
+
+def test_pre_tokenizer_is_the_name_llama_cpp_knows(smol_tokenizer, small_tokenizer):
+    """SmolLM2's vocabulary hashes to llama.cpp's "smollm" (what its own converter writes, and what
+    the bundled Q4_1 GGUF carries); a retrained byte-level BPE is named by its pre-tokenizer's shape
+    ("gpt-2", not the "gpt2" llama.cpp refuses); anything else is an error, not a guess."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    assert pre_tokenizer_name(smol_tokenizer) == "smollm"
+    assert pre_tokenizer_name(small_tokenizer) == "gpt-2"
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=backend)
+    with pytest.raises(MathtuneError, match=r"pre-tokenizer Whitespace.*export safetensors instead"):
+        pre_tokenizer_name(other)
+
+
+@pytest.mark.parametrize("config_name", ["Qwen3Config", "MistralConfig", "Gemma2Config", "Phi3Config"])
+def test_more_families_are_supported(config_name):
+    import transformers
+
+    config = getattr(transformers, config_name)(sliding_window=None) if config_name != "Gemma2Config" \
+        else transformers.Gemma2Config()
+    assert check_supported(config) in ("qwen3", "llama", "gemma2", "phi3")
 
 
 def test_modelfile_prompt_is_the_training_prompt(small_tokenizer, small_llama_export):
