@@ -52,6 +52,9 @@ class Family:
     # converter stores weight + 1 (as convert_hf_to_gguf.py's Gemma2Model does)
     norm_plus_one: bool = False
     no_bias: tuple = ()  # config flags that must be off (llama.cpp's graph for the arch has no such bias)
+    # loaded by a real llama.cpp with greedy output equal to transformers' (`make check-gguf`); a
+    # family whose file nothing has loaded yet is refused, not written on trust
+    verified: bool = True
 
 
 # transformers model_type -> how it is written
@@ -59,9 +62,13 @@ FAMILIES = {
     "llama": Family("llama", permute_qk=True, no_bias=("attention_bias", "mlp_bias")),
     "mistral": Family("llama", permute_qk=True),  # llama.cpp runs Mistral as llama (so does its converter)
     "qwen2": Family("qwen2"),
-    "qwen3": Family("qwen3", no_bias=("attention_bias",)),  # + per-head q/k RMSNorm: attn_q_norm / attn_k_norm
-    "phi3": Family("phi3"),  # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (llama.cpp splits both)
-    "gemma2": Family("gemma2", hidden_act="gelu_pytorch_tanh", norm_plus_one=True, no_bias=("attention_bias",)),
+    # the three below are written as llama.cpp's converter does, but the llama.cpp build that
+    # `make check-gguf` can run (b4965) lacks qwen3, aborts on gemma2 and rejects phi3's vocabulary
+    # without Phi-3's own special tokens: refused until a build that has them agrees with transformers
+    "qwen3": Family("qwen3", no_bias=("attention_bias",), verified=False),  # + per-head q/k RMSNorm: attn_q_norm / attn_k_norm
+    "phi3": Family("phi3", verified=False),  # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (llama.cpp splits both)
+    "gemma2": Family("gemma2", hidden_act="gelu_pytorch_tanh", norm_plus_one=True, no_bias=("attention_bias",),
+                     verified=False),
 }
 SUPPORTED_ARCHITECTURES = {model_type: family.arch for model_type, family in FAMILIES.items()}
 
@@ -118,7 +125,7 @@ PRE_TOKENIZER_SHAPES = (("gpt-2", _byte_level_regex), ("smollm", _digits_then_by
 assert {name for name, _ in PRE_TOKENIZER_SHAPES} | set(KNOWN_TOKENIZERS.values()) <= LLAMA_CPP_PRE_TOKENIZERS
 
 
-def check_supported(config) -> str:
+def check_supported(config, *, allow_unverified: bool = False) -> str:
     """The gguf architecture name for a transformers config, or a one-line error.
 
     Besides the architecture, every setting the GGUF metadata cannot carry must be at the value
@@ -129,6 +136,10 @@ def check_supported(config) -> str:
     if family is None:
         raise MathtuneError(f"GGUF export does not support {model_type} yet; export safetensors instead "
                             f"(without --gguf); supported: {', '.join(FAMILIES)}")
+    if not family.verified and not allow_unverified:
+        raise MathtuneError(f"GGUF export of {model_type} is not verified against llama.cpp yet (the build mathtune "
+                            "checks with lacks it); export safetensors instead (without --gguf) and convert with "
+                            "llama.cpp's own convert_hf_to_gguf.py")
     arch = family.arch
     problems = []
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
@@ -242,11 +253,12 @@ def _adds_token(tokenizer, token_id: int | None, where: str) -> bool:
 
 
 def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | os.PathLike, gguf_type: str,
-               *, eot_token_id: int, name: str) -> Path:
+               *, eot_token_id: int, name: str, allow_unverified: bool = False) -> Path:
     """Write ``model`` (a plain fp32 transformers model, LoRA already merged) to ``path``.
 
     ``tokenizer_dir`` holds the saved tokenizer files (``SpecialVocab`` reads merges, special ids and
-    the chat template from there).
+    the chat template from there). ``allow_unverified`` writes a family not yet verified against
+    llama.cpp (``make check-gguf`` does, to try each one); exports never pass it.
     """
     import gguf
     import numpy as np
@@ -255,7 +267,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
     if gguf_type not in GGUF_TYPES:
         raise MathtuneError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
     config = model.config
-    arch_name = check_supported(config)
+    arch_name = check_supported(config, allow_unverified=allow_unverified)
     family = FAMILIES[config.model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     n_layers = config.num_hidden_layers

@@ -79,7 +79,7 @@ def build_cases(work: Path) -> list[dict]:
     """Write every GGUF + its HF reference dir; returns [{name, gguf, hf, kind}]."""
     from mathtune.data import end_of_turn_token_id
     from mathtune.export import export_model
-    from mathtune.gguf_export import write_gguf
+    from mathtune.gguf_export import FAMILIES, write_gguf
     from mathtune.models import apply_lora, cache_dir, load_tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +113,8 @@ def build_cases(work: Path) -> list[dict]:
                 result.gguf.rename(path)
             cases.append({"name": f"{name}.{gguf_type}", "gguf": str(path), "hf": str(result.output),
                           "kind": gguf_type})
-    # tiny models of each family on SmolLM2's vocabulary
+    # tiny models of each family on SmolLM2's vocabulary; families mathtune's export still refuses
+    # are written anyway (allow_unverified) so that a newer llama.cpp build can verify them here
     for family, template in FAMILY_TEMPLATES.items():
         family_tokenizer = copy.deepcopy(tokenizer)
         family_tokenizer.chat_template = template
@@ -122,8 +123,9 @@ def build_cases(work: Path) -> list[dict]:
         model.save_pretrained(out)
         family_tokenizer.save_pretrained(out)
         path = write_gguf(model, family_tokenizer, out, out / f"{family}.f32.gguf", "f32",
-                          eot_token_id=family_tokenizer.eos_token_id, name=family)
-        cases.append({"name": f"{family}.f32", "gguf": str(path), "hf": str(out), "kind": "f32"})
+                          eot_token_id=family_tokenizer.eos_token_id, name=family, allow_unverified=True)
+        cases.append({"name": f"{family}.f32", "gguf": str(path), "hf": str(out), "kind": "f32",
+                      "verified": FAMILIES[model.config.model_type].verified})
     return cases
 
 
@@ -197,6 +199,11 @@ def main() -> int:
               f"first line {same_line}/{n}")
         if same_prompt != n or (case["kind"] != "q8_0" and same_tokens != n):
             failed.append(case["name"])
+    # a family the export refuses may fail here: that is why it is refused; report it, don't fail on it
+    unverified = [c["name"] for c in cases if c["name"] in failed and not c.get("verified", True)]
+    failed = [name for name in failed if name not in unverified]
+    if unverified:
+        print(f"not verified (mathtune's export refuses these families): {', '.join(unverified)}")
     if failed:
         print(f"FAIL: {', '.join(failed)}")
         return 1

@@ -201,7 +201,8 @@ def test_export_reloads_in_plain_transformers_with_the_same_greedy_output(family
 
 
 def test_gguf_reads_back_through_transformers_with_the_same_logits(family, exported, tmp_path):
-    # TODO(GGUF for qwen3, gemma2, phi3, mistral: engineer B) -- add them to the families' gguf flag
+    # mistral's GGUF is checked against llama.cpp by `make check-gguf` (transformers' GGUF reader drops its
+    # sliding window); qwen3, gemma2 and phi3 are refused by the export (tests/test_export.py)
     if not family.gguf:
         pytest.skip(f"mathtune writes no GGUF for {family.name} yet")
     from transformers import AutoModelForCausalLM, AutoTokenizer
