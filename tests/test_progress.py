@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
 
+from conftest import REPO_ROOT
 from mathtune.progress import LogLines, phase, progress_reporter
 
 
@@ -116,3 +122,25 @@ def test_phase_that_fails_says_stopped_and_reraises():
         with phase("converting", write=written.append, wait=lambda s: True):
             raise ValueError("bad")
     assert written[0] == "converting ..." and written[-1].startswith("converting: stopped after")
+
+
+def test_cli_eval_with_stderr_in_a_file_prints_progress_lines(tiny_model_dir, tmp_path):
+    """`mathtune eval` under nohup/CI: stderr is a file, and the generation still reports as it goes."""
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"question": f"What is {a} plus {a}?", "answer": f"#### {2 * a}"}) + "\n"
+                             for a in range(12)))
+    log = tmp_path / "stderr.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    with open(log, "w") as stderr:
+        proc = subprocess.run([sys.executable, "-m", "mathtune.cli", "eval", "--model", str(tiny_model_dir),
+                               "--task", "file", "--eval-file", str(items), "--all", "--max-new-tokens", "8",
+                               "--batch-size", "4", "--device", "cpu", "--no-cache", "--output", str(tmp_path / "eval")],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300, cwd=tmp_path, env=env)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    progress = [line for line in text.splitlines() if line.startswith("generating: ")]
+    # 12 items in batches of 4: a line each time >= 10% more are done, then the final line
+    assert progress[:-1] and all(re.fullmatch(r"generating: \d+/12 seq \(\d+%\), \d+ tok/s, [\d:]+ elapsed, "
+                                              r"ETA [\d:]+", line) for line in progress[:-1]), progress
+    assert re.fullmatch(r"generating: 12/12 seq \(100%\), \d+ tok/s, done in [\d:]+", progress[-1])
+    assert "\r" not in text.split("evaluating", 1)[1]  # plain lines from the evaluation on, no redrawn bar
