@@ -288,6 +288,7 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     from mathtune.data import end_of_turn_token, end_of_turn_token_id
     from mathtune.gguf_export import check_supported, modelfile_text, write_gguf
     from mathtune.models import load_model, model_tag, resolve_model_source
+    from mathtune.progress import phase  # start, "still running" every 30 s, end: merging/saving report nothing
 
     config = ExportConfig(model=str(spec), output=str(output), dtype=dtype, gguf=gguf, gguf_type=gguf_type,
                           overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).validate()
@@ -297,9 +298,10 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     run_config = _read_yaml(run_dir / RUN_CONFIG) if run_dir is not None else None
     comparison = _read_comparison(run_dir / COMPARISON) if run_dir is not None else None
 
-    log(f"loading {config.model} ({kind}){' and merging its LoRA adapter in fp32' if kind == 'adapter' else ''}")
-    loaded = load_model(config.model, device="cpu", dtype=torch.float32, merge_adapter=True,
-                        trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    with phase(f"loading {config.model} ({kind}){' and merging its LoRA adapter in fp32' if kind == 'adapter' else ''}",
+               write=log):
+        loaded = load_model(config.model, device="cpu", dtype=torch.float32, merge_adapter=True,
+                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.gguf:
         check_supported(model.config)  # before any file is written
@@ -315,16 +317,16 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     def build(tmp: Path) -> None:
         tokenizer.save_pretrained(tmp)
         if config.gguf:
-            log(f"writing {gguf_name}")
             # from the fp32 merge, whatever --dtype the safetensors get
-            write_gguf(model, tokenizer, tmp, tmp / gguf_name, config.gguf_type, eot_token_id=eot_id, name=name)
+            with phase(f"writing {gguf_name}", write=log):
+                write_gguf(model, tokenizer, tmp, tmp / gguf_name, config.gguf_type, eot_token_id=eot_id, name=name)
             (tmp / MODELFILE).write_text(modelfile_text(tokenizer, gguf_name, eot))
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
         model.to(torch_dtype)
         model.config.dtype = torch_dtype
         model.generation_config = _generation_config(tokenizer, eot_id, max_new_tokens)
-        log(f"writing safetensors ({config.dtype})")
-        model.save_pretrained(tmp)
+        with phase(f"writing safetensors ({config.dtype})", write=log):
+            model.save_pretrained(tmp)
         card = model_card(name=name, spec=config.model, base_spec=base_spec, merged_lora=loaded.is_adapter,
                           run_config=run_config, comparison=comparison, gguf_file=gguf_name, eot_token=eot)
         (tmp / CARD_FILE).write_text(card)

@@ -411,11 +411,9 @@ def _model_device(model) -> torch.device:
 
 
 def _progress_bar(total: int, enabled: bool | None):
-    from tqdm.auto import tqdm
+    from mathtune.progress import progress_reporter  # a bar on a terminal, a line per 30 s / 10% in a log
 
-    # disable=None: shown on a terminal, silent when stderr is a file or pipe (logs, subprocess tests)
-    disable = None if enabled is None else not enabled
-    return tqdm(total=total, unit="seq", desc="generating", disable=disable, leave=False, dynamic_ncols=True)
+    return progress_reporter(total, "generating", "seq", enabled=enabled)
 
 
 def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -476,14 +474,10 @@ class Generator:
         tokens: dict[tuple[int, int], tuple[list[int], bool, list[dict]]] = {}
         bar = _progress_bar(len(rows), self.progress)
         stop_criteria = self._stop_string_criteria(settings.stop)
-        generated = 0
 
         def progress(new_tokens: int, finished_rows: int) -> None:
             # called after every chunk, so a single large batch still shows its rate as it goes
-            nonlocal generated
-            generated += new_tokens
-            bar.update(finished_rows)
-            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.0f} generated tok/s")
+            bar.update(finished_rows, tokens=new_tokens)
 
         try:
             device = _model_device(self.model)

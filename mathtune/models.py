@@ -299,14 +299,12 @@ def _ensure_converted(kind: str, spec: str, target: Path) -> Path:
         return target
     if problem != "missing":
         raise MathtuneError(f"model cache {target} is {problem}: delete it and it is converted again")
-    print(
-        f"mathtune: one-time conversion of {gguf.name} into a plain fp32 checkpoint at {target} "
-        f"(~20 s; later loads reuse it)",
-        file=sys.stderr,
-        flush=True,
-    )
+    from mathtune.progress import phase  # start, "still running" every 30 s, end (stderr)
+
     try:
-        build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
+        with phase(f"mathtune: one-time conversion of {gguf.name} into a plain fp32 checkpoint at {target} "
+                   f"(~20 s; later loads reuse it)"):
+            build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
     except OSError as exc:  # unwritable or full cache dir: the fix is another MATHTUNE_CACHE
         raise MathtuneError(f"model cache {target.parent}: cannot write the conversion there ({exc.strerror or exc}): "
                             f"set MATHTUNE_CACHE to a writable directory with room for the converted model") from None

@@ -6,9 +6,11 @@
 Phases: sample ``num_samples`` completions per training question (temperature 0.7 by default, the
 same batched Generator as eval, calculator and loop stop included) -> judge each with the task's
 rule (flexible extraction, as ``accuracy`` scores) -> turn each correct one into a training target
-in the task's format -> keep the distinct ones -> write the gold rows plus the kept ones (JSONL,
-``{"question", "answer"}``, readable by the gsm8k and file tasks) -> print how many questions gained
-how many solutions.
+in the task's format -> keep the distinct ones -> append each question's gold row and kept ones to
+``--output`` as soon as its group of questions is sampled (JSONL, ``{"question", "answer"}``,
+readable by the gsm8k and file tasks; flushed to disk, so an interrupted run keeps what it sampled
+and ``--resume`` samples only the rest, drawing exactly what an uninterrupted run would) -> print
+how many questions gained how many solutions.
 
 A target ends in ``#### N``: a sample that states its answer some other way ("The answer is 5")
 gets ``#### <gold>`` appended; text after a ``#### N`` line is cut. Looping samples are never kept.
@@ -42,6 +44,7 @@ class RFTConfig(ModelSettings):
     batch_size: int = setting(32, "rows (question x sample) generated together")
     max_samples: int = setting(-1, "training questions to sample for, from the start of the train split (-1: all)")
     loop_stop: bool = setting(True, "stop a sample that repeats a line or an 8+ token span 3 times (never kept)")
+    resume: bool = setting(False, "continue an interrupted run: keep the questions --output holds, sample the rest")
 
     def validate(self) -> "RFTConfig":
         problems = self._common_problems()
@@ -136,16 +139,109 @@ def task_judge(judge_rule: str) -> Callable[[str, object], bool]:
     return is_correct
 
 
-def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | None = None,
-            generator=None, verbose: bool = True) -> dict:
-    """Sample, judge, select, write ``config.output``; returns the counts it prints.
+# The output file is the training file and the run's journal at once. Per question, in train-split
+# order: its gold row, then its kept samples, each row tagged with where it came from, e.g.
+#   {"question": "...", "answer": "...", "rft": {"question": 7, "new_solutions": 2, "rejected": {"wrong": 2}}}
+#   {"question": "...", "answer": "...", "rft": {"question": 7}}            (x 2)
+# The task readers ignore the "rft" key. The gold row says how many rows follow, so a question whose
+# rows were cut short by a crash is recognised and sampled again; the first gold row also records
+# the sampling settings (SAMPLING_SETTINGS), which --resume must match.
+SAMPLING_SETTINGS = ("model", "seed", "num_samples", "temperature", "top_p", "max_new_tokens", "batch_size",
+                     "calculator", "loop_stop")
 
-    ``is_correct(text, example)`` defaults to the task's judge; ``generator(questions) ->
-    Generations`` defaults to the batched Generator on ``config.model`` (tests pass their own).
+
+def questions_per_group(config: RFTConfig) -> int:
+    """Questions sampled together: as many as fill one batch (32 rows / k=4 -> 8 questions), at least 1."""
+    return max(1, config.batch_size // config.num_samples)
+
+
+def group_seed(seed: int, group: int) -> int:
+    """The sampling seed of question group ``group``: fixed by (seed, group) alone, so that a resumed run
+    draws exactly the samples an uninterrupted one would (one seed for the whole run would make a
+    group's samples depend on every draw before it)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"mathtune-rft:{seed}:{group}".encode()).digest()[:8], "big")
+
+
+def _sampling_settings(config: RFTConfig, calculator: bool) -> dict:
+    values = {name: getattr(config, name) for name in SAMPLING_SETTINGS}
+    values["calculator"] = calculator
+    return values
+
+
+def _question_rows(index: int, example, kept: list[str], rejected: Counter, settings: dict | None) -> list[dict]:
+    meta = {"question": index, "new_solutions": len(kept), "rejected": dict(sorted(rejected.items()))}
+    if settings is not None:
+        meta["settings"] = settings
+    rows = [{"question": example.question, "answer": example.answer_text, "rft": meta}]
+    rows += [{"question": example.question, "answer": target, "rft": {"question": index}} for target in kept]
+    return rows
+
+
+def _jsonl(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def read_finished_questions(output: Path, examples: Sequence, settings: dict) -> list[list[dict]]:
+    """The rows of each question ``output`` holds completely (``--resume``), checked against this run.
+
+    A torn last line (``read_jsonl_repairing``) or a question with fewer rows than its gold row
+    announces is dropped, and the file rewritten to the complete questions, which are sampled again.
     """
     from mathtune.atomic import write_text_atomically
+    from mathtune.run_dir import read_jsonl_repairing
+
+    records = read_jsonl_repairing(output)
+    finished: list[list[dict]] = []
+    line = 0
+    while line < len(records):
+        gold, meta = records[line], records[line].get("rft")
+        where = f"{output}:{line + 1}"
+        if not isinstance(meta, dict) or not isinstance(meta.get("new_solutions"), int):
+            raise MathtuneError(f"--resume: {where} is not a question's first row as mathtune rft writes it "
+                                f"(the file was edited, or is not an rft output): pick another --output")
+        index = len(finished)
+        if meta.get("question") != index:
+            raise MathtuneError(f"--resume: {where} holds question {meta.get('question')}, expected {index}: the "
+                                f"file was edited; pick another --output")
+        if index == 0:
+            differing = [f"--{name.replace('_', '-')} {settings[name]} (the file: {meta.get('settings', {}).get(name)})"
+                         for name in SAMPLING_SETTINGS if meta.get("settings", {}).get(name) != settings[name]]
+            if differing:
+                raise MathtuneError(f"--resume: {output} was sampled with other settings: {'; '.join(differing)}; "
+                                    f"resume with the file's settings or pick another --output")
+        if index >= len(examples) or (gold.get("question"), gold.get("answer")) != (
+                examples[index].question, examples[index].answer_text):
+            raise MathtuneError(f"--resume: {where}: question {index} is not question {index} of this train split; "
+                                f"resume with the same --task/--train-file/--max-samples or pick another --output")
+        rows = records[line : line + 1 + meta["new_solutions"]]
+        if len(rows) < 1 + meta["new_solutions"]:
+            break  # cut short by an interrupted write: sampled again
+        finished.append(rows)
+        line += len(rows)
+    if line < len(records):
+        print(f"rft: {output}: question {len(finished)} was cut short by the interruption; it is sampled again",
+              file=sys.stderr)
+    complete = _jsonl([r for rows in finished for r in rows])
+    if output.read_text(encoding="utf-8") != complete:  # cut short, or re-encoded by the torn-line repair
+        write_text_atomically(output, complete)
+    return finished
+
+
+def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | None = None,
+            generator=None, verbose: bool = True) -> dict:
+    """Sample, judge, select, append to ``config.output`` question by question; returns the counts it prints.
+
+    ``is_correct(text, example)`` defaults to the task's judge; ``generator(questions, seed) ->
+    Generations`` defaults to the batched Generator on ``config.model`` (tests pass their own).
+    With ``config.resume`` the questions ``config.output`` already holds are kept and not sampled again.
+    """
+    import os
+
     from mathtune.data import take
     from mathtune.generate import GenerationSettings, resolve_calculator
+    from mathtune.progress import progress_reporter
     from mathtune.tasks import task_from_config
 
     config.validate()
@@ -158,41 +254,92 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
         num_samples=config.num_samples, batch_size=config.batch_size, seed=config.seed,
         calculator=resolve_calculator(config.calculator, config.task), loop_stop=config.loop_stop,
     ).validate()
-    if generator is None:
-        generator = _model_generator(config, settings)
+    recorded = _sampling_settings(config, settings.calculator)
+    output = Path(config.output)
+    finished: list[list[dict]] = []
+    if output.exists() and not config.resume:
+        raise MathtuneError(f"--output {output} exists: add --resume to continue that run, or delete it / pick "
+                            f"another --output")
+    if config.resume and output.is_file():
+        finished = read_finished_questions(output, examples, recorded)
+    done = len(finished)
+    judge_fn = is_correct or task_judge(task.judge_rule)
+    per_group = questions_per_group(config)
     if verbose:
         calc = "on" if settings.calculator else "off"
+        resumed = f" ({done} already in {output}: resuming)" if config.resume and done else ""
         print(f"rft: sampling {config.num_samples} completions for each of {len(examples)} {config.task} training "
-              f"questions from {config.model} (temperature {config.temperature:g}, calculator {calc})",
+              f"questions from {config.model} (temperature {config.temperature:g}, calculator {calc}){resumed}",
               file=sys.stderr, flush=True)
-    outputs = generator([e.question for e in examples])
-    if len(outputs) != len(examples):
-        raise MathtuneError(f"the generator returned {len(outputs)} results for {len(examples)} questions")
-    selection = select_solutions(examples, outputs, getattr(outputs, "loops", None),
-                                 is_correct or task_judge(task.judge_rule))
-
-    rows = [{"question": e.question, "answer": e.answer_text} for e in examples]
-    rows += [{"question": e.question, "answer": target} for e, targets in zip(examples, selection.kept) for target in targets]
-    output = Path(config.output)
+    if done < len(examples) and generator is None:
+        generator = _model_generator(config, settings)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        sink = open(output, "a", encoding="utf-8")
     except OSError as exc:
         raise MathtuneError(f"--output {output}: cannot write ({exc.strerror}); pick a writable path") from exc
-
-    gained = Counter(len(targets) for targets in selection.kept)
-    result = {
-        "questions": len(examples),
-        "samples": len(examples) * config.num_samples,
-        "gold_rows": len(examples),
-        "new_rows": sum(len(t) for t in selection.kept),
-        "questions_gained": {n: gained[n] for n in sorted(gained)},
-        "rejected": dict(selection.rejected),
-        "output": str(output),
-    }
+    report = progress_reporter(len(examples) - done, "rft", "questions", enabled=verbose)
+    try:
+        with sink:
+            # the group holding question `done` is sampled whole, even where some of its questions are
+            # written already (an earlier run with a smaller --max-samples): the same batch and seed as
+            # an uninterrupted run give the same samples; only the questions not yet written are kept
+            groups = range(done // per_group, -(-len(examples) // per_group)) if done < len(examples) else ()
+            for group in groups:
+                first = group * per_group
+                members = examples[first : first + per_group]
+                outputs = generator([e.question for e in members], group_seed(config.seed, group))
+                if len(outputs) != len(members):
+                    raise MathtuneError(f"the generator returned {len(outputs)} results for {len(members)} questions")
+                loops = getattr(outputs, "loops", None)
+                rows = []
+                for offset, example in enumerate(members):
+                    index = first + offset
+                    if index < done:
+                        continue
+                    selection = select_solutions([example], [outputs[offset]],
+                                                 None if loops is None else [loops[offset]], judge_fn)
+                    mine = _question_rows(index, example, selection.kept[0], selection.rejected,
+                                          recorded if index == 0 else None)
+                    finished.append(mine)
+                    rows += mine
+                # one write per group, flushed to disk: an interruption loses at most the group in flight
+                sink.write(_jsonl(rows))
+                sink.flush()
+                os.fsync(sink.fileno())
+                report.update(items=len(members) - max(0, done - first),
+                              tokens=getattr(outputs, "tokens_generated", 0))
+    except OSError as exc:
+        raise MathtuneError(f"--output {output}: cannot write ({exc.strerror}); pick a writable path") from exc
+    except KeyboardInterrupt:
+        report.close()
+        print(f"rft: stopped with {len(finished)} of {len(examples)} questions in {output}; run the same command "
+              f"with --resume to sample the rest", file=sys.stderr, flush=True)
+        raise
+    report.close()
+    result = summarise(finished, config.num_samples, output)
     if verbose:
         print(format_result(result, config))
     return result
+
+
+def summarise(finished: Sequence[Sequence[dict]], num_samples: int, output: Path) -> dict:
+    """The counts ``mathtune rft`` prints, from the rows of every question (this run's and resumed ones)."""
+    gained: Counter = Counter()
+    rejected: Counter = Counter()
+    for rows in finished:
+        meta = rows[0]["rft"]
+        gained[meta["new_solutions"]] += 1
+        rejected.update(meta["rejected"])
+    return {
+        "questions": len(finished),
+        "samples": len(finished) * num_samples,
+        "gold_rows": len(finished),
+        "new_rows": sum(gained_n * count for gained_n, count in gained.items()),
+        "questions_gained": {n: gained[n] for n in sorted(gained)},
+        "rejected": dict(rejected),
+        "output": str(output),
+    }
 
 
 def format_result(result: dict, config: RFTConfig) -> str:
@@ -219,5 +366,7 @@ def _model_generator(config: RFTConfig, settings):
     precision, _ = choose_precision(config.precision, device)
     loaded = load_model(config.model, device=device, dtype=_torch_dtype(precision), merge_adapter=True,
                         trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-    return Generator(loaded.model, loaded.tokenizer, settings)
+    # progress=False: run_rft reports per question; the Generator's per-group bar would restart every group
+    generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
+    return lambda questions, seed: generator(questions, seed=seed)
 

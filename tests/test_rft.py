@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from mathtune.errors import ConfigError
+from mathtune.errors import ConfigError, MathtuneError
 from mathtune.generate import Generations
-from mathtune.rft import RFTConfig, as_target, run_rft, select_solutions, task_judge
+from mathtune.rft import RFTConfig, as_target, group_seed, run_rft, select_solutions, task_judge
 from mathtune.tasks import Example, get_task
 
 GOLD = Example("q1", "Tom has 3 apples and buys 4. How many?", "3+4=<<3+4=7>>7\n#### 7", 7.0)
@@ -62,11 +62,20 @@ def train_file(tmp_path):
     return path
 
 
+def rows_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def training_rows(path):
+    """What training reads: the {question, answer} of every row, in file order."""
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows_of(path)]
+
+
 @pytest.mark.parametrize("task", ["gsm8k", "file"])
 def test_end_to_end_on_the_tiny_model_with_a_fake_judge(tiny_model_dir, train_file, tmp_path, task, one_thread, capsys):
     """Real sampling from the tiny model (k=4, temperature 0.7); a fake judge calls every sample
-    of the first and third questions correct. The file holds the gold rows, then the distinct
-    samples turned into '#### gold' targets, and the task reads it back as training data."""
+    of the first and third questions correct. The file holds each question's gold row followed by
+    its distinct samples turned into '#### gold' targets, and the task reads it back as training data."""
     out = tmp_path / "rft.jsonl"
     config = RFTConfig(model=str(tiny_model_dir), task=task, train_file=str(train_file), output=str(out),
                        max_new_tokens=12, batch_size=8, device="cpu", precision="fp32")
@@ -80,9 +89,14 @@ def test_end_to_end_on_the_tiny_model_with_a_fake_judge(tiny_model_dir, train_fi
 
     result = run_rft(config, is_correct=fake_judge)
     assert len(judged) == 3 * 4  # every sample judged once
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows[:3] == [{"question": q.question, "answer": q.answer_text} for q in questions]
-    new = rows[3:]
+    rows = training_rows(out)
+    golds = [{"question": q.question, "answer": q.answer_text} for q in questions]
+    assert [r for r in rows if r in golds] == golds  # each gold row once, in train order
+    new = [r for r in rows if r not in golds]
+    current = None
+    for r in rows:  # gold 0, its samples, gold 1, its samples, ...: every sample right after its question's gold
+        current = r["question"] if r in golds else current
+        assert r["question"] == current
     assert len(new) == result["new_rows"] and 1 <= len(new) <= 8
     assert {r["question"] for r in new} <= {questions[i].question for i in lucky}
     for r in new:
@@ -91,8 +105,9 @@ def test_end_to_end_on_the_tiny_model_with_a_fake_judge(tiny_model_dir, train_fi
     assert len({(r["question"], " ".join(r["answer"].split())) for r in new}) == len(new)  # distinct
     gained = result["questions_gained"]
     assert gained.get(0, 0) >= 1 and sum(gained.values()) == 3
-    printed = capsys.readouterr().out
-    assert f"{result['gold_rows']} gold rows + {result['new_rows']} sampled solutions" in printed
+    captured = capsys.readouterr()
+    assert f"{result['gold_rows']} gold rows + {result['new_rows']} sampled solutions" in captured.out
+    assert "rft: 3/3 questions (100%)" in captured.err and "done in" in captured.err  # the progress line
     # the written file is training data for the same task: every row passes its checks
     reread = get_task(task, train_file=str(out)).examples("train")
     assert len(reread) == len(rows)
@@ -104,14 +119,158 @@ def test_sampled_correct_solutions_from_a_scripted_generator(train_file, tmp_pat
     texts = [["2+3=5\n#### 5", "2+3=6\n#### 6", "5", "2+3=5\n#### 5"],
              ["#### 14", "#### 16", "#### 16", "15 pens"],
              ["no idea"] * 4]
-    generator = lambda questions: Generations(texts, [[1] * 4] * 3, 0.1)  # noqa: E731
+    calls = []
+
+    def generator(questions, seed):
+        calls.append((len(questions), seed))
+        return Generations(texts, [[1] * 4] * 3, 0.1)
+
     out = tmp_path / "rft.jsonl"
-    result = run_rft(RFTConfig(task="gsm8k", train_file=str(train_file), output=str(out)), generator=generator,
-                     verbose=False)
+    config = RFTConfig(task="gsm8k", train_file=str(train_file), output=str(out))
+    result = run_rft(config, generator=generator, verbose=False)
+    assert calls == [(3, group_seed(config.seed, 0))]  # batch 32 / k=4: the 3 questions are one group
     assert result["questions_gained"] == {0: 1, 1: 1, 2: 1}
     assert result["rejected"] == {"wrong": 8, "duplicate": 1}
-    new = [json.loads(line)["answer"] for line in out.read_text().splitlines()[3:]]
+    new = [r["answer"] for r in rows_of(out) if "new_solutions" not in r["rft"]]
     assert new == ["2+3=5\n#### 5", "5\n#### 5", "15 pens\n#### 15"]
+
+
+# ------------------------------------------------------------------ appending as it goes, --resume
+
+@pytest.fixture
+def five_questions(tmp_path):
+    path = tmp_path / "train5.jsonl"
+    rows = [{"question": f"Ana has {a} cups and buys {a + 1} more. How many cups?",
+             "answer": f"{a}+{a + 1}=<<{a}+{a + 1}={2 * a + 1}>>{2 * a + 1}\n#### {2 * a + 1}"} for a in range(1, 6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_sampler(tiny_model_dir, one_thread):
+    """The real batched Generator on the tiny model, as run_rft calls it (questions, seed)."""
+    from mathtune.generate import GenerationSettings, Generator
+    from mathtune.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    settings = GenerationSettings(max_new_tokens=10, temperature=0.7, num_samples=4, batch_size=8)
+    generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
+    return lambda questions, seed: generator(questions, seed=seed)
+
+
+def everything_right(text, example):
+    return True  # the tiny model's text is noise: keep every valid, distinct sample
+
+
+def rft_config(model_dir, train, out, **changes):
+    # batch 8 / k=4: groups of 2 questions -> [0, 1] [2, 3] [4]
+    return RFTConfig(model=str(model_dir), task="gsm8k", train_file=str(train), output=str(out), max_new_tokens=10,
+                     batch_size=8, device="cpu", precision="fp32", **changes)
+
+
+def interrupted_after(generator, calls: int):
+    """The generator, with Ctrl-C arriving while it samples group number ``calls``."""
+    made = []
+
+    def sample(questions, seed):
+        if len(made) == calls:
+            raise KeyboardInterrupt
+        made.append(seed)
+        return generator(questions, seed)
+
+    return sample
+
+
+def test_interrupted_run_keeps_what_it_sampled_and_resume_equals_an_uninterrupted_run(
+        tiny_model_dir, tiny_sampler, five_questions, tmp_path, capsys):
+    whole = tmp_path / "whole.jsonl"
+    expected = run_rft(rft_config(tiny_model_dir, five_questions, whole), is_correct=everything_right,
+                       generator=tiny_sampler, verbose=False)
+    assert expected["new_rows"] >= 5  # the comparison below has sampled rows to compare
+
+    part = tmp_path / "part.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_rft(rft_config(tiny_model_dir, five_questions, part), is_correct=everything_right,
+                generator=interrupted_after(tiny_sampler, 2))
+    assert "stopped with 4 of 5 questions" in capsys.readouterr().err
+    assert [r["rft"]["question"] for r in rows_of(part) if "new_solutions" in r["rft"]] == [0, 1, 2, 3]
+
+    sampled = []
+
+    def counting(questions, seed):
+        sampled.extend(questions)
+        return tiny_sampler(questions, seed)
+
+    resumed = run_rft(rft_config(tiny_model_dir, five_questions, part, resume=True), is_correct=everything_right,
+                      generator=counting)
+    assert sampled == [json.loads(five_questions.read_text().splitlines()[4])["question"]]  # only question 4
+    assert part.read_text() == whole.read_text()
+    assert resumed == {**expected, "output": str(part)}
+    assert "rft: 1/1 questions (100%)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cut", ["torn last line", "a question's last sample line", "a whole question"])
+def test_resume_after_a_crash_mid_write_samples_the_cut_question_again(
+        tiny_model_dir, tiny_sampler, five_questions, tmp_path, cut):
+    whole = tmp_path / "whole.jsonl"
+    run_rft(rft_config(tiny_model_dir, five_questions, whole), is_correct=everything_right, generator=tiny_sampler,
+            verbose=False)
+    text = whole.read_text()
+    lines = text.splitlines(keepends=True)
+    last_gold = max(i for i, line in enumerate(lines) if "new_solutions" in line)
+    assert last_gold < len(lines) - 1  # question 4 kept samples, so its rows can be cut short
+    crashed = tmp_path / "crashed.jsonl"
+    crashed.write_text({"torn last line": text[:-7],
+                        "a question's last sample line": "".join(lines[:-1]),
+                        "a whole question": "".join(lines[:last_gold])}[cut])
+    run_rft(rft_config(tiny_model_dir, five_questions, crashed, resume=True), is_correct=everything_right,
+            generator=tiny_sampler, verbose=False)
+    assert crashed.read_text() == text
+
+
+def test_resume_continues_a_shorter_run_to_more_questions(tiny_model_dir, tiny_sampler, five_questions, tmp_path):
+    """--max-samples 2 then --resume with all 5: the same file as one run over 5 (2 is a whole group)."""
+    whole, grown = tmp_path / "whole.jsonl", tmp_path / "grown.jsonl"
+    run_rft(rft_config(tiny_model_dir, five_questions, whole), is_correct=everything_right, generator=tiny_sampler,
+            verbose=False)
+    run_rft(rft_config(tiny_model_dir, five_questions, grown, max_samples=2), is_correct=everything_right,
+            generator=tiny_sampler, verbose=False)
+    run_rft(rft_config(tiny_model_dir, five_questions, grown, resume=True), is_correct=everything_right,
+            generator=tiny_sampler, verbose=False)
+    assert grown.read_text() == whole.read_text()
+
+
+def never_called(questions, seed):
+    raise AssertionError("nothing should be sampled")
+
+
+def test_existing_output_without_resume_is_an_error_naming_the_flag(five_questions, tmp_path):
+    out = tmp_path / "rft.jsonl"
+    out.write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(MathtuneError, match=r"--output .*rft.jsonl exists: add --resume"):
+        run_rft(RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(out)), generator=never_called,
+                verbose=False)
+    assert out.read_text() == '{"question": "q", "answer": "#### 1"}\n'  # untouched
+
+
+def test_resume_refuses_other_settings_another_train_split_or_a_foreign_file(five_questions, train_file, tmp_path):
+    texts = lambda n: Generations([["#### 0"] * 4] * n, [[1] * 4] * n, 0.1)  # noqa: E731
+    out = tmp_path / "rft.jsonl"
+    config = RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(out), max_samples=2)
+    run_rft(config, generator=lambda questions, seed: texts(len(questions)), verbose=False)
+    before = out.read_text()
+    with pytest.raises(MathtuneError, match=r"--temperature 0.9 \(the file: 0.7\)"):
+        run_rft(RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(out), resume=True,
+                          temperature=0.9), generator=never_called, verbose=False)
+    with pytest.raises(MathtuneError, match=r"question 0 is not question 0 of this train split"):
+        run_rft(RFTConfig(task="gsm8k", train_file=str(train_file), output=str(out), resume=True),
+                generator=never_called, verbose=False)
+    assert out.read_text() == before
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(MathtuneError, match=r"foreign.jsonl:1 is not a question's first row"):
+        run_rft(RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(foreign), resume=True),
+                generator=never_called, verbose=False)
 
 
 def test_cli_rft_bad_flags_exit_2():
