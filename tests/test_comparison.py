@@ -483,7 +483,8 @@ def test_compare_logs_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "c" / "bare.jsonl").write_text(json.dumps(item("a", True)) + "\n")
     cases.append(([log_a, str(tmp_path / "c" / "bare.jsonl")], "no bare.summary.json beside it"))
     for (base, trained), message in cases:
-        assert main(["compare", "--base-log", base, "--trained-log", trained, "--output", str(tmp_path / "o.json")]) == 2
+        # what the logs hold is a failed run (1), not a usage error (2)
+        assert main(["compare", "--base-log", base, "--trained-log", trained, "--output", str(tmp_path / "o.json")]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     # evaluation flags would change nothing: refused, not ignored

@@ -422,7 +422,8 @@ def test_export_cli(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"to {tmp_path / 'out'}:" in proc.stdout and "model.safetensors" in proc.stdout and "MB" in proc.stdout
     again = mathtune("export", tiny_model_dir, "--output", tmp_path / "out")
-    assert again.returncode == 1 and again.stderr.startswith("error: --output") and "--overwrite" in again.stderr
+    # an --output that exists is a flag to change (usage, 2), not a failed run (1)
+    assert again.returncode == 2 and again.stderr.startswith("error: --output") and "--overwrite" in again.stderr
     lonely = mathtune("export", tiny_model_dir, "--output", tmp_path / "g", "--gguf-type", "q8_0")
     assert lonely.returncode == 2 and "error: --gguf-type q8_0 needs --gguf" in lonely.stderr
 
