@@ -37,18 +37,18 @@ import yaml
 from mathtune.config import ConfigError, setting
 from mathtune.errors import MathtuneError
 from mathtune.gguf_export import GGUF_TYPES
+from mathtune.run_dir import RunDir
 
 DTYPES = ("fp32", "bf16", "fp16")
 CARD_FILE = "README.md"
 MODELFILE = "Modelfile"
-RUN_CONFIG = "mathtune_config.yaml"
-COMPARISON = "model_comparison.json"
+RUN_CONFIG = RunDir.CONFIG
+COMPARISON = RunDir.COMPARISON
 # what the model card names as base_model for mathtune's aliases: a hub id (the bundled GGUF is a
 # quantized copy of this repo's weights)
 CARD_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 TASK_DATASETS = {"gsm8k": "openai/gsm8k"}  # hub dataset ids; generated/own-file tasks have none
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 @dataclass
@@ -103,11 +103,8 @@ def run_dir_of(kind: str, source: str) -> Path | None:
     itself, or for ``checkpoint-N`` its parent."""
     if kind not in ("adapter", "local-dir"):
         return None
-    path = Path(source)
-    for candidate in (path, path.parent if _CHECKPOINT.fullmatch(path.name) else None):
-        if candidate is not None and (candidate / RUN_CONFIG).is_file():
-            return candidate
-    return None
+    run = RunDir.of_model(source)
+    return run.root if run is not None else None
 
 
 def _read_yaml(path: Path) -> dict:
