@@ -125,7 +125,7 @@ def _read_comparison(path: Path) -> dict | None:
         for key in ("n", "base", "trained", "accuracy_difference", "ci95", "mcnemar_p"):
             data[key]  # noqa: B018 - a missing key is the error below
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MathtuneError(f"{path}: not a model_comparison.json written by mathtune ({exc}): "
+        raise MathtuneError(f"{path}: not a {RunDir.COMPARISON} written by mathtune ({exc}): "
                             f"rerun `mathtune compare` or remove it") from exc
     return data
 
@@ -273,7 +273,7 @@ def _check_finite(model) -> None:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise MathtuneError(f"the model has NaN/inf weights ({', '.join(bad[:3])}): not exported; "
-                            f"export an earlier checkpoint-N of the run")
+                            f"export an earlier {RunDir.CHECKPOINT_PREFIX}N of the run")
 
 
 def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", gguf: bool = False,
