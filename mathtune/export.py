@@ -47,7 +47,6 @@ COMPARISON = RunDir.COMPARISON
 # what the model card names as base_model for mathtune's aliases: a hub id (the bundled GGUF is a
 # quantized copy of this repo's weights)
 CARD_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-TASK_DATASETS = {"gsm8k": "openai/gsm8k"}  # hub dataset ids; generated/own-file tasks have none
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -160,7 +159,9 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
     task = (run_config or {}).get("task") or (comparison or {}).get("task")
     method = (run_config or {}).get("method") or ("lora" if merged_lora else None)
     base_id = card_base_model(base_spec or (run_config or {}).get("model"))
-    dataset = TASK_DATASETS.get(task)
+    from mathtune.tasks import TASK_NAMES, task_class
+
+    dataset = task_class(task).hub_dataset if task in TASK_NAMES else None  # generated/own-file tasks: none
     tags = ["mathtune", "math", "text-generation"]
     tags += [t for t in (task, {"lora": "lora", "full": "full-fine-tune"}.get(method)) if t]
     if gguf_file:
