@@ -117,9 +117,8 @@ def _rng_preserved():
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
     """Decode on one CPU thread. A decoding step is thousands of tiny ops, and each parallel op waits
-    at a barrier for every intra-op thread: on a busy 2-core machine that wait dominated, and greedy
-    sampling of the bundled model took 295 s on 2 threads against 9.6 s on one (tiny model: 20 s vs
-    0.08 s). Training's large matmuls keep all threads: the count is restored afterwards."""
+    at a barrier for every intra-op thread: on a busy machine that wait dominates (BENCHMARKS.md has
+    the timings). Training's large matmuls keep all threads: the count is restored afterwards."""
     if device.type != "cpu":
         yield
         return

@@ -124,7 +124,7 @@ def _truncated_rows(rows: list[PreparedRow]) -> list[PreparedRow]:
 
 
 def _replace_rows(session, rows: list[PreparedRow]) -> None:
-    session.rows = rows
+    session.data.rows = rows
     session.trainer.train_dataset = RowDataset(rows)
 
 
