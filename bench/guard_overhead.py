@@ -79,7 +79,7 @@ def train_once(config: TrainConfig, clock: Clock | None) -> tuple[float, int, fl
     finally:
         if clock is not None:
             clock.restore()
-    lines = (session.run_dir / training.METRICS_FILE).read_text().splitlines()
+    lines = session.files.metrics.read_text().splitlines()
     step_seconds = [json.loads(line)["step_seconds"] for line in lines if line.strip()]
     return wall, result.steps, statistics.median(step_seconds)
 

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from mathtune.errors import ConfigError, MathtuneError
+from mathtune.run_dir import RunDir
 
 # Exit codes a script can act on: argparse already exits 2 on a usage error (unknown flag, bad
 # choice), and so does a setting validate() refuses (ConfigError); a run that failed exits 1, and a signal exits 128 + its number, the
@@ -35,7 +36,7 @@ COMMANDS = {
     "compare": ("mathtune.commands.compare", "base vs trained on the same items, with paired statistics"),
     "data": ("mathtune.commands.data", "inspect how a task's rows are formatted, tokenized and masked"),
     "doctor": ("mathtune.commands.doctor", "quick health check: preflight, a few steps, collapse check"),
-    "report": ("mathtune.commands.report", "write report.md and plots for a run directory"),
+    "report": ("mathtune.commands.report", f"write {RunDir.REPORT} and plots for a run directory"),
     "rft": ("mathtune.commands.rft", "rejection-sampling fine-tuning data: a model's distinct correct solutions"),
     "export": ("mathtune.commands.export", "merged Hugging Face model dir with a model card; --gguf for llama.cpp/Ollama"),
     "ask": ("mathtune.commands.ask", "answer questions from the command line, generated exactly as eval does"),

@@ -26,6 +26,7 @@ import numpy as np
 from mathtune import distributed
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import InputError, MathtuneError
+from mathtune.run_dir import RunDir
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -373,7 +374,7 @@ def run_compare(
     base_spec: str,
     trained_spec: str,
     config,
-    output_path="model_comparison.json",
+    output_path=RunDir.COMPARISON,
     output_dir=None,
     *,
     n_resamples: int = BOOTSTRAP_RESAMPLES,
@@ -442,7 +443,7 @@ def _read_summary(log: Path, flag: str) -> dict:
 def compare_logs(
     base_log,
     trained_log,
-    output_path="model_comparison.json",
+    output_path=RunDir.COMPARISON,
     *,
     score: str = "first",
     n_resamples: int = BOOTSTRAP_RESAMPLES,

@@ -23,6 +23,7 @@ import yaml
 
 from mathtune.budget import BUDGET_SCHEDULES
 from mathtune.errors import ConfigError, MathtuneError
+from mathtune.run_dir import RunDir
 
 # Prompts decoded together by eval/compare. A decode step multiplies every weight by a [rows x 576]
 # activation; on a 2-core CPU fp32 matmuls of 64 rows ran at ~60% of the speed of 128-row ones, so
@@ -210,7 +211,8 @@ class TrainConfig(ModelSettings):
         if self.method == "lora" and self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules needs at least one module name")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
-            problems.append(f"--resume {self.resume}: not a checkpoint directory (use --resume auto or a checkpoint-N dir)")
+            problems.append(f"--resume {self.resume}: not a checkpoint directory (use --resume auto or a "
+                            f"{RunDir.CHECKPOINT_PREFIX}N dir)")
         if self.wandb_key_file is not None and not Path(self.wandb_key_file).is_file():
             problems.append(f"--wandb-key-file {self.wandb_key_file}: no such file")
         if self.eval_samples > 0 and self.task == "file" and self.eval_file is None and self.dataset is None:

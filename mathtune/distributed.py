@@ -250,8 +250,6 @@ def agree_on_halt(local: TrainingHalted | None) -> None:
         reason += f" (ranks {', '.join(map(str, others))} halted too)"
     halted = TrainingHalted(check, reason, step, rank=first_rank)
     halted.echo = is_main_process()
-    if local is not None and hasattr(local, "results"):
-        halted.results = local.results
     raise halted from local
 
 

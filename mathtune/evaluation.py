@@ -421,10 +421,11 @@ def _store_cached(key: str, outputs, meta: dict) -> None:
 def default_output_dir(spec: str) -> Path:
     """``<model dir>/eval`` when the spec is a local model/run or adapter dir, else ``./eval``."""
     from mathtune.models import resolve_model_source
+    from mathtune.run_dir import RunDir
 
     kind, source = resolve_model_source(spec)
     if kind in ("local-dir", "adapter"):
-        return Path(source) / "eval"
+        return RunDir(source).eval_dir
     return Path("eval")
 
 

@@ -37,18 +37,17 @@ import yaml
 from mathtune.config import ConfigError, setting
 from mathtune.errors import MathtuneError
 from mathtune.gguf_export import GGUF_TYPES
+from mathtune.run_dir import RunDir
 
 DTYPES = ("fp32", "bf16", "fp16")
 CARD_FILE = "README.md"
 MODELFILE = "Modelfile"
-RUN_CONFIG = "mathtune_config.yaml"
-COMPARISON = "model_comparison.json"
+RUN_CONFIG = RunDir.CONFIG
+COMPARISON = RunDir.COMPARISON
 # what the model card names as base_model for mathtune's aliases: a hub id (the bundled GGUF is a
 # quantized copy of this repo's weights)
 CARD_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-TASK_DATASETS = {"gsm8k": "openai/gsm8k"}  # hub dataset ids; generated/own-file tasks have none
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 @dataclass
@@ -103,11 +102,8 @@ def run_dir_of(kind: str, source: str) -> Path | None:
     itself, or for ``checkpoint-N`` its parent."""
     if kind not in ("adapter", "local-dir"):
         return None
-    path = Path(source)
-    for candidate in (path, path.parent if _CHECKPOINT.fullmatch(path.name) else None):
-        if candidate is not None and (candidate / RUN_CONFIG).is_file():
-            return candidate
-    return None
+    run = RunDir.of_model(source)
+    return run.root if run is not None else None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -128,7 +124,7 @@ def _read_comparison(path: Path) -> dict | None:
         for key in ("n", "base", "trained", "accuracy_difference", "ci95", "mcnemar_p"):
             data[key]  # noqa: B018 - a missing key is the error below
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MathtuneError(f"{path}: not a model_comparison.json written by mathtune ({exc}): "
+        raise MathtuneError(f"{path}: not a {RunDir.COMPARISON} written by mathtune ({exc}): "
                             f"rerun `mathtune compare` or remove it") from exc
     return data
 
@@ -163,7 +159,9 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
     task = (run_config or {}).get("task") or (comparison or {}).get("task")
     method = (run_config or {}).get("method") or ("lora" if merged_lora else None)
     base_id = card_base_model(base_spec or (run_config or {}).get("model"))
-    dataset = TASK_DATASETS.get(task)
+    from mathtune.tasks import TASK_NAMES, task_class
+
+    dataset = task_class(task).hub_dataset if task in TASK_NAMES else None  # generated/own-file tasks: none
     tags = ["mathtune", "math", "text-generation"]
     tags += [t for t in (task, {"lora": "lora", "full": "full-fine-tune"}.get(method)) if t]
     if gguf_file:
@@ -276,7 +274,7 @@ def _check_finite(model) -> None:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise MathtuneError(f"the model has NaN/inf weights ({', '.join(bad[:3])}): not exported; "
-                            f"export an earlier checkpoint-N of the run")
+                            f"export an earlier {RunDir.CHECKPOINT_PREFIX}N of the run")
 
 
 def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", gguf: bool = False,

@@ -70,7 +70,6 @@ PREFILL_GROUP_ROWS = 16
 _ATTENTION_NAME = "mathtune_cpu"
 # Tasks whose targets carry GSM8K calculator annotations: calculator-assisted decoding is on by
 # default for these (``--calculator`` unset), off for every other task.
-CALCULATOR_TASKS = ("gsm8k", "unit-conversion")
 
 
 @dataclass
@@ -125,7 +124,7 @@ class GenerationSettings:
     @classmethod
     def from_config(cls, config) -> "GenerationSettings":
         """From an ``EvalConfig`` (or anything with the same field names). ``calculator`` None (the
-        default) means on for the tasks in ``CALCULATOR_TASKS`` (GSM8K's annotations), off elsewhere."""
+        default) means on for tasks whose ``Task.calculator_by_default`` says so (GSM8K's annotations), off elsewhere."""
         calculator = getattr(config, "calculator", None)
         return cls(
             max_new_tokens=config.max_new_tokens,
@@ -143,7 +142,11 @@ class GenerationSettings:
 def resolve_calculator(setting: bool | None, task: str | None) -> bool:
     """``--calculator`` / ``--no-calculator`` as given; unset: on for tasks whose targets carry
     calculator annotations (gsm8k, unit-conversion), off otherwise."""
-    return bool(setting) if setting is not None else task in CALCULATOR_TASKS
+    from mathtune.tasks import TASK_NAMES, task_class
+
+    if setting is not None:
+        return bool(setting)
+    return task in TASK_NAMES and task_class(task).calculator_by_default
 
 
 class Generations(list):

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 from mathtune.data import IGNORE_INDEX, encode_prompt, end_of_turn_token_id, format_prompt
 from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.run_dir import RunDir
 from mathtune.step_stats import StepStats
 
 # Collapse detector: short generations are enough to see "!!!!", empty or identical answers, and
@@ -116,9 +117,8 @@ def _rng_preserved():
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
     """Decode on one CPU thread. A decoding step is thousands of tiny ops, and each parallel op waits
-    at a barrier for every intra-op thread: on a busy 2-core machine that wait dominated, and greedy
-    sampling of the bundled model took 295 s on 2 threads against 9.6 s on one (tiny model: 20 s vs
-    0.08 s). Training's large matmuls keep all threads: the count is restored afterwards."""
+    at a barrier for every intra-op thread: on a busy machine that wait dominates (BENCHMARKS.md has
+    the timings). Training's large matmuls keep all threads: the count is restored afterwards."""
     if device.type != "cpu":
         yield
         return
@@ -281,14 +281,16 @@ def check_forward_backward(trainer, precision: str) -> list[CheckResult]:
 
 
 def preflight(trainer, config, rows, device: str, precision: str, *,
-              echo: Callable[[str], None] | None = print) -> list[CheckResult]:
-    """Check everything that can be checked before the first optimizer step.
+              echo: Callable[[str], None] | None = print, results: list[CheckResult] | None = None
+              ) -> list[CheckResult]:
+    """Check everything that can be checked before the first optimizer step; return the results.
 
-    Raises ``TrainingHalted`` at the first failing check; the exception carries ``results`` (the
-    checks that passed before it, then the failing one) so a caller can still show the table.
-    ``echo`` prints one line per passed check (trainable parameter count included); None is quiet.
+    Raises ``TrainingHalted`` at the first failing check. Each passed check is appended to
+    ``results`` as it passes (a caller's list: training keeps it on its session, so mathtune doctor
+    can show the checks that passed before a halt). ``echo`` prints one line per passed check
+    (trainable parameter count included); None is quiet.
     """
-    results: list[CheckResult] = []
+    results = [] if results is None else results
     steps = (
         lambda: check_rows(rows),
         lambda: check_precision(trainer.model, trainer.args, device, precision),
@@ -296,19 +298,12 @@ def preflight(trainer, config, rows, device: str, precision: str, *,
         lambda: check_label_names(trainer),
         lambda: check_forward_backward(trainer, precision),
     )
-    try:
-        for step in steps:
-            produced = step()
-            for result in produced if isinstance(produced, list) else [produced]:
-                results.append(result)
-                if echo is not None:
-                    echo(f"preflight {result.name:<18} ok  {result.value}")
-    except TrainingHalted as exc:
-        exc.results = results + [CheckResult(exc.check, False, "", str(exc))]
-        raise
-    # Kept on the trainer so a caller that ran preflight through training.run (mathtune doctor) can
-    # show the measured values without running the checks a second time.
-    trainer.mathtune_preflight = results
+    for step in steps:
+        produced = step()
+        for result in produced if isinstance(produced, list) else [produced]:
+            results.append(result)
+            if echo is not None:
+                echo(f"preflight {result.name:<18} ok  {result.value}")
     return results
 
 
@@ -408,17 +403,6 @@ def _zero_loss_message() -> str:
     )
 
 
-_MARKER = "\u2063MATHTUNE_QUESTION\u2063"
-
-
-def as_prompt(tokenizer, text: str) -> tuple[str, str]:
-    """(question, formatted prompt) for a bare question or an already formatted prompt."""
-    before, _, after = format_prompt(tokenizer, _MARKER).partition(_MARKER)
-    if text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after):
-        return text[len(before): len(text) - len(after)], text
-    return text, format_prompt(tokenizer, text)
-
-
 def output_flags(outputs: list[tuple[str, list[int]]]) -> list[list[str]]:
     """Flags per generated output (text, new token ids): empty, repeated (one token/char looping),
     identical (every prompt got the same output; needs >= 2 prompts)."""
@@ -462,19 +446,17 @@ class CollapseDetector(TrainerCallback):
     prompts); two flagged checks in a row stop the run. Every generation goes to samples.jsonl.
     """
 
-    def __init__(self, config, tokenizer, sample_prompts: list[str], run_dir: Path, precision: str):
-        if not sample_prompts:
-            raise MathtuneError("guards: the collapse detector needs at least one sample prompt (a question)")
+    def __init__(self, config, tokenizer, sample_questions: list[str], run_dir: Path, precision: str):
+        if not sample_questions:
+            raise MathtuneError("guards: the collapse detector needs at least one sample question")
         self.config = config
         self.tokenizer = tokenizer
-        # Accept bare questions or prompts already formatted the way training formats them.
-        prompts = [as_prompt(tokenizer, text) for text in sample_prompts]
-        self.questions = [question for question, _ in prompts]
-        self.path = Path(run_dir) / "samples.jsonl"
+        self.questions = list(sample_questions)
+        self.path = RunDir(run_dir).samples
         self.precision = precision
         self.max_new_tokens = min(SAMPLE_NEW_TOKENS, config.max_new_tokens)
         # encode_prompt: the very ids training put in front of each answer
-        self.prompt_ids = [encode_prompt(tokenizer, prompt) for _, prompt in prompts]
+        self.prompt_ids = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in self.questions]
         stops = {end_of_turn_token_id(tokenizer)}
         if tokenizer.eos_token_id is not None:
             stops.add(tokenizer.eos_token_id)
@@ -575,10 +557,10 @@ class CollapseDetector(TrainerCallback):
         return flags
 
 
-def guard_callbacks(config, stats: StepStats, tokenizer, sample_prompts: list[str], run_dir: Path,
+def guard_callbacks(config, stats: StepStats, tokenizer, sample_questions: list[str], run_dir: Path,
                     precision: str) -> list[TrainerCallback]:
     """The in-training guards, to pass as ``Trainer(callbacks=...)`` (after training's own callback)."""
     return [
         NumericGuard(config, stats, precision),
-        CollapseDetector(config, tokenizer, sample_prompts, Path(run_dir), precision),
+        CollapseDetector(config, tokenizer, sample_questions, Path(run_dir), precision),
     ]

@@ -16,13 +16,14 @@ import math
 from pathlib import Path
 
 from mathtune.errors import InputError, MathtuneError
+from mathtune.run_dir import RunDir
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "mathtune_config.yaml"
-COMPARISON_FILE = "model_comparison.json"
-SAMPLES_FILE = "samples.jsonl"
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
+METRICS_FILE = RunDir.METRICS
+CONFIG_FILE = RunDir.CONFIG
+COMPARISON_FILE = RunDir.COMPARISON
+SAMPLES_FILE = RunDir.SAMPLES
+REPORT_FILE = RunDir.REPORT
+PLOTS_DIR = RunDir.PLOTS
 PLOT_FILES = {"loss": "loss.png", "grad_norm": "grad_norm.png", "accuracy": "accuracy.png"}
 # metrics.jsonl fields read as numbers; others are carried along untouched
 NUMERIC_FIELDS = ("loss", "grad_norm", "learning_rate", "supervised_tokens", "supervised_tokens_per_second",

@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 from mathtune.config import ModelSettings, setting
 from mathtune.errors import ConfigError, MathtuneError
 
-RFT_TASKS = ("gsm8k", "unit-conversion", "file")
 
 
 @dataclass
@@ -48,8 +47,11 @@ class RFTConfig(ModelSettings):
 
     def validate(self) -> "RFTConfig":
         problems = self._common_problems()
-        if self.task not in RFT_TASKS:
-            problems.append(f"--task {self.task}: rft works for {', '.join(RFT_TASKS)}")
+        from mathtune.tasks import TASK_NAMES, task_class
+
+        rft_tasks = [name for name in TASK_NAMES if task_class(name).supports_rft]
+        if self.task not in rft_tasks:
+            problems.append(f"--task {self.task}: rft works for {', '.join(rft_tasks)}")
         if self.output is None:
             problems.append("--output is required: the .jsonl training file to write")
         elif Path(self.output).suffix.lower() != ".jsonl":

@@ -1,4 +1,6 @@
-"""The run directory's integrity: one run at a time, never another run's weights, crash-tolerant logs.
+"""The run directory: its layout (``RunDir``), one run at a time, never another run's weights, crash-tolerant logs.
+
+- ``RunDir``: every file and folder name of a run dir, and its checkpoint/resume rules.
 
 - ``lock_output_dir``: an exclusive ``flock`` on ``<output-dir>/.mathtune.lock`` held until the
   process ends. Two ``mathtune train`` into one dir would interleave metrics.jsonl lines and rotate
@@ -21,16 +23,232 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
 
 LOCK_FILE = ".mathtune.lock"
-# Files a training run writes as its final model (LoRA or full), plus its trainer state.
-WEIGHT_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
-                   "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
-                   "pytorch_model*.bin", "trainer_state.json")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A training run directory: the one place that names its files and folders.
+
+    Every module asks a ``RunDir`` for a path instead of spelling a file name, so the layout can be
+    read (and changed) here alone. The methods below are the run dir's own rules: which checkpoints
+    are complete, what ``--resume`` resolves to, what a fresh or resumed run clears first.
+    """
+
+    root: Path
+
+    CONFIG: ClassVar[str] = "mathtune_config.yaml"  # the resolved config, without secrets
+    METRICS: ClassVar[str] = "metrics.jsonl"  # one line per logged step
+    SAMPLES: ClassVar[str] = "samples.jsonl"  # the collapse detector's generations
+    TRAINER_STATE: ClassVar[str] = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
+    CHECKPOINT_PREFIX: ClassVar[str] = "checkpoint-"  # Trainer's checkpoint-<global step> dirs
+    # written into checkpoint-N by training's CheckpointMarker once Trainer has finished writing it
+    CHECKPOINT_MARKER: ClassVar[str] = "mathtune_checkpoint.json"
+    EVAL: ClassVar[str] = "eval"  # per-item eval logs of --eval-samples
+    PLOTS: ClassVar[str] = "plots"
+    REPORT: ClassVar[str] = "report.md"
+    COMPARISON: ClassVar[str] = "model_comparison.json"
+    LOCK: ClassVar[str] = LOCK_FILE
+    PREVIOUS_PREFIX: ClassVar[str] = "previous-"  # an earlier run's final model, moved aside
+    # Files a training run writes as its final model (LoRA or full), plus its trainer state.
+    WEIGHT_PATTERNS: ClassVar[tuple[str, ...]] = (
+        "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
+        "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+        "pytorch_model*.bin", TRAINER_STATE)
+    # Outputs derived from a trained model: stale ones from an earlier run in the same dir would be
+    # reused or reported as this run's (an eval cache keyed by the run dir's name, not its weights).
+    DERIVED: ClassVar[tuple[str, ...]] = (EVAL, COMPARISON, REPORT, PLOTS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def samples(self) -> Path:
+        return self.root / self.SAMPLES
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.root / self.TRAINER_STATE
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / self.EVAL
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / self.PLOTS
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / self.COMPARISON
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / self.LOCK
+
+    def checkpoint(self, step: int) -> Path:
+        return self.root / f"{self.CHECKPOINT_PREFIX}{step}"
+
+    @classmethod
+    def checkpoint_step(cls, path: str | Path) -> int | None:
+        """N for a ``checkpoint-N`` dir name, else None."""
+        prefix, _, step = Path(path).name.partition("-")
+        return int(step) if f"{prefix}-" == cls.CHECKPOINT_PREFIX and step.isdigit() else None
+
+    @classmethod
+    def marker(cls, checkpoint: str | Path) -> Path:
+        return Path(checkpoint) / cls.CHECKPOINT_MARKER
+
+    @classmethod
+    def of_model(cls, path: str | Path) -> RunDir | None:
+        """The training run a model dir comes from (the dir holding the run's config): the dir
+        itself, or for ``checkpoint-N`` its parent; None for a model dir no run wrote."""
+        path = Path(path)
+        for candidate in (path, path.parent if cls.checkpoint_step(path) is not None else None):
+            if candidate is not None and (candidate / cls.CONFIG).is_file():
+                return cls(candidate)
+        return None
+
+    # ------------------------------------------------------------------ checkpoints and resume
+
+    def checkpoints(self) -> list[Path]:
+        """Every checkpoint-N dir, complete or not, oldest step first."""
+        found = []
+        for path in self.root.glob(f"{self.CHECKPOINT_PREFIX}*") if self.root.is_dir() else []:
+            step = self.checkpoint_step(path)
+            if path.is_dir() and step is not None:
+                found.append((step, path))
+        return [path for _, path in sorted(found)]
+
+    def complete_checkpoints(self) -> list[Path]:
+        """checkpoint-N dirs that carry the completion marker, oldest step first."""
+        return [path for path in self.checkpoints() if self.marker(path).is_file()]
+
+    def resolve_resume(self, resume: str | None) -> str | None:
+        """--resume auto -> newest complete checkpoint here; --resume PATH -> PATH, checked."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            found = self.complete_checkpoints()
+            if not found:
+                raise MathtuneError(
+                    f"--resume auto: no complete checkpoint in --output-dir {self.root} (write them with "
+                    f"--save-steps N, point --output-dir at the run to continue, or drop --resume)"
+                )
+            return str(found[-1])
+        path = Path(resume)
+        if not (path / self.TRAINER_STATE).is_file():
+            raise MathtuneError(f"--resume {resume}: no {self.TRAINER_STATE} there; pass a checkpoint-N dir or "
+                                f"--resume auto")
+        if not self.marker(path).is_file():
+            raise MathtuneError(
+                f"--resume {resume}: checkpoint not marked complete (its save was interrupted); "
+                f"use an earlier checkpoint or --resume auto"
+            )
+        return str(path)
+
+    def refuse_earlier_checkpoints(self, resume_from: str | None) -> None:
+        """A fresh run into a dir with checkpoints is refused: Trainer would rotate them with ours, and
+        a later --resume auto could pick up a checkpoint of a different run. The user chooses."""
+        if resume_from is not None:
+            return
+        stale = [p.name for p in self.checkpoints()]
+        if stale:
+            raise MathtuneError(
+                f"--output-dir {self.root} holds checkpoints of an earlier run ({', '.join(stale[:3])}): "
+                f"continue it with --resume auto, or use a new --output-dir"
+            )
+
+    def prepare(self, resume_from: str | None) -> float:
+        """Lock the dir (creating it) and clear what an earlier run left that this one would mistake for
+        its own. Returns the training seconds already spent by the run resumed (0 for a fresh run)."""
+        self.lock()
+        if resume_from is None:
+            self.move_aside_earlier_weights()
+        else:
+            self.remove_unmarked_checkpoints(resume_from)
+        for name in self.DERIVED:
+            target = self.root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        if resume_from is None:
+            self.metrics.unlink(missing_ok=True)
+            return 0.0
+        if not self.metrics.is_file():
+            return 0.0
+        # keep the lines up to the resumed step: later ones belong to steps that will be redone
+        # (a torn last line from a killed run is dropped with a notice)
+        step = json.loads((Path(resume_from) / self.TRAINER_STATE).read_text())["global_step"]
+        kept = keep_steps_up_to(self.metrics, step)
+        return float(kept[-1].get("seconds") or 0.0) if kept else 0.0
+
+    # ------------------------------------------------------------------ lock and earlier runs
+
+    def lock(self) -> Path:
+        return lock_output_dir(self.root)
+
+    def unlock(self) -> None:
+        unlock_output_dir(self.root)
+
+    def earlier_weights(self) -> list[Path]:
+        found = set()
+        for pattern in self.WEIGHT_PATTERNS:
+            found.update(p for p in self.root.glob(pattern) if p.is_file())
+        return sorted(found)
+
+    def move_aside_earlier_weights(self) -> Path | None:
+        """Move an earlier run's final model out of the way (into ``previous-<UTC time>/``); say so."""
+        files = self.earlier_weights() if self.root.is_dir() else []
+        if not files:
+            return None
+        aside = self.root / time.strftime(f"{self.PREVIOUS_PREFIX}%Y%m%d-%H%M%S", time.gmtime())
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+        aside.mkdir()
+        for path in files:
+            shutil.move(str(path), str(aside / path.name))
+        print(f"{self.root} held an earlier run's model ({', '.join(p.name for p in files[:3])}"
+              f"{', ...' if len(files) > 3 else ''}): moved to {aside} so it is never mistaken for this run's")
+        return aside
+
+    def remove_unmarked_checkpoints(self, resume_from: str | Path) -> list[Path]:
+        """Delete checkpoint dirs newer than ``resume_from`` without a completion marker: a save that a crash
+        cut short. Trainer would write the same step into them again, next to files of the torn save."""
+        resumed = self.checkpoint_step(resume_from) or 0
+        removed = [path for path in self.checkpoints()
+                   if self.checkpoint_step(path) > resumed and not self.marker(path).is_file()]
+        for path in removed:
+            shutil.rmtree(path)
+        if removed:
+            print(f"removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
+                  f"{', '.join(p.name for p in removed)}")
+        return removed
+
 
 _held: dict[Path, int] = {}  # resolved run dir -> fd of its lock file, held by this process
 
@@ -85,48 +303,6 @@ def unlock_output_dir(run_dir: str | Path) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the last descriptor drops the flock
-
-
-def earlier_weights(run_dir: Path) -> list[Path]:
-    found = set()
-    for pattern in WEIGHT_PATTERNS:
-        found.update(p for p in run_dir.glob(pattern) if p.is_file())
-    return sorted(found)
-
-
-def move_aside_earlier_weights(run_dir: str | Path) -> Path | None:
-    """Move an earlier run's final model out of the way (into ``previous-<UTC time>/``); say so."""
-    run_dir = Path(run_dir)
-    files = earlier_weights(run_dir) if run_dir.is_dir() else []
-    if not files:
-        return None
-    aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
-    aside.mkdir()
-    for path in files:
-        shutil.move(str(path), str(aside / path.name))
-    print(f"{run_dir} held an earlier run's model ({', '.join(p.name for p in files[:3])}"
-          f"{', ...' if len(files) > 3 else ''}): moved to {aside} so it is never mistaken for this run's")
-    return aside
-
-
-def remove_unmarked_checkpoints(run_dir: str | Path, resume_from: str | Path, marker: str) -> list[Path]:
-    """Delete checkpoint dirs newer than ``resume_from`` without a completion marker: a save that a crash cut
-    short. Trainer would write the same step into them again, next to files of the torn save."""
-    resumed = int(Path(resume_from).name.partition("-")[2] or 0)
-    removed = []
-    for path in Path(run_dir).glob("checkpoint-*"):
-        step = path.name.partition("-")[2]
-        if path.is_dir() and step.isdigit() and int(step) > resumed and not (path / marker).is_file():
-            shutil.rmtree(path)
-            removed.append(path)
-    if removed:
-        print(f"removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
-              f"{', '.join(p.name for p in sorted(removed))}")
-    return removed
 
 
 def read_jsonl_repairing(path: str | Path) -> list[dict]:

@@ -83,7 +83,7 @@ def make_config(model_dir, out, **overrides) -> TrainConfig:
 def test_time_budget_completes_its_schedule_on_a_fake_clock(tiny_model_dir, tmp_path, capsys):
     session = training.setup(make_config(tiny_model_dir, tmp_path / "run", max_time=20.0))
     clock = FakeClock()
-    step_cb = session.callbacks["step"]
+    step_cb = session.callbacks.step
     step_cb.clock = clock
     session.trainer.callback_handler.callbacks.insert(0, Tick(clock))
     summary = training.start_summary(session)
@@ -109,7 +109,7 @@ def test_time_budget_completes_its_schedule_on_a_fake_clock(tiny_model_dir, tmp_
 def test_ample_budget_keeps_the_step_schedule(tiny_model_dir, tmp_path):
     session = training.setup(make_config(tiny_model_dir, tmp_path / "run", max_steps=8, max_time=1000.0))
     clock = FakeClock()
-    session.callbacks["step"].clock = clock
+    session.callbacks.step.clock = clock
     session.trainer.callback_handler.callbacks.insert(0, Tick(clock))
     result = training.run(session)
     assert result.stopped_reason == "completed" and result.steps == 8

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from mathtune import distributed, training
+from mathtune.run_dir import RunDir
+from mathtune.training import recipe
 from mathtune.config import EvalConfig, TrainConfig, build_config
 from mathtune.errors import MathtuneError, TrainingHalted
 
@@ -109,9 +111,9 @@ def test_two_ranks_match_one_rank_with_the_global_batch_and_only_rank0_writes(ti
         assert name in rank0, f"rank 0 did not write {name}"
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3]
-    marked = training.complete_checkpoints(run)
+    marked = RunDir(run).complete_checkpoints()
     assert [p.name for p in marked] == ["checkpoint-2", "checkpoint-3"]
-    assert any(Path(p).parent.name == "checkpoint-2" and Path(p).name == training.CHECKPOINT_MARKER
+    assert any(Path(p).parent.name == "checkpoint-2" and Path(p).name == RunDir.CHECKPOINT_MARKER
                for p in rank0), "the completion marker must be rank 0's"
     # rank 1 prints nothing: the start summary appears once
     assert output.count("global batch 4 × 1 × 2 = 8 rows per step") == 1, output[-3000:]
@@ -246,8 +248,8 @@ def test_start_summary_states_the_global_batch(tiny_model_dir, tmp_path, monkeyp
     assert "4 batch × 2 accumulation × 2 processes" in summary
     assert "global batch 4 × 2 × 2 = 16 rows per step" in summary
     # 16 rows, batch 4 -> 4 micro-batches, 2 per rank, 1 step per epoch at accumulation 2
-    assert training._planned_steps(dict_replace(config, max_steps=-1, num_epochs=1), 16, 2) == 1
-    assert training._planned_steps(dict_replace(config, max_steps=-1, num_epochs=1), 16, 1) == 2
+    assert recipe._planned_steps(dict_replace(config, max_steps=-1, num_epochs=1), 16, 2) == 1
+    assert recipe._planned_steps(dict_replace(config, max_steps=-1, num_epochs=1), 16, 1) == 2
 
 
 def dict_replace(config, **changes):

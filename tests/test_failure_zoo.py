@@ -103,7 +103,7 @@ def test_forced_fp16_overflow_names_bf16_or_fp32(tiny_model_dir, tmp_path):
     CUDA fp16 run without loss scaling, and the overflow is real fp16 arithmetic: activations scaled past
     fp16's maximum (65504) and rounded through half precision become inf, then NaN after the norm."""
     session = training.setup(_config(tiny_model_dir, tmp_path))
-    numeric = next(cb for cb in session.callbacks["guards"] if isinstance(cb, guards.NumericGuard))
+    numeric = session.callbacks.guard(guards.NumericGuard)
     numeric.precision = "fp16"
     # activations growing until their largest is 1e5, past fp16's max, then rounded to half precision
     overflow = lambda out: (out * (1e5 / out.abs().max())).half().float()
@@ -124,7 +124,7 @@ def _truncated_rows(rows: list[PreparedRow]) -> list[PreparedRow]:
 
 
 def _replace_rows(session, rows: list[PreparedRow]) -> None:
-    session.rows = rows
+    session.data.rows = rows
     session.trainer.train_dataset = RowDataset(rows)
 
 
@@ -200,7 +200,7 @@ def test_nan_logits_at_inference_are_caught_by_the_collapse_detector(tiny_model_
     message = str(exc.value)
     assert "model collapsed: outputs are empty" in message and "likely NaN logits" in message
     samples = [json.loads(l) for l in (session.run_dir / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {1, 2} and len(samples) == 2 * len(session.sample_prompts)
+    assert {s["step"] for s in samples} == {1, 2} and len(samples) == 2 * len(session.data.sample_questions)
     assert all(s["output"] == "" and "empty" in s["flags"] for s in samples)
     # stopped in on_step_end of step 2, before that step's checkpoint was written
     assert _checkpoints(session.run_dir) == ["checkpoint-1"]

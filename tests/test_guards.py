@@ -175,7 +175,10 @@ def test_preflight_passes_reports_values_and_leaves_no_trace(tokenizer, tmp_path
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert torch.equal(rng, torch.random.get_rng_state())
-    assert trainer.mathtune_preflight == results
+    # a caller's list receives the same checks (training keeps it on its session)
+    kept = []
+    assert guards.preflight(trainer, _config(), rows, "cpu", "fp32", echo=None, results=kept) is kept
+    assert [r.name for r in kept] == [r.name for r in results]
 
 
 def test_preflight_refuses_peft_without_label_names(tokenizer, tmp_path):
@@ -184,12 +187,14 @@ def test_preflight_refuses_peft_without_label_names(tokenizer, tmp_path):
     rows = _rows(tokenizer, 8)
     model = apply_lora(build_tiny_model(tokenizer), r=4, alpha=8, dropout=0.0)
     trainer, _ = _trainer(model, tokenizer, rows, tmp_path, label_names=None)
+    passed = []
     with pytest.raises(TrainingHalted) as exc:
-        guards.preflight(trainer, _config(), rows, "cpu", "fp32", echo=None)
+        guards.preflight(trainer, _config(), rows, "cpu", "fp32", echo=None, results=passed)
     assert exc.value.check == "label_names"
     assert "set label_names=['labels']" in str(exc.value)
-    # the checks before it are kept for a table (mathtune doctor), the failing one last
-    assert [r.passed for r in exc.value.results] == [True, True, True, True, False]
+    # the checks before it are kept in the caller's list for a table (mathtune doctor)
+    assert [r.name for r in passed] == ["supervised_tokens", "labels_aligned", "precision", "trainable_params"]
+    assert exc.value.step is None  # a preflight halt: before any step
 
 
 def test_preflight_refuses_fp16_on_cpu(tokenizer, tmp_path):
@@ -419,12 +424,16 @@ def test_output_flags():
     assert guards.output_flags([("same", [1]), ("same", [1])]) == [["identical"], ["identical"]]
 
 
-def test_as_prompt_accepts_questions_and_formatted_prompts(tokenizer, base_tokenizer):
+def test_collapse_detector_prompts_its_questions_with_the_ids_training_puts_before_an_answer(
+        tokenizer, base_tokenizer, tmp_path):
     for tok in (tokenizer, base_tokenizer):
-        question = "Convert 3 km to m."
-        prompt = format_prompt(tok, question)
-        assert guards.as_prompt(tok, question) == (question, prompt)
-        assert guards.as_prompt(tok, prompt) == (question, prompt)
+        examples = _examples(2)
+        rows, _ = prepare_examples(examples, tok, max_length=256)
+        detector = guards.CollapseDetector(_config(), tok, [ex.question for ex in examples], tmp_path, "fp32")
+        assert detector.questions == [ex.question for ex in examples]
+        for ids, row in zip(detector.prompt_ids, rows):
+            # the prompt is exactly the row's unsupervised head: the answer follows it in training
+            assert ids == row.input_ids[:row.prompt_len]
 
 
 class _CannedModel(torch.nn.Module):
@@ -505,7 +514,7 @@ def test_collapse_detector_on_the_tiny_model_with_nan_logits(tokenizer, tmp_path
 
 
 def test_empty_sample_prompts_are_refused(tokenizer, tmp_path):
-    with pytest.raises(MathtuneError, match="at least one sample prompt"):
+    with pytest.raises(MathtuneError, match="at least one sample question"):
         guards.guard_callbacks(_config(), StepStats(), tokenizer, [], tmp_path, "fp32")
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mathtune import training
+from mathtune.run_dir import RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def test_signal_saves_a_marked_checkpoint_and_resume_equals_the_uninterrupted_ru
     proc = train(tiny_model_dir, out, T_AT=2, T_SIG=signame)  # arrives while step 3 is in flight
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    checkpoints = training.complete_checkpoints(out)
+    checkpoints = RunDir(out).complete_checkpoints()
     assert [p.name for p in checkpoints] == ["checkpoint-3"]  # the step in flight finished, then saved
     for part in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         assert (checkpoints[0] / part).is_file(), part
@@ -122,7 +123,7 @@ def test_second_signal_exits_at_once_leaving_checkpoints_as_they_were(tiny_model
     proc = train(tiny_model_dir, out, "--save-steps", 2, T_AT=3, T_TWICE=1)
     assert proc.returncode == 143 and "second SIGTERM: exiting now" in proc.stderr
     # checkpoint-2 (from --save-steps) is intact and marked; the stop never got to save step 4
-    assert [p.name for p in training.complete_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in RunDir(out).complete_checkpoints()] == ["checkpoint-2"]
     assert not (out / "checkpoint-4").exists()
 
 
@@ -132,7 +133,7 @@ def test_kill_9_between_checkpoints_with_a_torn_metrics_line_resumes_to_the_same
     proc = train(tiny_model_dir, out, "--save-steps", 2, T_AT=5, T_SIG="SIGKILL", T_TEAR=1)
     assert proc.returncode == -signal.SIGKILL
     assert (out / "metrics.jsonl").read_text().endswith('"loss": 1.2')  # torn by the kill
-    assert [p.name for p in training.complete_checkpoints(out)][-1] == "checkpoint-4"
+    assert [p.name for p in RunDir(out).complete_checkpoints()][-1] == "checkpoint-4"
 
     resumed = train(tiny_model_dir, out, "--save-steps", 2, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -147,7 +148,7 @@ def test_kill_9_mid_checkpoint_write_resumes_from_the_last_marked_one(uninterrup
     proc = train(tiny_model_dir, out, "--save-steps", 2, T_KILL_IN_SAVE=4)
     assert proc.returncode == -signal.SIGKILL
     assert (out / "checkpoint-4" / "optimizer.pt").is_file()  # half written: weights and optimizer, no marker
-    assert [p.name for p in training.complete_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in RunDir(out).complete_checkpoints()] == ["checkpoint-2"]
 
     resumed = train(tiny_model_dir, out, "--save-steps", 2, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -174,6 +175,6 @@ def test_a_second_train_into_a_dir_in_use_is_refused(tiny_model_dir, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert run_dir.LOCK_FILE in os.listdir(out)
+    assert run_dir.RunDir.LOCK in os.listdir(out)
     # the holder died (as kill -9 would): the kernel dropped its lock, the dir is usable again
     assert train(tiny_model_dir, out, "--max-steps", 1).returncode == 0

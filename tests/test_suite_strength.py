@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mathtune import training
+from mathtune.training import recipe
 from mathtune.comparison import paired_bootstrap_ci
 from mathtune.config import TrainConfig, build_config
 
@@ -90,13 +91,13 @@ def test_fallback_loss_for_models_without_loss_kwargs_runs_and_normalises_by_the
     # a model that says it takes no loss kwargs: Trainer would average per micro-batch
     monkeypatch.setattr(LlamaForCausalLM, "accepts_loss_kwargs", False, raising=False)
     calls = []
-    real = training.token_normalised_loss
+    real = recipe.token_normalised_loss
 
     def counting(outputs, labels, num_items_in_batch=None):
         calls.append(int(num_items_in_batch))
         return real(outputs, labels, num_items_in_batch)
 
-    monkeypatch.setattr(training, "token_normalised_loss", counting)
+    monkeypatch.setattr(recipe, "token_normalised_loss", counting)
 
     def train_with(out, batch_size, accumulation):
         # SGD: the update IS the gradient, so a wrongly weighted loss shows in the weights

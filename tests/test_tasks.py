@@ -446,3 +446,23 @@ def test_unit_conversion_values_stay_small(uc_splits):
         templates[uc.category_of(r)].add(re.sub(r"-?\d+(?:\.\d+)?", "N", r.question).split(" ")[0])
     # several phrasings in every category, so no single sentence pattern can be memorized
     assert all(len(t) >= 4 for t in templates.values()), templates
+
+
+def test_each_task_owns_its_policy_and_the_consumers_read_it(monkeypatch):
+    from mathtune.generate import resolve_calculator
+    from mathtune.rft import RFTConfig
+    from mathtune.tasks import TASK_NAMES, task_class
+    from mathtune.tasks.files import FileTask
+    from mathtune.tasks.gsm8k import GSM8KTask
+
+    assert {name: task_class(name).calculator_by_default for name in TASK_NAMES} == {
+        "gsm8k": True, "unit-conversion": True, "file": False}
+    assert task_class("gsm8k").hub_dataset == "openai/gsm8k" and task_class("file").hub_dataset is None
+    assert resolve_calculator(None, "gsm8k") and not resolve_calculator(None, "file")
+    assert not resolve_calculator(False, "gsm8k") and not resolve_calculator(None, None)
+    # the consumers ask the Task: change its policy and their answer follows
+    monkeypatch.setattr(FileTask, "calculator_by_default", True)
+    assert resolve_calculator(None, "file")
+    monkeypatch.setattr(GSM8KTask, "supports_rft", False)
+    with pytest.raises(MathtuneError, match="rft works for unit-conversion, file"):
+        RFTConfig(model="m", task="gsm8k", output="out.jsonl").validate()

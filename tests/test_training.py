@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from mathtune import training
+from mathtune.run_dir import RunDir
+from mathtune.tasks import get_task
+from mathtune.training import trainer as training_trainer
 from mathtune.config import TrainConfig, build_config
 from mathtune.errors import MathtuneError
 
@@ -173,13 +176,13 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, tmp_path
 
 def test_shared_prefix_runs_once_per_batch_with_the_same_loss_and_gradients(tiny_model_dir, tmp_path, monkeypatch):
     prefixes = []
-    real_split = training.split_off_prefix
+    real_split = training_trainer.split_off_prefix
 
     def recording_split(model, inputs, prefix):
         prefixes.append(prefix)
         return real_split(model, inputs, prefix)
 
-    monkeypatch.setattr(training, "split_off_prefix", recording_split)
+    monkeypatch.setattr(training_trainer, "split_off_prefix", recording_split)
     session = training.setup(make_config(tiny_model_dir, tmp_path / "run"))
     trainer, model = session.trainer, session.model
     assert trainer.shared_prefix
@@ -263,7 +266,7 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tiny_
     full = tmp_path / "full"
     result = training.run(training.setup(make_config(tiny_model_dir, full, max_steps=6, save_steps=3, **schedule)))
     assert result.steps == 6
-    assert [p.name for p in training.complete_checkpoints(full)] == ["checkpoint-3", "checkpoint-6"]
+    assert [p.name for p in RunDir(full).complete_checkpoints()] == ["checkpoint-3", "checkpoint-6"]
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -279,17 +282,17 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tiny_
 
 def test_resume_auto_ignores_incomplete_checkpoints_and_names_output_dir_when_none(tmp_path):
     with pytest.raises(MathtuneError, match="--output-dir"):
-        training.resolve_resume("auto", tmp_path)
+        RunDir(tmp_path).resolve_resume("auto")
     done = tmp_path / "checkpoint-2"
     done.mkdir()
     (done / "trainer_state.json").write_text("{}")
-    (done / training.CHECKPOINT_MARKER).write_text("{}")
+    (done / RunDir.CHECKPOINT_MARKER).write_text("{}")
     half_written = tmp_path / "checkpoint-4"  # a crash while saving: no marker
     half_written.mkdir()
     (half_written / "trainer_state.json").write_text("{}")
-    assert training.resolve_resume("auto", tmp_path) == str(done)
+    assert RunDir(tmp_path).resolve_resume("auto") == str(done)
     with pytest.raises(MathtuneError, match="not marked complete"):
-        training.resolve_resume(str(half_written), tmp_path)
+        RunDir(tmp_path).resolve_resume(str(half_written))
 
 
 def test_fresh_run_refuses_an_output_dir_with_old_checkpoints(tiny_model_dir, tmp_path):
@@ -305,13 +308,13 @@ def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch)
 
     class FakeGuards:
         @staticmethod
-        def guard_callbacks(config, stats, tokenizer, sample_prompts, run_dir, precision):
-            calls["prompts"] = list(sample_prompts)
+        def guard_callbacks(config, stats, tokenizer, sample_questions, run_dir, precision):
+            calls["questions"] = list(sample_questions)
             calls["stats"] = stats
             return []
 
         @staticmethod
-        def preflight(trainer, config, rows, device, precision):
+        def preflight(trainer, config, rows, device, precision, results):
             calls["preflight"] = (len(rows), device, precision)
             return []
 
@@ -319,7 +322,9 @@ def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(mathtune, "guards", FakeGuards, raising=False)
     session = training.setup(make_config(tiny_model_dir, tmp_path / "run", guards=True, max_steps=1))
     assert calls["stats"] is session.step_stats
-    assert len(calls["prompts"]) == 3 and all("<|im_start|>assistant" in p for p in calls["prompts"])
+    # bare questions (the detector formats them as training does), the first three held-out ones
+    eval_questions = [ex.question for ex in get_task("unit-conversion").examples("eval")[:3]]
+    assert calls["questions"] == eval_questions
     training.run(session)
     assert calls["preflight"] == (16, "cpu", "fp32")
 

@@ -11,6 +11,7 @@ import dataclasses
 
 from mathtune.config import EvalConfig, add_config_arguments, config_from_args
 from mathtune.errors import ConfigError
+from mathtune.run_dir import RunDir
 
 # EvalConfig.model is replaced by the two specs; EvalConfig.output (a directory for eval logs) by
 # --eval-dir, because here --output is the comparison JSON.
@@ -26,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", choices=("first", "majority"), default="first",
                         help="per-item verdict: the first output, or the majority vote of --num-samples "
                              "samples (maj@k) (default: first)")
-    parser.add_argument("--output", default="model_comparison.json",
-                        help="where to write the comparison JSON (default: model_comparison.json)")
+    parser.add_argument("--output", default=RunDir.COMPARISON,
+                        help=f"where to write the comparison JSON (default: {RunDir.COMPARISON})")
     parser.add_argument("--eval-dir", default=None,
                         help="directory for the two per-item logs and summaries "
                              "(default: eval/ in each model's run dir, or ./eval)")

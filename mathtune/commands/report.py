@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from mathtune.run_dir import RunDir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by mathtune train (holds metrics.jsonl)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help=f"a run directory written by mathtune train (holds {RunDir.METRICS})")
 
 
 def run(args: argparse.Namespace) -> int:

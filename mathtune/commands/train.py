@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
+from mathtune.run_dir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
     if result.comparison is not None:
         for line in comparison_lines(result.comparison):
             print(line)
-        print(f"comparison: {result.run_dir / 'model_comparison.json'}; report: {result.run_dir / 'report.md'}")
+        run = RunDir(result.run_dir)
+        print(f"comparison: {run.comparison}; report: {run.report}")
     return 0

@@ -27,6 +27,10 @@ class Task:
 
     name: str = ""
     judge_rule: str = "exact"  # "exact" | "rel_tol=0.05" (see mathtune.answers.judge)
+    # The task's policy, read without building the task (``task_class(name).<attribute>``):
+    calculator_by_default = False  # targets carry <<a*b=c>> annotations: calculator-assisted decoding on
+    hub_dataset: str | None = None  # the Hugging Face dataset id its rows come from (a model card names it)
+    supports_rft = True  # rejection-sampling fine-tuning (mathtune rft) can sample answers to its questions
 
     def __init__(self) -> None:
         self._cache: dict[str, list[Example]] = {}
@@ -64,6 +68,23 @@ def task_from_config(config, *, train_file: bool = True) -> Task:
                     fields=Fields(config.question_field, config.answer_field),
                     splits={"train": config.train_split, "eval": config.eval_split},
                     target_format=config.target_format)
+
+
+def task_class(name: str) -> type[Task]:
+    """The ``Task`` subclass registered as ``name`` (its policy attributes need no files or rows)."""
+    if name == "gsm8k":
+        from mathtune.tasks.gsm8k import GSM8KTask
+
+        return GSM8KTask
+    if name == "unit-conversion":
+        from mathtune.tasks.unit_conversion import UnitConversionTask
+
+        return UnitConversionTask
+    if name == "file":
+        from mathtune.tasks.files import FileTask
+
+        return FileTask
+    raise MathtuneError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")
 
 
 def get_task(

@@ -1,0 +1,214 @@
+"""mathtune's own ``TrainerCallback``s and the one order they run in (``TrainingCallbacks.in_order``).
+
+Trainer calls callbacks in list order, and ours read what an earlier one decided in the same event,
+so the order is part of their contract; ``in_order`` states it in code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from mathtune import distributed
+from mathtune.atomic import write_text_atomically
+from mathtune.budget import TimeBudget
+from mathtune.errors import MathtuneError
+from mathtune.interrupt import InterruptCallback
+from mathtune.run_dir import RunDir
+from mathtune.step_stats import StepStats
+
+ESTIMATE_AFTER_STEPS = 3  # steps timed before the time budget's step estimate is printed
+
+
+class StepCallback(TrainerCallback):
+    """Closes each step in StepStats, enforces --max-time, writes metrics.jsonl.
+
+    Must be the first of our callbacks: the guards' on_step_end reads StepStats.last_* after end_step().
+    """
+
+    def __init__(self, stats: StepStats, metrics_path: Path, budget: TimeBudget | None, seconds_offset: float = 0.0,
+                 clock=time.perf_counter):
+        self.stats = stats
+        self.metrics_path = Path(metrics_path)
+        self.budget = budget
+        self.seconds_offset = seconds_offset  # training seconds of the run this one resumes
+        self.clock = clock  # injectable: the time-budget tests drive a fake clock
+        self.train_started: float | None = None
+        self.stopped_on_time = False
+        self.window = self._empty_window()
+        self.total_input_tokens = 0
+        self.total_supervised_tokens = 0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    @staticmethod
+    def _empty_window() -> dict:
+        return {"steps": 0, "supervised": 0, "input": 0, "seconds": 0.0}
+
+    def elapsed(self) -> float:
+        """Seconds since this process started training (what --max-time budgets)."""
+        return self.clock() - self.train_started if self.train_started is not None else 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_started = self.clock()
+        self._first_step = state.global_step
+        if self.budget is not None:
+            self.budget.start(state.global_step, self.seconds_offset)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stats = self.stats
+        stats.end_step()
+        self.window["steps"] += 1
+        self.window["supervised"] += stats.last_supervised_tokens
+        self.window["input"] += stats.last_input_tokens
+        self.window["seconds"] += stats.last_step_seconds
+        self.total_input_tokens += stats.last_input_tokens
+        self.total_supervised_tokens += stats.last_supervised_tokens
+        budget = self.budget
+        if budget is not None:
+            # rank 0's clock on every rank (one broadcast per step under a launcher): the stop decision
+            # and the learning rate follow it, so all ranks stop after the same step with the same LR
+            budget.step_ended(state.global_step, distributed.main_clock(self.seconds_offset + self.elapsed()))
+            if budget.steps_done - self._first_step == ESTIMATE_AFTER_STEPS and distributed.is_main_process():
+                tqdm.write(budget_estimate_line(budget), file=sys.stderr)
+            if not control.should_training_stop and budget.should_stop():
+                # a step boundary: the update is complete, so the model saved next is a consistent one
+                self.stopped_on_time = True
+                control.should_training_stop = True
+        if control.should_training_stop:
+            control.should_log = True  # the last step always reaches metrics.jsonl
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return  # the end-of-training summary (train_runtime, train_loss, ...) is not a step
+        window, seconds = self.window, self.window["seconds"]
+        line = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "grad_norm": logs.get("grad_norm"),
+            "learning_rate": logs.get("learning_rate"),
+            "epoch": logs.get("epoch", state.epoch),
+            # tokens of the steps since the previous line (logging_steps of them)
+            "supervised_tokens": window["supervised"],
+            "input_tokens": window["input"],
+            "supervised_tokens_per_second": window["supervised"] / seconds if seconds > 0 else None,
+            "tokens_per_second": window["input"] / seconds if seconds > 0 else None,
+            "step_seconds": seconds / max(window["steps"], 1),
+            # wall seconds since training started; a resumed run continues the count
+            "seconds": self.seconds_offset + self.elapsed(),
+        }
+        if distributed.is_main_process():  # logs are the same on every rank (losses gathered by Trainer)
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        if self.first_loss is None:
+            self.first_loss = logs["loss"]
+        self.last_loss = logs["loss"]
+        self.window = self._empty_window()
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks checkpoint-N complete once Trainer has fully written it.
+
+    on_save runs after the model, optimizer, scheduler, RNG state and trainer_state.json are on disk.
+    Listed after the guards' callbacks, so a checkpoint a guard rejects is never marked. --resume auto
+    trusts only marked checkpoints: a crash mid-write leaves an unmarked, ignored directory.
+    """
+
+    def __init__(self):
+        self.last_complete: Path | None = None
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = RunDir(args.output_dir).checkpoint(state.global_step)
+
+        def mark():
+            if not (checkpoint / RunDir.TRAINER_STATE).is_file():
+                raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {RunDir.TRAINER_STATE}")
+            # atomic: the marker is whole or absent
+            write_text_atomically(RunDir.marker(checkpoint),
+                                  json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+
+        # every rank writes its own shard/RNG state; on_main waits for all of them before rank 0 marks
+        distributed.barrier()
+        distributed.on_main(mark)
+        self.last_complete = checkpoint
+
+
+class ConsoleProgress(TrainerCallback):
+    """One compact tqdm line (steps, loss, learning rate) instead of Trainer's printed dict per log."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not distributed.is_main_process():
+            return  # one bar per run, not one per rank
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="train",
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+
+def budget_estimate_line(budget: TimeBudget) -> str:
+    expected = budget.expected_steps()
+    per_step = budget.seconds_per_step or 0.0
+    if expected is None:
+        return "time budget: no step timing yet"
+    fits = "all" if expected >= budget.planned_steps else f"~{expected}"
+    return (f"time budget: {per_step:.2f} s/step -> {fits} of {budget.planned_steps} planned steps "
+            f"({expected / budget.steps_per_epoch:.2f} epochs) fit in --max-time {budget.max_time:g} s; "
+            f"the learning-rate schedule is laid over them")
+
+
+@dataclass
+class TrainingCallbacks:
+    """Our callbacks by role, and the guards' (unwrapped, so their state can be read after a run)."""
+
+    interrupt: InterruptCallback
+    step: StepCallback
+    checkpoint: CheckpointMarker
+    progress: ConsoleProgress
+    guards: list[Any] = field(default_factory=list)
+    # the guards as Trainer holds them: under a launcher each wrapped in a CollectiveCallback, so a
+    # halt on any rank halts every rank at the same event (the guard itself otherwise)
+    collective_guards: list[Any] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.collective_guards:
+            self.collective_guards = [distributed.CollectiveCallback(cb) for cb in self.guards]
+
+    def in_order(self) -> list[TrainerCallback]:
+        """The list for ``Trainer(callbacks=...)``. Each one reads what the ones before it decided:
+
+        1. interrupt: its should_save/should_training_stop must reach the step callback (which then
+           logs the last step) and the guards (which check the weights before a save);
+        2. step: closes the step in StepStats; the guards read StepStats.last_* after it;
+        3. guards: may reject a checkpoint (raise before on_save completes);
+        4. checkpoint marker: marks only a checkpoint no guard rejected;
+        5. progress bar: shows the state the others settled.
+        """
+        return [self.interrupt, self.step, *self.collective_guards, self.checkpoint, self.progress]
+
+    def guard(self, kind: type) -> Any | None:
+        """The guard callback of class ``kind`` (e.g. guards.CollapseDetector), if guards are on."""
+        return next((cb for cb in self.guards if isinstance(cb, kind)), None)
