@@ -48,7 +48,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench.eval_throughput import DTYPES, load_questions, matmul_peak  # noqa: E402
 from bench.train_throughput import read_rows  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
-from mathtune.models import DEFAULT_MODEL, choose_precision  # noqa: E402
+from mathtune.hardware import choose_precision  # noqa: E402
+from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 
 MATMUL_OPS = {"aten::mm", "aten::addmm"}
 ATTENTION_OPS = {"aten::bmm", "aten::baddbmm"}
@@ -152,7 +153,7 @@ def train(args) -> None:
 def decode(args) -> None:
     from mathtune.config import EVAL_BATCH_SIZE
     from mathtune.generate import GenerationSettings, Generator
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     questions, where = load_questions("auto", args.questions)
     precision, _ = choose_precision(args.precision, "cpu")

@@ -81,7 +81,8 @@ def load(spec_or_run_dir: str = "smollm2-135m", device: str = "auto", precision:
     available); extra keyword arguments set default ``GenerationSettings`` (e.g. max_new_tokens=128)."""
     import torch
 
-    from mathtune.models import choose_device, choose_precision, load_model
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_model
 
     dev, _ = choose_device(device)
     prec, _ = choose_precision(precision, dev)

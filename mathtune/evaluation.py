@@ -262,7 +262,8 @@ def model_identity(spec: str) -> dict | None:
     """What identifies a model's weights without loading them: the spec plus size and mtime of its
     weight, config and tokenizer files (an adapter also names its base's identity). None when the
     weights are not on disk yet (a hub model never downloaded): such a run is not looked up."""
-    from mathtune.models import _read_adapter_base, resolve_model_source
+    from mathtune.models.load import read_adapter_base
+    from mathtune.models.spec import resolve_model_source
 
     kind, source = resolve_model_source(spec)
     identity: dict[str, Any] = {"spec": str(spec).strip(), "kind": kind}
@@ -274,15 +275,15 @@ def model_identity(spec: str) -> dict | None:
         identity["files"] = _file_fingerprints(snapshot)
     elif kind in ("alias-gguf", "gguf-file"):
         # the converted checkpoint exists only after a first load; the GGUF itself identifies it
-        from mathtune.models import _bundled_gguf
+        from mathtune.models.spec import bundled_gguf
 
-        gguf = _bundled_gguf(spec.strip().lower()) if kind == "alias-gguf" else Path(spec.strip()).expanduser().resolve()
+        gguf = bundled_gguf(spec.strip().lower()) if kind == "alias-gguf" else Path(spec.strip()).expanduser().resolve()
         identity["files"] = _file_fingerprints(gguf)
     else:
         identity["source"] = source
         identity["files"] = _file_fingerprints(Path(source))
         if kind == "adapter":
-            base = model_identity(_read_adapter_base(Path(source)))
+            base = model_identity(read_adapter_base(Path(source)))
             if base is None:
                 return None
             identity["base"] = base
@@ -308,7 +309,7 @@ def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings,
 
 
 def _cache_path(key: str) -> Path:
-    from mathtune.models import cache_dir
+    from mathtune.models.spec import cache_dir
 
     return cache_dir() / "eval" / f"{key}.json"
 
@@ -344,7 +345,7 @@ def _store_cached(key: str, outputs, meta: dict) -> None:
 
 def default_output_dir(spec: str) -> Path:
     """``<model dir>/eval`` when the spec is a local model/run or adapter dir, else ``./eval``."""
-    from mathtune.models import resolve_model_source
+    from mathtune.models.spec import resolve_model_source
 
     kind, source = resolve_model_source(spec)
     if kind in ("local-dir", "adapter"):
@@ -364,11 +365,13 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
 
     ``config`` is an ``EvalConfig`` (its ``model`` field is ignored in favour of ``spec``). Files go to
     ``output_dir`` (default ``default_output_dir(spec)``). Generations are cached under
-    ``models.cache_dir()/eval`` keyed by model identity, task, items, settings and precision, so
+    ``models.spec.cache_dir()/eval`` keyed by model identity, task, items, settings and precision, so
     evaluating an unchanged model again only re-judges (``config.no_cache`` forces generation).
     """
     from mathtune.data import take
-    from mathtune.models import choose_device, choose_precision, load_model, model_tag
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_model
+    from mathtune.models.spec import model_tag
     from mathtune.tasks import get_task
 
     config.validate()

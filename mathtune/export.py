@@ -140,7 +140,7 @@ def card_base_model(spec: str | None) -> str | None:
     text = str(spec).strip()
     if text.lower() in CARD_BASE_MODELS:
         return CARD_BASE_MODELS[text.lower()]
-    from mathtune.models import ALIASES
+    from mathtune.models.spec import ALIASES
 
     alias = ALIASES.get(text.lower())
     if alias is not None and alias.hub_id:
@@ -287,7 +287,8 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
 
     from mathtune.data import end_of_turn_token, end_of_turn_token_id
     from mathtune.gguf_export import check_supported, modelfile_text, write_gguf
-    from mathtune.models import load_model, model_tag, resolve_model_source
+    from mathtune.models.load import load_model
+    from mathtune.models.spec import model_tag, resolve_model_source
 
     config = ExportConfig(model=str(spec), output=str(output), dtype=dtype, gguf=gguf, gguf_type=gguf_type,
                           overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).validate()

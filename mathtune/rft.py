@@ -214,7 +214,8 @@ def format_result(result: dict, config: RFTConfig) -> str:
 def _model_generator(config: RFTConfig, settings):
     from mathtune.evaluation import _torch_dtype
     from mathtune.generate import Generator
-    from mathtune.models import choose_device, choose_precision, load_model
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_model
 
     device, _ = choose_device(config.device)
     precision, _ = choose_precision(config.precision, device)

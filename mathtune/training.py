@@ -510,14 +510,14 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
 
 def setup(config: TrainConfig) -> TrainingSession:
     """Build everything needed to train; nothing is trained yet. Prints the device and precision choice."""
-    from mathtune import models
+    from mathtune import hardware
+    from mathtune.models.load import apply_lora, load_model
+    from mathtune.models.spec import resolve_model_source
     from mathtune.tasks import get_task
 
-    device, device_reason = models.choose_device(config.device)
-    from mathtune.train_device import check_training_device
-
-    check_training_device(device)  # Trainer would silently use cuda:0 / every GPU otherwise
-    precision, precision_reason = models.choose_precision(config.precision, device)
+    device, device_reason = hardware.choose_device(config.device)
+    hardware.check_training_device(device)  # Trainer would silently use cuda:0 / every GPU otherwise
+    precision, precision_reason = hardware.choose_precision(config.precision, device)
     print(f"device: {device} ({device_reason})")
     print(f"precision: {precision} ({precision_reason})")
     distributed.init(device)  # under a launcher: join the process group before touching the run dir
@@ -527,12 +527,12 @@ def setup(config: TrainConfig) -> TrainingSession:
     run_dirs.check_writable(config.output_dir)
     if Path(config.output_dir).is_dir():  # ditto: a dir in use by another run is refused now (a new dir is
         run_dirs.lock_output_dir(config.output_dir)  # created only once model and data have loaded)
-    if models.resolve_model_source(config.model)[0] == "adapter":
+    if resolve_model_source(config.model)[0] == "adapter":
         raise MathtuneError(
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
             f"names (to continue a run, use --resume with its checkpoint)"
         )
-    loaded = models.load_model(config.model, device=distributed.local_device(device), dtype=torch.float32,  # fp32 master
+    loaded = load_model(config.model, device=distributed.local_device(device), dtype=torch.float32,  # fp32 master
                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     tokenizer = loaded.tokenizer
 
@@ -557,7 +557,7 @@ def setup(config: TrainConfig) -> TrainingSession:
         # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
         model.set_attn_implementation("eager")
     if config.method == "lora":
-        model = models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                   target_modules=config.target_modules)
     else:
         for param in model.parameters():

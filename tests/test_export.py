@@ -54,7 +54,7 @@ def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale:
     lora_B is random (PEFT initialises it to 0, which would make the merge a no-op)."""
     from transformers import AutoModelForCausalLM
 
-    from mathtune.models import apply_lora
+    from mathtune.models.load import apply_lora
 
     torch.manual_seed(seed)  # lora_A's initialisation
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), r=4, alpha=8,
@@ -403,7 +403,7 @@ def test_export_cli(tiny_model_dir, tmp_path):
 def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenizer):
     """The real thing: SmolLM2-135M + a LoRA run -> HF dir + f16 GGUF (+ q8_0)."""
     import mathtune
-    from mathtune.models import cache_dir
+    from mathtune.models.spec import cache_dir
 
     run = _lora_run(cache_dir() / "smollm2-135m", tmp_path / "run", smol_tokenizer, scale=0.01, comparison=False)
     # the adapter names the alias, as a real run does

@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from mathtune.models import apply_lora, load_model
+from mathtune.models.load import apply_lora, load_model
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_greedy_answer_contains_5(first_load):
 def test_second_load_reads_the_converted_checkpoint_and_is_identical(first_load, capfd, monkeypatch):
     """The second load must not convert again (the GGUF parse is the slow part): made structural, not
     timed, by making any conversion fail."""
-    import mathtune.models as models
+    from mathtune.models import gguf_cache
 
     conversions = []
 
@@ -93,7 +93,7 @@ def test_second_load_reads_the_converted_checkpoint_and_is_identical(first_load,
         conversions.append(args)  # recorded as well as refused: the loader may catch what it raises
         raise AssertionError("the GGUF was converted a second time")
 
-    monkeypatch.setattr(models, "_dequantized_checkpoint", no_second_conversion)
+    monkeypatch.setattr(gguf_cache, "_dequantized_checkpoint", no_second_conversion)
     capfd.readouterr()
     again = load_model("smollm2-135m")
     assert "one-time conversion" not in capfd.readouterr().err

@@ -3,7 +3,7 @@
     mathtune ask runs/lora-uc "How many grams are in 2.5 kilograms?"
     printf 'What is 12 * 7?\\nConvert 3 km to m.\\n' | mathtune ask runs/lora-uc
 
-Same path as ``mathtune eval``: the model loaded by ``models.load_model`` (adapter merged) under the
+Same path as ``mathtune eval``: the model loaded by ``models.load.load_model`` (adapter merged) under the
 device/precision policy, ``GenerationSettings.from_config`` over ``EvalConfig`` (so every generation
 setting eval has is a flag here too, and reaches the ``Generator`` the same way), the training prompt
 format and the end-of-turn stop. Then the answer extraction ``accuracy`` scores with.
@@ -54,7 +54,8 @@ def answer_questions(config: EvalConfig, questions) -> list[Answer]:
 
     from mathtune.answers import extract
     from mathtune.generate import GenerationSettings, Generator
-    from mathtune.models import choose_device, choose_precision, load_model
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_model
 
     if isinstance(questions, str):
         questions = [questions]

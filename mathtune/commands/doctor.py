@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 def examine(args: argparse.Namespace, doctor: Doctor, default_run_dir: Path) -> None:
     """Every check in order; stops at the first failure (later checks would only repeat it)."""
-    from mathtune import models, training
+    from mathtune import hardware, training
 
     if args.steps <= 0:
         doctor.add("config", False, f"--steps {args.steps}", f"--steps must be > 0 (got {args.steps})")
@@ -96,13 +96,13 @@ def examine(args: argparse.Namespace, doctor: Doctor, default_run_dir: Path) -> 
         doctor.add("config", False, "", str(exc))
         return
     try:
-        device, device_reason = models.choose_device(config.device)
+        device, device_reason = hardware.choose_device(config.device)
     except MathtuneError as exc:
         doctor.add("device", False, f"--device {config.device}", str(exc))
         return
     doctor.add("device", True, f"{device} ({device_reason})")
     try:
-        precision, precision_reason = models.choose_precision(config.precision, device)
+        precision, precision_reason = hardware.choose_precision(config.precision, device)
     except MathtuneError as exc:
         doctor.add("precision_policy", False, f"--precision {config.precision} on {device}", str(exc))
         return
