@@ -48,12 +48,11 @@ from transformers import TrainerCallback  # noqa: E402
 
 from bench.eval_throughput import matmul_peak  # noqa: E402  (the same peak measurement as the eval bench)
 from mathtune.errors import MathtuneError  # noqa: E402
-from mathtune.hardware import choose_precision  # noqa: E402
+from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
 from mathtune.models.load import DEFAULT_LORA_TARGETS  # noqa: E402
 from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RECIPE_PAD_TO = 256
 
 
@@ -196,7 +195,7 @@ def main(argv=None) -> int:
 
     base = recipe(rows, args.model, args.batch_size, args.seed)
     ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision, args.compile_layers)
-    peaks = {p: matmul_peak(DTYPES[p], 2048) for p in sorted({"fp32", precision})}
+    peaks = {p: matmul_peak(dtype_of(p), 2048) for p in sorted({"fp32", precision})}
     for p, peak in peaks.items():
         print(f"peak      torch.matmul 2048x2048 {p}: {peak / 1e9:.0f} GFLOP/s")
     print(base.line(peaks["fp32"]))

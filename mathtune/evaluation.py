@@ -353,12 +353,6 @@ def default_output_dir(spec: str) -> Path:
     return Path("eval")
 
 
-def _torch_dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, verbose: bool = True,
                    progress: bool | None = None) -> tuple[dict, list[dict]]:
     """Evaluate model ``spec`` on ``config.task``'s eval split: ``(summary, per-item records)``.
@@ -370,7 +364,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     """
     from mathtune.data import take
     from mathtune.hardware import choose_device, choose_precision
-    from mathtune.models.load import load_model
+    from mathtune.models.load import load_for_inference
     from mathtune.models.spec import model_tag
     from mathtune.tasks import get_task
 
@@ -405,9 +399,8 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     if outputs is None:
         from mathtune.generate import Generator
 
-        # adapters merged: generation only, and one matmul per layer beats base + LoRA (1.4x, see load_model)
-        loaded = load_model(spec, device=device, dtype=_torch_dtype(precision), merge_adapter=True,
-                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        loaded = load_for_inference(spec, device=device, precision=precision,
+                                    trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
         generator = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)
         # one process: generator(questions); under a launcher: whole batches per rank, merged in item order
         outputs = distributed.generate_sharded(generator, loaded.tokenizer, [e.question for e in examples], settings)

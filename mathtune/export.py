@@ -283,11 +283,10 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
                  gguf_type: str = "f16", overwrite: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False, log: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``spec`` into ``output`` (see the module docstring); returns what was written."""
-    import torch
-
     from mathtune.data import end_of_turn_token, end_of_turn_token_id
     from mathtune.gguf_export import check_supported, modelfile_text, write_gguf
-    from mathtune.models.load import load_model
+    from mathtune.hardware import dtype_of
+    from mathtune.models.load import load_for_inference
     from mathtune.models.spec import model_tag, resolve_model_source
 
     config = ExportConfig(model=str(spec), output=str(output), dtype=dtype, gguf=gguf, gguf_type=gguf_type,
@@ -299,8 +298,9 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     comparison = _read_comparison(run_dir / COMPARISON) if run_dir is not None else None
 
     log(f"loading {config.model} ({kind}){' and merging its LoRA adapter in fp32' if kind == 'adapter' else ''}")
-    loaded = load_model(config.model, device="cpu", dtype=torch.float32, merge_adapter=True,
-                        trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    # fp32 here whatever --dtype: the GGUF is written from the fp32 merge, the safetensors cast below
+    loaded = load_for_inference(config.model, device="cpu", precision="fp32",
+                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.gguf:
         check_supported(model.config)  # before any file is written
@@ -320,7 +320,7 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
             # from the fp32 merge, whatever --dtype the safetensors get
             write_gguf(model, tokenizer, tmp, tmp / gguf_name, config.gguf_type, eot_token_id=eot_id, name=name)
             (tmp / MODELFILE).write_text(modelfile_text(tokenizer, gguf_name, eot))
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
+        torch_dtype = dtype_of(config.dtype)
         model.to(torch_dtype)
         model.config.dtype = torch_dtype
         model.generation_config = _generation_config(tokenizer, eot_id, max_new_tokens)

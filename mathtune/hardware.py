@@ -75,6 +75,17 @@ def read_cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[st
     return frozenset(flags)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name: the one place the mapping is written."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise MathtuneError(f"precision '{precision}' is unknown: use {', '.join(PRECISIONS)}")
+    return dtypes[precision]
+
+
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 _FP16_REFUSAL = "fp16 on {dev} is unsupported (no loss scaling, overflows): use --precision bf16 or fp32"
 

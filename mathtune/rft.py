@@ -212,14 +212,13 @@ def format_result(result: dict, config: RFTConfig) -> str:
 
 
 def _model_generator(config: RFTConfig, settings):
-    from mathtune.evaluation import _torch_dtype
     from mathtune.generate import Generator
     from mathtune.hardware import choose_device, choose_precision
-    from mathtune.models.load import load_model
+    from mathtune.models.load import load_for_inference
 
     device, _ = choose_device(config.device)
     precision, _ = choose_precision(config.precision, device)
-    loaded = load_model(config.model, device=device, dtype=_torch_dtype(precision), merge_adapter=True,
-                        trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    loaded = load_for_inference(config.model, device=device, precision=precision,
+                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     return Generator(loaded.model, loaded.tokenizer, settings)
 

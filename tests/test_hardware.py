@@ -119,3 +119,12 @@ def test_choose_device(monkeypatch):
     assert choose_device("cuda:0")[0] == "cuda:0"
     with pytest.raises(MathtuneError):
         choose_device("cuda:3")
+
+
+def test_dtype_of_is_the_one_precision_map():
+    assert hardware.dtype_of("fp32") is torch.float32
+    assert hardware.dtype_of("bf16") is torch.bfloat16
+    assert hardware.dtype_of("fp16") is torch.float16
+    with pytest.raises(MathtuneError) as excinfo:
+        hardware.dtype_of("auto")  # a choice, not a dtype: choose_precision decides it first
+    assert_one_line_error(excinfo, "precision 'auto'", "fp32, bf16, fp16")

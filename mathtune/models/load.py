@@ -246,6 +246,23 @@ def load_model(
     )
 
 
+def load_for_inference(spec: str, *, device: str, precision: str, trust_remote_code: bool = False,
+                       allow_pickle: bool = False) -> LoadedModel:
+    """Any model spec -> a model ready to generate: the one loading policy of eval, compare, ask,
+    rft, export and ``mathtune.load``, so they all run the same weights.
+
+    ``device`` and ``precision`` are concrete (``hardware.choose_device`` / ``choose_precision``
+    decide "auto"). A LoRA adapter is merged (in fp32, then cast to ``precision``'s dtype: see
+    ``load_model``), because one matmul per layer is faster than base + LoRA and an unmerged bf16
+    adapter rounds differently, which would make one entry point's answers differ from another's.
+    Attention is the library's default implementation for the model (sdpa for Llama/Qwen2).
+    """
+    from mathtune.hardware import dtype_of
+
+    return load_model(spec, device=device, dtype=dtype_of(precision), merge_adapter=True,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
 def _linear_module_names(model) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
