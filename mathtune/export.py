@@ -34,6 +34,7 @@ from typing import Callable
 
 import yaml
 
+from mathtune.atomic import finish_tree, fsync_dir
 from mathtune.config import ConfigError, setting
 from mathtune.errors import MathtuneError
 from mathtune.gguf_export import GGUF_TYPES
@@ -244,6 +245,7 @@ def _write_dir_atomically(target: Path, build: Callable[[Path], None], overwrite
     tmp.mkdir()
     try:
         build(tmp)
+        finish_tree(tmp)  # umask modes (safetensors leaves 0600) and every file on disk before the rename
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if target.exists():
@@ -252,9 +254,11 @@ def _write_dir_atomically(target: Path, build: Callable[[Path], None], overwrite
             old = target.parent / f".{target.name}.old-{tag}"
             os.rename(target, old)
             os.rename(tmp, target)
+            fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)  # our own moved-aside copy; the new one is in place
         else:
             os.rename(tmp, target)
+            fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -45,7 +45,7 @@ from mathtune import distributed
 from mathtune.budget import TimeBudget
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, format_prompt, prepare_examples, take
-from mathtune.atomic import write_text_atomically
+from mathtune.atomic import finish_tree, fsync_file, honour_umask, write_text_atomically
 from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_stop_training
 from mathtune.loss import supervised_mask, supervised_only_loss, takes_logits_mask, token_normalised_loss
@@ -167,6 +167,15 @@ class MathtuneTrainer(Trainer):
         return loss
 
     def _save(self, output_dir=None, state_dict=None):
+        self._save_weights(output_dir, state_dict)
+        if self.args.should_save:
+            # safetensors writes through a 0600 temp file: give the weights the umask's mode, like
+            # every other file of the run, and put them on disk (the run survives a power cut)
+            for weights in Path(output_dir or self.args.output_dir).glob("*.safetensors"):
+                honour_umask(weights)
+                fsync_file(weights)
+
+    def _save_weights(self, output_dir=None, state_dict=None):
         if not isinstance(self.model, PeftModel):
             return super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
@@ -287,7 +296,8 @@ class CheckpointMarker(TrainerCallback):
         def mark():
             if not (checkpoint / STATE_FILE).is_file():
                 raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {STATE_FILE}")
-            # atomic: the marker is whole or absent
+            finish_tree(checkpoint)  # umask modes, every file on disk before the marker says "complete"
+            # atomic and durable: the marker is whole or absent
             write_text_atomically(checkpoint / CHECKPOINT_MARKER,
                                   json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
 
@@ -512,7 +522,7 @@ def setup(config: TrainConfig) -> TrainingSession:
     """Build everything needed to train; nothing is trained yet. Prints the device and precision choice."""
     from mathtune import hardware
     from mathtune.models.load import apply_lora, load_model
-    from mathtune.models.spec import resolve_model_source
+    from mathtune.models.spec import base_record, resolve_model_source
     from mathtune.tasks import get_task
 
     device, device_reason = hardware.choose_device(config.device)
@@ -567,7 +577,7 @@ def setup(config: TrainConfig) -> TrainingSession:
 
     def prepare_run_dir():
         prepared = _prepare_run_dir(config, resume_from)
-        save_config(config, prepared[0] / CONFIG_FILE)
+        save_config(config, prepared[0] / CONFIG_FILE, base_model=base_record(config.model))
         return prepared
 
     run_dir, seconds_offset = distributed.on_main(prepare_run_dir)  # one writer; the others wait for it

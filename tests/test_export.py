@@ -440,3 +440,21 @@ def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenize
                     for ids in _prompt_ids(smol_tokenizer))
     print(f"f16 GGUF vs the merged model with f16-rounded weights: max |logit diff| {exact:.3g}")
     assert exact <= 1e-3 and worst <= 0.1 and agree == len(QUESTIONS)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_exported_file_has_the_umask_mode(small_tokenizer, tmp_path, umask):
+    """safetensors writes model.safetensors through a 0600 temp file; an export is files like any
+    the user writes: 0644 under umask 022, 0664 under 002 (the GGUF beside it always was)."""
+    _small_model(small_tokenizer).save_pretrained(tmp_path / "small")
+    small_tokenizer.save_pretrained(tmp_path / "small")
+    previous = os.umask(umask)
+    try:
+        export_model(str(tmp_path / "small"), tmp_path / "export", gguf=True, gguf_type="f32")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "export").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "README.md"}
+    assert any(p.suffix == ".gguf" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mathtune.atomic import finish_tree, fsync_dir
 from mathtune.errors import MathtuneError, first_line
 from mathtune.models.spec import bundled_gguf
 
@@ -60,6 +61,7 @@ def build_dir_atomically(target: Path, build: Callable[[Path], None]) -> bool:
     tmp.mkdir()
     try:
         build(tmp)
+        finish_tree(tmp)  # umask modes (safetensors leaves 0600) and every file on disk before the rename
         try:
             # os.rename replaces an *empty* dir but fails on a non-empty one (ENOTEMPTY/EEXIST on
             # POSIX, FileExistsError on Windows): exactly "keep the first complete copy".
@@ -68,6 +70,7 @@ def build_dir_atomically(target: Path, build: Callable[[Path], None]) -> bool:
             if _cache_problem(target) is None:
                 return False
             raise
+        fsync_dir(target.parent)  # the rename itself on disk
         return True
     finally:
         if tmp.exists():

