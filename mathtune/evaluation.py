@@ -365,7 +365,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     from mathtune.data import take
     from mathtune.hardware import choose_device, choose_precision
     from mathtune.models.load import load_for_inference
-    from mathtune.models.spec import model_tag
+    from mathtune.models.spec import describe_model, model_tag
     from mathtune.tasks import get_task
 
     config.validate()
@@ -395,7 +395,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
         # the precision reason's first clause (the rest describes training's autocast)
         where = ("cached generations (pass --no-cache to generate again)" if cached
                  else f"{device} ({device_reason}), {precision} weights ({precision_reason.split(':')[0]})")
-        print(f"evaluating {spec} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
+        print(f"evaluating {describe_model(spec)} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
     if outputs is None:
         from mathtune.generate import Generator
 

@@ -44,9 +44,6 @@ CARD_FILE = "README.md"
 MODELFILE = "Modelfile"
 RUN_CONFIG = "mathtune_config.yaml"
 COMPARISON = "model_comparison.json"
-# what the model card names as base_model for mathtune's aliases: a hub id (the bundled GGUF is a
-# quantized copy of this repo's weights)
-CARD_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 TASK_DATASETS = {"gsm8k": "openai/gsm8k"}  # hub dataset ids; generated/own-file tasks have none
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
@@ -135,12 +132,13 @@ def _read_comparison(path: Path) -> dict | None:
 
 
 def card_base_model(spec: str | None) -> str | None:
-    """A hub id for the card's ``base_model`` (the hub validates it), or None for a local base."""
+    """A hub id for the card's ``base_model`` (the hub validates it), or None for a local base and
+    for a GGUF-derived one: the bundled smollm2-135m was trained from the de-quantized Q4_1 GGUF,
+    whose weights are not those of the hub repo it was quantized from, so naming that repo as the
+    base would claim weights the model was never trained from."""
     if not spec:
         return None
     text = str(spec).strip()
-    if text.lower() in CARD_BASE_MODELS:
-        return CARD_BASE_MODELS[text.lower()]
     from mathtune.models.spec import ALIASES
 
     alias = ALIASES.get(text.lower())
@@ -164,6 +162,10 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
     task = (run_config or {}).get("task") or (comparison or {}).get("task")
     method = (run_config or {}).get("method") or ("lora" if merged_lora else None)
     base_id = card_base_model(base_spec or (run_config or {}).get("model"))
+    from mathtune.models.spec import ALIASES
+
+    base_alias = ALIASES.get(str(base_spec or (run_config or {}).get("model") or "").strip().lower())
+    gguf_base = base_alias if base_alias is not None and base_alias.gguf_type else None
     dataset = TASK_DATASETS.get(task)
     tags = ["mathtune", "math", "text-generation"]
     tags += [t for t in (task, {"lora": "lora", "full": "full-fine-tune"}.get(method)) if t]
@@ -175,21 +177,30 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
                                    dataset_name=str(task), metric_type="accuracy",
                                    metric_value=float(comparison["trained"]["accuracy"]),
                                    metric_name=f"accuracy ({comparison['n']} held-out items)")]
-    data = ModelCardData(base_model=base_id, library_name="transformers", pipeline_tag="text-generation",
+    # the hub's model tree: trained weights -> "finetune" of their base (a plain export has none)
+    relation = "finetune" if base_id and (merged_lora or run_config is not None) else None
+    data = ModelCardData(base_model=base_id, base_model_relation=relation, library_name="transformers", pipeline_tag="text-generation",
                          tags=tags, datasets=[dataset] if dataset else None, metrics=["accuracy"],
                          model_name=name if eval_results else None, eval_results=eval_results)
 
     lines = [f"# {name}", ""]
     origin = f"`{base_spec}`" if base_spec else f"`{spec}`"
+    if gguf_base is not None:
+        origin += f" ({gguf_base.describe()})"
     if merged_lora:
         lines.append(f"A LoRA fine-tune of {origin}{f' ({base_id})' if base_id and base_id != base_spec else ''} "
                      f"made with mathtune{f' on the `{task}` task' if task else ''}, with the adapter merged into the "
                      "base weights: a plain transformers checkpoint, no PEFT needed.")
     elif run_config is not None:
         lines.append(f"A {'full ' if method == 'full' else ''}fine-tune made with mathtune from "
-                     f"`{run_config.get('model')}`{f' on the `{task}` task' if task else ''}.")
+                     f"{origin}{f' on the `{task}` task' if task else ''}.")
     else:
         lines.append(f"`{spec}` exported by mathtune (no mathtune training run found beside it).")
+    if gguf_base is not None:
+        source = gguf_base.quantized_from
+        lines += ["", f"Its starting weights are the {gguf_base.gguf_type} values of `{gguf_base.gguf_name}` "
+                      f"(pip package `{gguf_base.package}`) de-quantized to fp32, not the original weights of "
+                      f"[{source}](https://huggingface.co/{source}); so the metadata names no `base_model`."]
     lines += ["", f"Prompts use the tokenizer's chat template; answers end with `{eot_token}` (the EOS in "
                   "generation_config.json) and close with a `#### N` line holding the final number.", ""]
 
@@ -314,7 +325,10 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     name = model_tag(config.model)
     gguf_name = f"{name}.{config.gguf_type}.gguf" if config.gguf else None
     max_new_tokens = int((run_config or {}).get("max_new_tokens") or 256)
-    base_spec = loaded.base if loaded.is_adapter else (run_config or {}).get("model")
+    # the run's own record of its base first: adapter_config.json holds a dir path (for PEFT)
+    recorded = (run_config or {}).get("base_model")
+    base_spec = (recorded.get("spec") if isinstance(recorded, dict) else None) or (
+        loaded.base if loaded.is_adapter else (run_config or {}).get("model"))
     target = Path(config.output)
 
     def build(tmp: Path) -> None:

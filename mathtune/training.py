@@ -776,7 +776,9 @@ def start_summary(session: TrainingSession) -> str:
         how = f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {', '.join(c.target_modules)}"
     else:
         how = "full fine-tuning"
-    lines.append(f"model: {c.model}; {how}: {session.trainable_params:,} trainable of "
+    from mathtune.models.spec import describe_model
+
+    lines.append(f"model: {describe_model(c.model)}; {how}: {session.trainable_params:,} trainable of "
                  f"{session.total_params:,} parameters ({session.trainable_params / session.total_params:.2%})")
     dropped = ", ".join(f"{n} {reason}" for reason, n in s.dropped.items()) or "none"
     lines.append(f"task: {c.task} (judge {session.judge_rule}); rows read {s.read}, kept {s.kept}, dropped "

@@ -257,7 +257,7 @@ def test_model_card_is_hub_front_matter_plus_settings_and_comparison(lora_export
 
 
 def test_card_base_model_is_a_hub_id_or_nothing(tmp_path):
-    assert card_base_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card_base_model("smollm2-135m") is None  # trained from the de-quantized Q4_1, not the hub weights
     assert card_base_model("qwen2.5-0.5b") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert card_base_model("org/model") == "org/model"
     assert card_base_model(str(tmp_path)) is None
@@ -458,3 +458,28 @@ def test_every_exported_file_has_the_umask_mode(small_tokenizer, tmp_path, umask
     assert any(p.suffix == ".gguf" for p in files)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
     assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _front_matter(card: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card).data.to_dict()
+
+
+def test_card_names_the_bundled_base_truthfully():
+    """The bundled model is SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF: the card says so
+    and its metadata claims no hub weights the model was not trained from."""
+    from mathtune.export import model_card
+
+    settings = dict(spec="runs/x", merged_lora=True, comparison=None, gguf_file=None, eot_token="<|im_end|>")
+    card = model_card(name="x", base_spec="smollm2-135m", run_config={"model": "smollm2-135m", "task": "gsm8k"},
+                      **settings)
+    meta = _front_matter(card)
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert "SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF" in card
+    assert "not the original weights of [HuggingFaceTB/SmolLM2-135M-Instruct]" in card
+
+    hub = model_card(name="y", base_spec="qwen2.5-0.5b", run_config={"model": "qwen2.5-0.5b"}, **settings)
+    meta = _front_matter(hub)
+    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and meta["base_model_relation"] == "finetune"
+    assert "de-quantized" not in hub

