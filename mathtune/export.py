@@ -16,7 +16,8 @@ What lands in ``--output``:
   <name>.<type>.gguf, Modelfile   with ``--gguf`` (see gguf_export.py)
 
 ``AutoModelForCausalLM.from_pretrained(DIR)`` loads the result with neither mathtune nor PEFT.
-The directory is built under a temporary name and renamed into place when complete.
+The directory is built under a temporary name and renamed into place when complete
+(``models.gguf_cache.build_dir_atomically``, the GGUF cache's atomic dir build).
 
 This module imports torch only inside functions: the CLI builds its parser from ``ExportConfig``.
 """
@@ -26,15 +27,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from mathtune.atomic import finish_tree, fsync_dir
 from mathtune.config import ConfigError, setting
 from mathtune.errors import MathtuneError
 from mathtune.gguf_export import GGUF_TYPES
@@ -247,34 +245,6 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
 # --------------------------------------------------------------------------- the export
 
 
-def _write_dir_atomically(target: Path, build: Callable[[Path], None], overwrite: bool) -> None:
-    """``build(tmp)`` into a temp sibling of ``target``, then rename it into place; an existing
-    ``target`` is replaced only when ``overwrite`` (or when it is empty)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        finish_tree(tmp)  # umask modes (safetensors leaves 0600) and every file on disk before the rename
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        if target.exists():
-            if not overwrite:
-                raise MathtuneError(f"--output {target} appeared while exporting: pass --overwrite or another path")
-            old = target.parent / f".{target.name}.old-{tag}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
-            shutil.rmtree(old, ignore_errors=True)  # our own moved-aside copy; the new one is in place
-        else:
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _generation_config(tokenizer, eot_id: int, max_new_tokens: int):
     from transformers import GenerationConfig
 
@@ -301,6 +271,7 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     from mathtune.data import end_of_turn_token, end_of_turn_token_id
     from mathtune.gguf_export import check_supported, modelfile_text, write_gguf
     from mathtune.hardware import dtype_of
+    from mathtune.models.gguf_cache import build_dir_atomically
     from mathtune.models.load import load_for_inference
     from mathtune.models.spec import model_tag, resolve_model_source
 
@@ -348,7 +319,8 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
                           run_config=run_config, comparison=comparison, gguf_file=gguf_name, eot_token=eot)
         (tmp / CARD_FILE).write_text(card)
 
-    _write_dir_atomically(target, build, config.overwrite)
+    if not build_dir_atomically(target, build, replace=config.overwrite):
+        raise MathtuneError(f"--output {target} appeared while exporting: pass --overwrite or another path")
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
     return ExportResult(output=target, name=name, files=files, gguf=target / gguf_name if gguf_name else None,
                         base_model=base_spec, merged_lora=loaded.is_adapter)

@@ -364,6 +364,17 @@ def test_atomic_write_concurrent_writer_wins(tmp_path):
     assert list(target.parent.iterdir()) == [target]  # our temp copy is gone
 
 
+def test_atomic_write_replace_swaps_in_the_new_dir(tmp_path):
+    """export --overwrite: the old dir is replaced whole; nothing of it or of the temp copy is left."""
+    target = tmp_path / "out" / "m"
+    build_dir_atomically(target, lambda tmp: _complete(tmp, "old"))
+    (target / "stale-extra-file").write_text("from the old export")
+    assert build_dir_atomically(target, lambda tmp: _complete(tmp, "new"), replace=True) is True
+    assert (target / "model.safetensors").read_text() == "new"
+    assert not (target / "stale-extra-file").exists()
+    assert list(target.parent.iterdir()) == [target]
+
+
 def test_stale_temp_dirs_are_swept(tmp_path):
     parent = tmp_path / "cache"
     parent.mkdir()

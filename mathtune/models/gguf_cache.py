@@ -45,29 +45,42 @@ def _sweep_stale_temps(parent: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)  # leftover junk; failing to delete it is harmless
 
 
-def build_dir_atomically(target: Path, build: Callable[[Path], None]) -> bool:
-    """Run ``build(tmp)`` on a fresh temp dir next to ``target``, then rename it to ``target``.
+def build_dir_atomically(target: Path, build: Callable[[Path], None], *, replace: bool = False) -> bool:
+    """Run ``build(tmp)`` on a fresh temp dir next to ``target``, then rename it to ``target``: the
+    one atomic dir build of the GGUF cache and ``mathtune export``.
 
     A rename within one directory is atomic, so ``target`` either does not exist or is complete.
-    If ``build`` raises, the temp dir is removed and ``target`` is untouched. If ``target`` appeared
-    meanwhile (another process won the race), ours is discarded and theirs kept. Returns True when
-    this call created ``target``.
+    If ``build`` raises, the temp dir is removed and ``target`` is untouched. An empty ``target``
+    dir is replaced. A non-empty one that exists by the time ours is ready (another process won
+    the race) is kept and ours discarded, returning False, unless ``replace`` (export
+    ``--overwrite``): then the old one is moved aside, ours renamed in, the old one deleted.
+    Returns True when this call put ``target`` in place.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temps(target.parent, target.name)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     # Not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others.
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()
     try:
         build(tmp)
         finish_tree(tmp)  # umask modes (safetensors leaves 0600) and every file on disk before the rename
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # POSIX rename replaces an empty dir, Windows' does not
+        if replace and target.exists():
+            old = target.parent / f".{target.name}.old-{tag}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            fsync_dir(target.parent)
+            shutil.rmtree(old, ignore_errors=True)  # our own moved-aside copy; the new one is in place
+            return True
         try:
-            # os.rename replaces an *empty* dir but fails on a non-empty one (ENOTEMPTY/EEXIST on
-            # POSIX, FileExistsError on Windows): exactly "keep the first complete copy".
+            # fails on a non-empty dir (ENOTEMPTY/EEXIST on POSIX, FileExistsError on Windows):
+            # exactly "keep the first complete copy"
             os.rename(tmp, target)
         except OSError:
-            if _cache_problem(target) is None:
+            if target.exists():
                 return False
             raise
         fsync_dir(target.parent)  # the rename itself on disk
@@ -157,5 +170,8 @@ def ensure_converted(kind: str, spec: str, target: Path) -> Path:
     except OSError as exc:  # unwritable or full cache dir: the fix is another MATHTUNE_CACHE
         raise MathtuneError(f"model cache {target.parent}: cannot write the conversion there ({exc.strerror or exc}): "
                             f"set MATHTUNE_CACHE to a writable directory with room for the converted model") from None
+    problem = _cache_problem(target)  # another process's dir won the race: it must be complete too
+    if problem is not None:
+        raise MathtuneError(f"model cache {target} is {problem}: delete it and it is converted again")
     return target
 

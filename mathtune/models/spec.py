@@ -44,7 +44,8 @@ class ModelAlias:
         """What the weights are, truthfully: a hub model, or a model de-quantized from a GGUF."""
         if self.hub_id:
             return self.hub_id
-        return f"{self.quantized_from.split('/')[-1]} de-quantized from its {self.gguf_type} GGUF ({self.gguf_name})"
+        model = self.quantized_from.split("/")[-1] if self.quantized_from else Path(self.gguf_name).stem
+        return f"{model} de-quantized from its {self.gguf_type or 'quantized'} GGUF ({self.gguf_name})"
 
 
 ALIASES: dict[str, ModelAlias] = {
