@@ -10,7 +10,7 @@ Everything is measured in this one run, on the same questions and the same max_n
              It runs on the first ``--baseline-questions`` of the questions to keep the bench short;
              tokens/s is a rate, so the two sides compare.
   mathtune   ``mathtune.generate.Generator`` (what ``mathtune eval`` runs): length-sorted left-padded
-             batches, finished rows dropped between chunks, precision from ``models.choose_precision``.
+             batches, finished rows dropped between chunks, precision from ``hardware.choose_precision``.
   peak       ``torch.matmul`` of two N x N matrices in the dtype each side used; 2 N^3 FLOP each.
 
 Both sides are also timed in CPU seconds (``time.process_time``): on a machine shared with other
@@ -45,10 +45,11 @@ from mathtune.config import EVAL_BATCH_SIZE  # noqa: E402
 from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.generate import CHUNK_TOKENS, GenerationSettings, Generator  # noqa: E402
-from mathtune.models import DEFAULT_MODEL, choose_precision, load_model  # noqa: E402
+from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
+from mathtune.models.load import load_model  # noqa: E402
+from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_questions(source: str, n: int) -> tuple[list[str], str]:
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
               f"= {base_tps:.1f} tokens/s  ({tokens / base_cpu:.1f} tokens per CPU-second)")
 
     # ---- mathtune eval path
-    model = model.to(DTYPES[precision])
+    model = model.to(dtype_of(precision))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     generator = Generator(model, tokenizer, settings, progress=False, chunk_tokens=args.chunk_tokens)
     cpu = time.process_time()
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
               f"({precision} vs fp32 numerics)")
 
     # ---- model FLOPs utilisation against a matmul peak measured now
-    peaks = {p: matmul_peak(DTYPES[p], args.matmul_size) for p in sorted({"fp32", precision})}
+    peaks = {p: matmul_peak(dtype_of(p), args.matmul_size) for p in sorted({"fp32", precision})}
     for p, peak in peaks.items():
         print(f"peak      torch.matmul {args.matmul_size}x{args.matmul_size} {p}: {peak / 1e9:.0f} GFLOP/s")
     achieved = 2 * params * tps

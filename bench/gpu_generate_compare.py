@@ -67,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt
     from mathtune.generate import GenerationSettings, generate
-    from mathtune.models import load_model
+    from mathtune.models.load import load_for_inference
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    loaded = load_model(args.model, device=args.device, dtype=dtype)
+    loaded = load_for_inference(args.model, device=args.device, precision=args.precision)
     model, tokenizer = loaded.model, loaded.tokenizer
     texts, where = questions(args.items)
     ids = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in texts]

@@ -45,10 +45,11 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.eval_throughput import DTYPES, load_questions, matmul_peak  # noqa: E402
+from bench.eval_throughput import load_questions, matmul_peak  # noqa: E402
 from bench.train_throughput import read_rows  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
-from mathtune.models import DEFAULT_MODEL, choose_precision  # noqa: E402
+from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
+from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 
 MATMUL_OPS = {"aten::mm", "aten::addmm"}
 ATTENTION_OPS = {"aten::bmm", "aten::baddbmm"}
@@ -146,17 +147,17 @@ def train(args) -> None:
             wall = time.perf_counter() - started
         vocab = model.get_output_embeddings().weight.shape[0]
         report(prof, wall, vocab, config.lora_r if config.method == "lora" else None,
-               matmul_peak(DTYPES[session.precision], 2048), session.precision)
+               matmul_peak(dtype_of(session.precision), 2048), session.precision)
 
 
 def decode(args) -> None:
     from mathtune.config import EVAL_BATCH_SIZE
     from mathtune.generate import GenerationSettings, Generator
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     questions, where = load_questions("auto", args.questions)
     precision, _ = choose_precision(args.precision, "cpu")
-    loaded = load_model(args.model, dtype=DTYPES[precision])
+    loaded = load_model(args.model, dtype=dtype_of(precision))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or EVAL_BATCH_SIZE)
     generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
     generator(questions[:2], max_new_tokens=2)  # warm-up
@@ -167,7 +168,7 @@ def decode(args) -> None:
         wall = time.perf_counter() - started
     print(f"{out.tokens_generated} tokens generated: {out.tokens_generated / wall:.1f} tok/s under the profiler")
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    report(prof, wall, vocab, None, matmul_peak(DTYPES[precision], 2048), precision)
+    report(prof, wall, vocab, None, matmul_peak(dtype_of(precision), 2048), precision)
 
 
 def prefix(args) -> None:

@@ -48,10 +48,11 @@ from transformers import TrainerCallback  # noqa: E402
 
 from bench.eval_throughput import matmul_peak  # noqa: E402  (the same peak measurement as the eval bench)
 from mathtune.errors import MathtuneError  # noqa: E402
-from mathtune.models import DEFAULT_LORA_TARGETS, DEFAULT_MODEL, choose_precision  # noqa: E402
+from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
+from mathtune.models.load import DEFAULT_LORA_TARGETS  # noqa: E402
+from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RECIPE_PAD_TO = 256
 
 
@@ -93,7 +94,7 @@ def recipe(rows: list[dict], model_spec: str, batch_size: int, seed: int) -> Sid
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     loaded = load_model(model_spec, dtype=torch.float32)
     model, tok = loaded.model, loaded.tokenizer
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
 
     base = recipe(rows, args.model, args.batch_size, args.seed)
     ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision, args.compile_layers)
-    peaks = {p: matmul_peak(DTYPES[p], 2048) for p in sorted({"fp32", precision})}
+    peaks = {p: matmul_peak(dtype_of(p), 2048) for p in sorted({"fp32", precision})}
     for p, peak in peaks.items():
         print(f"peak      torch.matmul 2048x2048 {p}: {peak / 1e9:.0f} GFLOP/s")
     print(base.line(peaks["fp32"]))

@@ -79,13 +79,12 @@ def load(spec_or_run_dir: str = "smollm2-135m", device: str = "auto", precision:
          trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> MathModel:
     """Load a model for inference. ``device``/``precision`` follow the CLI policy (``auto``: best
     available); extra keyword arguments set default ``GenerationSettings`` (e.g. max_new_tokens=128)."""
-    import torch
-
-    from mathtune.models import choose_device, choose_precision, load_model
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_for_inference
 
     dev, _ = choose_device(device)
     prec, _ = choose_precision(precision, dev)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-    loaded = load_model(str(spec_or_run_dir), device=dev, dtype=dtype,
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    # the loading policy of `mathtune eval` (adapter merged): the same spec answers the same here
+    loaded = load_for_inference(str(spec_or_run_dir), device=dev, precision=prec,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return MathModel(loaded, device=dev, precision=prec, settings=GenerationSettings().replace(**settings))

@@ -391,7 +391,7 @@ def run_compare(
     generated again.
     """
     from mathtune import evaluation  # heavy (torch, transformers): only when actually evaluating
-    from mathtune.models import model_tag
+    from mathtune.models.spec import model_tag
 
     dirs = [Path(output_dir) if output_dir is not None else evaluation.default_output_dir(spec)
             for spec in (base_spec, trained_spec)]

@@ -361,6 +361,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+# What a run's mathtune_config.yaml records beside the settings (save_config's ``records``).
+RECORD_KEYS = ("base_model",)
+
+
 def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
     """Defaults < YAML < typed flags, then validate(). Unknown YAML keys are errors with a suggestion."""
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -374,6 +378,8 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
             elif alias in data and name in names:
                 data[name] = data.pop(alias)  # a Trainer/TRL key: the mathtune field of that name
         for key, value in data.items():
+            if key in RECORD_KEYS:
+                continue  # a run's record, not a setting: its mathtune_config.yaml works as --config
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -437,5 +443,12 @@ def to_yaml_dict(config) -> dict[str, Any]:
     return data
 
 
-def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+def save_config(config, path: str | Path, **records: Any) -> None:
+    """The resolved settings plus ``records`` (keys in ``RECORD_KEYS``, e.g. ``base_model``: exactly
+    which weights the run started from), written atomically."""
+    from mathtune.atomic import write_text_atomically
+
+    unknown = set(records) - set(RECORD_KEYS)
+    if unknown:
+        raise ValueError(f"not a record key of a run's saved config: {', '.join(sorted(unknown))}")
+    write_text_atomically(path, yaml.safe_dump({**to_yaml_dict(config), **records}, sort_keys=False))

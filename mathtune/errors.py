@@ -45,3 +45,10 @@ class TrainingHalted(MathtuneError):
         where = f" at step {step}" if step is not None else ""
         where += f" on rank {rank}" if rank is not None else ""
         super().__init__(f"{check}{where}: {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors often run to many lines), or its
+    type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

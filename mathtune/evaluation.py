@@ -335,7 +335,8 @@ def model_identity(spec: str) -> dict | None:
     """What identifies a model's weights without loading them: the spec plus size and mtime of its
     weight, config and tokenizer files (an adapter also names its base's identity). None when the
     weights are not on disk yet (a hub model never downloaded): such a run is not looked up."""
-    from mathtune.models import _read_adapter_base, resolve_model_source
+    from mathtune.models.load import read_adapter_base
+    from mathtune.models.spec import resolve_model_source
 
     kind, source = resolve_model_source(spec)
     identity: dict[str, Any] = {"spec": str(spec).strip(), "kind": kind}
@@ -347,15 +348,15 @@ def model_identity(spec: str) -> dict | None:
         identity["files"] = _file_fingerprints(snapshot)
     elif kind in ("alias-gguf", "gguf-file"):
         # the converted checkpoint exists only after a first load; the GGUF itself identifies it
-        from mathtune.models import _bundled_gguf
+        from mathtune.models.spec import bundled_gguf
 
-        gguf = _bundled_gguf(spec.strip().lower()) if kind == "alias-gguf" else Path(spec.strip()).expanduser().resolve()
+        gguf = bundled_gguf(spec.strip().lower()) if kind == "alias-gguf" else Path(spec.strip()).expanduser().resolve()
         identity["files"] = _file_fingerprints(gguf)
     else:
         identity["source"] = source
         identity["files"] = _file_fingerprints(Path(source))
         if kind == "adapter":
-            base = model_identity(_read_adapter_base(Path(source)))
+            base = model_identity(read_adapter_base(Path(source)))
             if base is None:
                 return None
             identity["base"] = base
@@ -384,7 +385,7 @@ def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings,
 
 
 def _cache_path(key: str) -> Path:
-    from mathtune.models import cache_dir
+    from mathtune.models.spec import cache_dir
 
     return cache_dir() / "eval" / f"{key}.json"
 
@@ -420,7 +421,7 @@ def _store_cached(key: str, outputs, meta: dict) -> None:
 
 def default_output_dir(spec: str) -> Path:
     """``<model dir>/eval`` when the spec is a local model/run or adapter dir, else ``./eval``."""
-    from mathtune.models import resolve_model_source
+    from mathtune.models.spec import resolve_model_source
     from mathtune.run_dir import RunDir
 
     kind, source = resolve_model_source(spec)
@@ -429,23 +430,19 @@ def default_output_dir(spec: str) -> Path:
     return Path("eval")
 
 
-def _torch_dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, verbose: bool = True,
                    progress: bool | None = None) -> tuple[dict, list[dict]]:
     """Evaluate model ``spec`` on ``config.task``'s eval split: ``(summary, per-item records)``.
 
     ``config`` is an ``EvalConfig`` (its ``model`` field is ignored in favour of ``spec``). Files go to
     ``output_dir`` (default ``default_output_dir(spec)``). Generations are cached under
-    ``models.cache_dir()/eval`` keyed by model identity, task, items, settings and precision, so
+    ``models.spec.cache_dir()/eval`` keyed by model identity, task, items, settings and precision, so
     evaluating an unchanged model again only re-judges (``config.no_cache`` forces generation).
     """
     from mathtune.data import take
-    from mathtune.models import choose_device, choose_precision, load_model, model_tag
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_for_inference
+    from mathtune.models.spec import describe_model, model_tag
     from mathtune.tasks import task_from_config
 
     config.validate()
@@ -487,13 +484,12 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
         # the precision reason's first clause (the rest describes training's autocast)
         where = ("cached generations (pass --no-cache to generate again)" if cached
                  else f"{device} ({device_reason}), {precision} weights ({precision_reason.split(':')[0]})")
-        print(f"evaluating {spec} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
+        print(f"evaluating {describe_model(spec)} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
     if outputs is None:
         from mathtune.generate import Generator
 
-        # adapters merged: generation only, and one matmul per layer beats base + LoRA (1.4x, see load_model)
-        loaded = load_model(spec, device=device, dtype=_torch_dtype(precision), merge_adapter=True,
-                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        loaded = load_for_inference(spec, device=device, precision=precision,
+                                    trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
         generator = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)
         # one process: generator(questions); under a launcher: whole batches per rank, merged in item order
         if prompts is not None:

@@ -16,7 +16,8 @@ What lands in ``--output``:
   <name>.<type>.gguf, Modelfile   with ``--gguf`` (see gguf_export.py)
 
 ``AutoModelForCausalLM.from_pretrained(DIR)`` loads the result with neither mathtune nor PEFT.
-The directory is built under a temporary name and renamed into place when complete.
+The directory is built under a temporary name and renamed into place when complete
+(``models.gguf_cache.build_dir_atomically``, the GGUF cache's atomic dir build).
 
 This module imports torch only inside functions: the CLI builds its parser from ``ExportConfig``.
 """
@@ -26,8 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,9 +43,6 @@ CARD_FILE = "README.md"
 MODELFILE = "Modelfile"
 RUN_CONFIG = RunDir.CONFIG
 COMPARISON = RunDir.COMPARISON
-# what the model card names as base_model for mathtune's aliases: a hub id (the bundled GGUF is a
-# quantized copy of this repo's weights)
-CARD_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -130,13 +126,14 @@ def _read_comparison(path: Path) -> dict | None:
 
 
 def card_base_model(spec: str | None) -> str | None:
-    """A hub id for the card's ``base_model`` (the hub validates it), or None for a local base."""
+    """A hub id for the card's ``base_model`` (the hub validates it), or None for a local base and
+    for a GGUF-derived one: the bundled smollm2-135m was trained from the de-quantized Q4_1 GGUF,
+    whose weights are not those of the hub repo it was quantized from, so naming that repo as the
+    base would claim weights the model was never trained from."""
     if not spec:
         return None
     text = str(spec).strip()
-    if text.lower() in CARD_BASE_MODELS:
-        return CARD_BASE_MODELS[text.lower()]
-    from mathtune.models import ALIASES
+    from mathtune.models.spec import ALIASES
 
     alias = ALIASES.get(text.lower())
     if alias is not None and alias.hub_id:
@@ -159,6 +156,10 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
     task = (run_config or {}).get("task") or (comparison or {}).get("task")
     method = (run_config or {}).get("method") or ("lora" if merged_lora else None)
     base_id = card_base_model(base_spec or (run_config or {}).get("model"))
+    from mathtune.models.spec import ALIASES
+
+    base_alias = ALIASES.get(str(base_spec or (run_config or {}).get("model") or "").strip().lower())
+    gguf_base = base_alias if base_alias is not None and base_alias.gguf_type else None
     from mathtune.tasks import TASK_NAMES, task_class
 
     dataset = task_class(task).hub_dataset if task in TASK_NAMES else None  # generated/own-file tasks: none
@@ -172,21 +173,30 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
                                    dataset_name=str(task), metric_type="accuracy",
                                    metric_value=float(comparison["trained"]["accuracy"]),
                                    metric_name=f"accuracy ({comparison['n']} held-out items)")]
-    data = ModelCardData(base_model=base_id, library_name="transformers", pipeline_tag="text-generation",
+    # the hub's model tree: trained weights -> "finetune" of their base (a plain export has none)
+    relation = "finetune" if base_id and (merged_lora or run_config is not None) else None
+    data = ModelCardData(base_model=base_id, base_model_relation=relation, library_name="transformers", pipeline_tag="text-generation",
                          tags=tags, datasets=[dataset] if dataset else None, metrics=["accuracy"],
                          model_name=name if eval_results else None, eval_results=eval_results)
 
     lines = [f"# {name}", ""]
     origin = f"`{base_spec}`" if base_spec else f"`{spec}`"
+    if gguf_base is not None:
+        origin += f" ({gguf_base.describe()})"
     if merged_lora:
         lines.append(f"A LoRA fine-tune of {origin}{f' ({base_id})' if base_id and base_id != base_spec else ''} "
                      f"made with mathtune{f' on the `{task}` task' if task else ''}, with the adapter merged into the "
                      "base weights: a plain transformers checkpoint, no PEFT needed.")
     elif run_config is not None:
         lines.append(f"A {'full ' if method == 'full' else ''}fine-tune made with mathtune from "
-                     f"`{run_config.get('model')}`{f' on the `{task}` task' if task else ''}.")
+                     f"{origin}{f' on the `{task}` task' if task else ''}.")
     else:
         lines.append(f"`{spec}` exported by mathtune (no mathtune training run found beside it).")
+    if gguf_base is not None:
+        source = gguf_base.quantized_from
+        lines += ["", f"Its starting weights are the {gguf_base.gguf_type} values of `{gguf_base.gguf_name}` "
+                      f"(pip package `{gguf_base.package}`) de-quantized to fp32, not the original weights of "
+                      f"[{source}](https://huggingface.co/{source}); so the metadata names no `base_model`."]
     lines += ["", f"Prompts use the tokenizer's chat template; answers end with `{eot_token}` (the EOS in "
                   "generation_config.json) and close with a `#### N` line holding the final number.", ""]
 
@@ -233,31 +243,6 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
 # --------------------------------------------------------------------------- the export
 
 
-def _write_dir_atomically(target: Path, build: Callable[[Path], None], overwrite: bool) -> None:
-    """``build(tmp)`` into a temp sibling of ``target``, then rename it into place; an existing
-    ``target`` is replaced only when ``overwrite`` (or when it is empty)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        if target.exists():
-            if not overwrite:
-                raise MathtuneError(f"--output {target} appeared while exporting: pass --overwrite or another path")
-            old = target.parent / f".{target.name}.old-{tag}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)  # our own moved-aside copy; the new one is in place
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _generation_config(tokenizer, eot_id: int, max_new_tokens: int):
     from transformers import GenerationConfig
 
@@ -281,11 +266,12 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
                  gguf_type: str = "f16", overwrite: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False, log: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``spec`` into ``output`` (see the module docstring); returns what was written."""
-    import torch
-
     from mathtune.data import end_of_turn_token, end_of_turn_token_id
     from mathtune.gguf_export import check_supported, modelfile_text, write_gguf
-    from mathtune.models import load_model, model_tag, resolve_model_source
+    from mathtune.hardware import dtype_of
+    from mathtune.models.gguf_cache import build_dir_atomically
+    from mathtune.models.load import load_for_inference
+    from mathtune.models.spec import model_tag, resolve_model_source
     from mathtune.progress import phase  # start, "still running" every 30 s, end: merging/saving report nothing
 
     config = ExportConfig(model=str(spec), output=str(output), dtype=dtype, gguf=gguf, gguf_type=gguf_type,
@@ -296,10 +282,11 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     run_config = _read_yaml(run_dir / RUN_CONFIG) if run_dir is not None else None
     comparison = _read_comparison(run_dir / COMPARISON) if run_dir is not None else None
 
+    # fp32 here whatever --dtype: the GGUF is written from the fp32 merge, the safetensors cast below
     with phase(f"loading {config.model} ({kind}){' and merging its LoRA adapter in fp32' if kind == 'adapter' else ''}",
                write=log):
-        loaded = load_model(config.model, device="cpu", dtype=torch.float32, merge_adapter=True,
-                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        loaded = load_for_inference(config.model, device="cpu", precision="fp32",
+                                    trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.gguf:
         check_supported(model.config)  # before any file is written
@@ -309,7 +296,10 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
     name = model_tag(config.model)
     gguf_name = f"{name}.{config.gguf_type}.gguf" if config.gguf else None
     max_new_tokens = int((run_config or {}).get("max_new_tokens") or 256)
-    base_spec = loaded.base if loaded.is_adapter else (run_config or {}).get("model")
+    # the run's own record of its base first: adapter_config.json holds a dir path (for PEFT)
+    recorded = (run_config or {}).get("base_model")
+    base_spec = (recorded.get("spec") if isinstance(recorded, dict) else None) or (
+        loaded.base if loaded.is_adapter else (run_config or {}).get("model"))
     target = Path(config.output)
 
     def build(tmp: Path) -> None:
@@ -319,7 +309,7 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
             with phase(f"writing {gguf_name}", write=log):
                 write_gguf(model, tokenizer, tmp, tmp / gguf_name, config.gguf_type, eot_token_id=eot_id, name=name)
             (tmp / MODELFILE).write_text(modelfile_text(tokenizer, gguf_name, eot))
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
+        torch_dtype = dtype_of(config.dtype)
         model.to(torch_dtype)
         model.config.dtype = torch_dtype
         model.generation_config = _generation_config(tokenizer, eot_id, max_new_tokens)
@@ -329,7 +319,8 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
                           run_config=run_config, comparison=comparison, gguf_file=gguf_name, eot_token=eot)
         (tmp / CARD_FILE).write_text(card)
 
-    _write_dir_atomically(target, build, config.overwrite)
+    if not build_dir_atomically(target, build, replace=config.overwrite):
+        raise MathtuneError(f"--output {target} appeared while exporting: pass --overwrite or another path")
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
     return ExportResult(output=target, name=name, files=files, gguf=target / gguf_name if gguf_name else None,
                         base_model=base_spec, merged_lora=loaded.is_adapter)

@@ -36,7 +36,7 @@ tokens per CPU-second over plain batched generate()):
 
 Other devices take the plain path (left-padded batch, transformers' own cache and attention).
 Precision is the caller's choice: load the model in bf16 on CPUs with AVX512-BF16 / AMX
-(``models.choose_precision``), where generation runs ~2.2x faster than fp32. Measured trade-off
+(``hardware.choose_precision``), where generation runs ~2.2x faster than fp32. Measured trade-off
 (SmolLM2-135M, 1 thread): in fp32 greedy outputs did not depend on the batch size (32/32 identical,
 batch 16 vs 32); in bf16 rounding depends on the batch's shapes, so 24/64 outputs changed between
 batch 32 and 64, and 70/128 differed from fp32 -- yet correctness agreed with fp32 on 123/128

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 from mathtune.data import IGNORE_INDEX, encode_prompt, end_of_turn_token_id, format_prompt
 from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.hardware import dtype_of
 from mathtune.run_dir import RunDir
 from mathtune.step_stats import StepStats
 
@@ -499,7 +500,7 @@ class CollapseDetector(TrainerCallback):
         # Sampled under the training autocast: the numerics training uses, and on CPUs with bf16
         # support it is the fast path (fp32 matmuls as skinny as one decoding step, LoRA's above all,
         # measured several times slower than their bf16 autocast version).
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        half = dtype_of(self.precision) if self.precision != "fp32" else None
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
         # the model's own generation_config set aside (as eval does) for the settings that have no
         # neutral value to state here (bad_words_ids, suppress_tokens, forced tokens, ...)

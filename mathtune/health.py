@@ -29,7 +29,8 @@ def examine(config: TrainConfig, steps: int, run_dir: Path, *, rows_given: bool,
     ``rows_given``: the user chose --max-samples; otherwise only the rows the steps need are prepared.
     ``output_dir_given``: the user chose --output-dir; otherwise the run goes to ``run_dir``.
     """
-    from mathtune import models, training
+    from mathtune import hardware, training
+    from mathtune.models.spec import describe_model
 
     checks: list[CheckResult] = []
 
@@ -46,13 +47,13 @@ def examine(config: TrainConfig, steps: int, run_dir: Path, *, rows_given: bool,
         add("config", False, "", str(exc))
         return checks
     try:
-        device, device_reason = models.choose_device(config.device)
+        device, device_reason = hardware.choose_device(config.device)
     except MathtuneError as exc:
         add("device", False, f"--device {config.device}", str(exc))
         return checks
     add("device", True, f"{device} ({device_reason})")
     try:
-        precision, precision_reason = models.choose_precision(config.precision, device)
+        precision, precision_reason = hardware.choose_precision(config.precision, device)
     except MathtuneError as exc:
         add("precision_policy", False, f"--precision {config.precision} on {device}", str(exc))
         return checks
@@ -66,6 +67,7 @@ def examine(config: TrainConfig, steps: int, run_dir: Path, *, rows_given: bool,
     except MathtuneError as exc:
         add("setup", False, "", str(exc))
         return checks
+    add("model", True, describe_model(config.model))
     add("rows", True, f"{len(session.rows)} rows of {config.task}, {session.mean_row_tokens:.0f} tokens "
                       f"({session.mean_supervised_tokens:.0f} supervised) per row on average")
     before = fingerprints(session.model)

@@ -360,14 +360,14 @@ def format_result(result: dict, config: RFTConfig) -> str:
 
 
 def _model_generator(config: RFTConfig, settings):
-    from mathtune.evaluation import _torch_dtype
     from mathtune.generate import Generator
-    from mathtune.models import choose_device, choose_precision, load_model
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_for_inference
 
     device, _ = choose_device(config.device)
     precision, _ = choose_precision(config.precision, device)
-    loaded = load_model(config.model, device=device, dtype=_torch_dtype(precision), merge_adapter=True,
-                        trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    loaded = load_for_inference(config.model, device=device, precision=precision,
+                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     # progress=False: run_rft reports per question; the Generator's per-group bar would restart every group
     generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
     return lambda questions, seed: generator(questions, seed=seed)

@@ -80,7 +80,8 @@ def build_cases(work: Path) -> list[dict]:
     from mathtune.data import end_of_turn_token_id
     from mathtune.export import export_model
     from mathtune.gguf_export import FAMILIES, write_gguf
-    from mathtune.models import apply_lora, cache_dir, load_tokenizer
+    from mathtune.models.load import apply_lora, load_tokenizer
+    from mathtune.models.spec import cache_dir
     from transformers import AutoModelForCausalLM
 
     cases = []

@@ -33,7 +33,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from mathtune.models import load_tokenizer
+    from mathtune.models.load import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
 

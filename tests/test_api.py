@@ -91,3 +91,41 @@ def test_train_and_compare_map_to_their_modules():
     from mathtune.training import train
 
     assert mathtune.train is train and mathtune.compare is run_compare
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter dir on the tiny model, with B matrices made non-zero (PEFT starts them at 0,
+    which would make merged and unmerged trivially equal) and large enough to change greedy tokens."""
+    from mathtune.models.load import apply_lora, load_model
+
+    run = tmp_path_factory.mktemp("lora-run")
+    peft_model = apply_lora(load_model(str(tiny_model_dir)).model, r=4, alpha=8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(run)
+    return run
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_api_answers_equal_eval_per_item_output(lora_run, tmp_path, precision, one_thread):
+    """One inference path: mathtune.load(run) and mathtune eval load the adapter the same way
+    (merged, same dtype), so each item's text and extracted number are the same."""
+    from mathtune.config import EvalConfig, build_config
+    from mathtune.evaluation import evaluate_model
+    from mathtune.generate import GenerationSettings
+
+    config = build_config(EvalConfig, None, dict(model=str(lora_run), task="unit-conversion", max_samples=6,
+                                                 max_new_tokens=12, precision=precision, device="cpu", no_cache=True))
+    _summary, records = evaluate_model(str(lora_run), config, tmp_path / "eval", verbose=False, progress=False)
+    settings = GenerationSettings.from_config(config).to_dict()
+    model = mathtune.load(lora_run, device="cpu", precision=precision, **settings)
+    assert next(model.model.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    questions = [r["question"] for r in records]
+    assert model.batched_generate(questions) == [r["output"] for r in records]
+    answers = model.answer(questions)
+    expected = [math.nan if r["extracted"] is None else r["extracted"] for r in records]
+    assert [None if math.isnan(a) else a for a in answers] == [None if math.isnan(e) else e for e in expected]

@@ -21,7 +21,7 @@ QUESTIONS = ["What is 2+3?", "Convert 3 km to m."]
 
 def test_answers_are_the_eval_generators_outputs(tiny_model_dir, one_thread):
     """Same loader, settings and Generator as eval: the texts equal a direct Generator call."""
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     config = build_config(EvalConfig, None, {"model": str(tiny_model_dir), "max_new_tokens": 8,
                                              "device": "cpu", "precision": "fp32"})

@@ -174,7 +174,7 @@ def varied_model_dir(tmp_path, smol_tokenizer):
 @needs_gloo
 def test_sharded_eval_equals_single_process_item_for_item(varied_model_dir, tmp_path, one_thread, monkeypatch):
     from mathtune.evaluation import evaluate_model, log_paths
-    from mathtune.models import model_tag
+    from mathtune.models.spec import model_tag
 
     tiny_model_dir = varied_model_dir
     cache = tmp_path / "cache"

@@ -110,5 +110,6 @@ def test_bundled_model_passes_through_the_real_cli():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = _table(proc.stdout)
     assert "DOCTOR: PASS" in proc.stdout
-    assert all(result == "PASS" for result, _ in table.values()) and len(table) == 17
+    assert all(result == "PASS" for result, _ in table.values()) and len(table) == 18
+    assert "SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF" in table["model"][1]
     assert "0 of 3 outputs flagged" in table["collapse_check"][1]

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_env_reports_versions_device_precision_and_cache(tmp_path):
     torch = __import__("pytest").importorskip("torch")
-    from mathtune.models import CPU_BF16_FLAGS, choose_device, choose_precision, read_cpu_flags
+    from mathtune.hardware import CPU_BF16_FLAGS, choose_device, choose_precision, read_cpu_flags
 
     cache = tmp_path / "cache"
     (cache / "m").mkdir(parents=True)

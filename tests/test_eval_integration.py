@@ -23,6 +23,8 @@ def test_cli_eval_writes_consistent_logs(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the start line names the bundled base for what it is
+    assert "evaluating smollm2-135m (SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF" in result.stderr
 
     items_path = out / "smollm2-135m-unit-conversion.jsonl"
     summary = json.loads((out / "smollm2-135m-unit-conversion.summary.json").read_text())

@@ -54,7 +54,7 @@ def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale:
     lora_B is random (PEFT initialises it to 0, which would make the merge a no-op)."""
     from transformers import AutoModelForCausalLM
 
-    from mathtune.models import apply_lora
+    from mathtune.models.load import apply_lora
 
     torch.manual_seed(seed)  # lora_A's initialisation
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), r=4, alpha=8,
@@ -257,7 +257,7 @@ def test_model_card_is_hub_front_matter_plus_settings_and_comparison(lora_export
 
 
 def test_card_base_model_is_a_hub_id_or_nothing(tmp_path):
-    assert card_base_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card_base_model("smollm2-135m") is None  # trained from the de-quantized Q4_1, not the hub weights
     assert card_base_model("qwen2.5-0.5b") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert card_base_model("org/model") == "org/model"
     assert card_base_model(str(tmp_path)) is None
@@ -436,7 +436,7 @@ def test_export_cli(tiny_model_dir, tmp_path):
 def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenizer):
     """The real thing: SmolLM2-135M + a LoRA run -> HF dir + f16 GGUF (+ q8_0)."""
     import mathtune
-    from mathtune.models import cache_dir
+    from mathtune.models.spec import cache_dir
 
     run = _lora_run(cache_dir() / "smollm2-135m", tmp_path / "run", smol_tokenizer, scale=0.01, comparison=False)
     # the adapter names the alias, as a real run does
@@ -447,7 +447,8 @@ def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenize
     sizes = {name: size for name, size in result.files.items() if name.endswith((".safetensors", ".gguf"))}
     print(f"\nexport sizes: {sizes}")
     card = (result.output / "README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    # trained from the de-quantized Q4_1: no hub base_model claimed, the GGUF named instead
+    assert "base_model" not in _front_matter(card) and "de-quantized from its Q4_1 GGUF" in card
 
     max_new = 24
     plain = plain_transformers_outputs(result.output, max_new_tokens=max_new)
@@ -473,3 +474,46 @@ def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenize
                     for ids in _prompt_ids(smol_tokenizer))
     print(f"f16 GGUF vs the merged model with f16-rounded weights: max |logit diff| {exact:.3g}")
     assert exact <= 1e-3 and worst <= 0.1 and agree == len(QUESTIONS)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_exported_file_has_the_umask_mode(small_tokenizer, tmp_path, umask):
+    """safetensors writes model.safetensors through a 0600 temp file; an export is files like any
+    the user writes: 0644 under umask 022, 0664 under 002 (the GGUF beside it always was)."""
+    _small_model(small_tokenizer).save_pretrained(tmp_path / "small")
+    small_tokenizer.save_pretrained(tmp_path / "small")
+    previous = os.umask(umask)
+    try:
+        export_model(str(tmp_path / "small"), tmp_path / "export", gguf=True, gguf_type="f32")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "export").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "README.md"}
+    assert any(p.suffix == ".gguf" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _front_matter(card: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card).data.to_dict()
+
+
+def test_card_names_the_bundled_base_truthfully():
+    """The bundled model is SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF: the card says so
+    and its metadata claims no hub weights the model was not trained from."""
+    from mathtune.export import model_card
+
+    settings = dict(spec="runs/x", merged_lora=True, comparison=None, gguf_file=None, eot_token="<|im_end|>")
+    card = model_card(name="x", base_spec="smollm2-135m", run_config={"model": "smollm2-135m", "task": "gsm8k"},
+                      **settings)
+    meta = _front_matter(card)
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert "SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF" in card
+    assert "not the original weights of [HuggingFaceTB/SmolLM2-135M-Instruct]" in card
+
+    hub = model_card(name="y", base_spec="qwen2.5-0.5b", run_config={"model": "qwen2.5-0.5b"}, **settings)
+    meta = _front_matter(hub)
+    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and meta["base_model_relation"] == "finetune"
+    assert "de-quantized" not in hub

@@ -182,7 +182,7 @@ def test_preflight_passes_reports_values_and_leaves_no_trace(tokenizer, tmp_path
 
 
 def test_preflight_refuses_peft_without_label_names(tokenizer, tmp_path):
-    from mathtune.models import apply_lora
+    from mathtune.models.load import apply_lora
 
     rows = _rows(tokenizer, 8)
     model = apply_lora(build_tiny_model(tokenizer), r=4, alpha=8, dropout=0.0)

@@ -79,7 +79,7 @@ def test_wandb_key_is_in_no_file_the_run_writes(tiny_model_dir, tmp_path):
 
 
 def test_remote_code_in_a_model_dir_does_not_run_unless_asked(tiny_model_dir, tmp_path):
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     sentinel = tmp_path / "remote-code-ran"
     model_dir = tmp_path / "custom"
@@ -100,7 +100,7 @@ def test_remote_code_in_a_model_dir_does_not_run_unless_asked(tiny_model_dir, tm
 
 
 def test_a_pickle_checkpoint_is_not_unpickled_unless_asked(tmp_path):
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     sentinel = tmp_path / "pickle-ran"
 

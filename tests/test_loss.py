@@ -62,7 +62,7 @@ def test_supervised_only_loss_and_gradients_equal_the_full_logits_ones(tiny_mode
 
 
 def test_supervised_only_loss_matches_under_peft_lora(tiny_model, tokenizer):
-    from mathtune.models import apply_lora
+    from mathtune.models.load import apply_lora
 
     model = apply_lora(tiny_model.float(), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     for name, param in model.named_parameters():

@@ -1,4 +1,4 @@
-"""mathtune.models on a tiny random Llama built in tmp_path (no bundled model, no network).
+"""mathtune.models (spec, gguf_cache, hub, load) on a tiny random Llama built in tmp_path (no bundled model, no network).
 
 The model (hidden 32, 2 layers, vocab 256) and its word-level tokenizer are made here rather than
 taken from conftest, so these tests run in seconds even before the bundled GGUF has been converted.
@@ -14,22 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mathtune import models
 from mathtune.errors import MathtuneError
-from mathtune.models import (
-    ALIASES,
-    DEFAULT_LORA_TARGETS,
-    DEFAULT_MODEL,
-    apply_lora,
-    build_dir_atomically,
-    choose_device,
-    choose_precision,
-    load_model,
-    load_tokenizer,
-    model_tag,
-    read_cpu_flags,
-    resolve_model_source,
-)
+from mathtune.models import gguf_cache, hub
+from mathtune.models.gguf_cache import build_dir_atomically
+from mathtune.models.load import DEFAULT_LORA_TARGETS, apply_lora, load_model, load_tokenizer
+from mathtune.models.spec import ALIASES, DEFAULT_MODEL, model_tag, resolve_model_source
 
 VOCAB = 256
 
@@ -273,7 +262,7 @@ def test_hub_id_offline_message(monkeypatch):
 
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: False)
     with pytest.raises(MathtuneError) as excinfo:
         load_tokenizer("nobody-xyz/not-a-model-123")
     assert_one_line_error(excinfo, "(offline?)")
@@ -340,7 +329,7 @@ def test_incomplete_cache_dir_is_reported(tmp_path):
 
 
 def _complete(path: Path, tag: str) -> None:
-    for name in (models.CONVERSION_MARKER, "config.json", "model.safetensors"):
+    for name in (gguf_cache.CONVERSION_MARKER, "config.json", "model.safetensors"):
         (path / name).write_text(tag)
 
 
@@ -375,6 +364,17 @@ def test_atomic_write_concurrent_writer_wins(tmp_path):
     assert list(target.parent.iterdir()) == [target]  # our temp copy is gone
 
 
+def test_atomic_write_replace_swaps_in_the_new_dir(tmp_path):
+    """export --overwrite: the old dir is replaced whole; nothing of it or of the temp copy is left."""
+    target = tmp_path / "out" / "m"
+    build_dir_atomically(target, lambda tmp: _complete(tmp, "old"))
+    (target / "stale-extra-file").write_text("from the old export")
+    assert build_dir_atomically(target, lambda tmp: _complete(tmp, "new"), replace=True) is True
+    assert (target / "model.safetensors").read_text() == "new"
+    assert not (target / "stale-extra-file").exists()
+    assert list(target.parent.iterdir()) == [target]
+
+
 def test_stale_temp_dirs_are_swept(tmp_path):
     parent = tmp_path / "cache"
     parent.mkdir()
@@ -393,113 +393,6 @@ def test_converted_cache_dir_is_world_readable_per_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask
-
-
-# --------------------------------------------------------------------------- device / precision
-
-
-def test_read_cpu_flags_from_injected_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(models.sys, "platform", "linux")
-    x86 = tmp_path / "cpuinfo"
-    x86.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16\n\nprocessor\t: 1\nflags\t: fpu\n")
-    assert {"avx512_bf16", "amx_bf16", "fpu"} <= read_cpu_flags(x86)
-    arm = tmp_path / "cpuinfo-arm"
-    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-    assert "asimd" in read_cpu_flags(arm)
-    assert read_cpu_flags(tmp_path / "absent") == frozenset()
-    monkeypatch.setattr(models.sys, "platform", "darwin")
-    assert read_cpu_flags(x86) == frozenset()
-
-
-@pytest.mark.parametrize(
-    "flags, requested, expected, reason_part",
-    [
-        ({"avx512_bf16"}, "auto", "bf16", "cpu has avx512_bf16: bf16 autocast, fp32 master weights"),
-        ({"amx_bf16", "avx512_bf16"}, "auto", "bf16", "amx_bf16, avx512_bf16"),
-        ({"avx2"}, "auto", "fp32", "lacks"),
-        (set(), "fp32", "fp32", "requested"),
-        ({"avx512_bf16"}, "fp32", "fp32", "requested"),
-        (set(), "bf16", "bf16", "emulated"),
-    ],
-)
-def test_choose_precision_cpu(monkeypatch, flags, requested, expected, reason_part):
-    monkeypatch.setattr(models, "read_cpu_flags", lambda *a: frozenset(flags))
-    precision, reason = choose_precision(requested, "cpu")
-    assert precision == expected
-    assert reason_part in reason
-
-
-@pytest.mark.parametrize("device", ["cpu", "mps"])
-def test_fp16_refused_on_cpu_and_mps(device):
-    with pytest.raises(MathtuneError) as excinfo:
-        choose_precision("fp16", device)
-    assert str(excinfo.value) == (
-        f"fp16 on {device} is unsupported (no loss scaling, overflows): use --precision bf16 or fp32"
-    )
-
-
-def test_mps_auto_is_fp32():
-    assert choose_precision("auto", "mps")[0] == "fp32"
-
-
-@pytest.mark.parametrize(
-    "capability, requested, expected",
-    [
-        ((8, 0), "auto", "bf16"),
-        ((9, 0), "auto", "bf16"),
-        ((8, 6), "bf16", "bf16"),
-        ((7, 5), "auto", "fp16"),
-        ((7, 0), "auto", "fp16"),
-        ((6, 1), "fp16", "fp16"),
-        ((7, 5), "fp32", "fp32"),
-    ],
-)
-def test_choose_precision_cuda_uses_compute_capability(monkeypatch, capability, requested, expected):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    # True on older cards through emulation: must not sway the decision
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    precision, reason = choose_precision(requested, "cuda")
-    assert precision == expected
-    if requested == "auto":
-        assert f"{capability[0]}.{capability[1]}" in reason
-    if expected == "fp16":
-        assert "gradient scaling" in reason
-
-
-def test_bf16_on_old_cuda_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    with pytest.raises(MathtuneError) as excinfo:
-        choose_precision("bf16", "cuda:0")
-    assert_one_line_error(excinfo, "7.5", "--precision fp16 or fp32")
-
-
-def test_unknown_precision():
-    with pytest.raises(MathtuneError) as excinfo:
-        choose_precision("int8", "cpu")
-    assert_one_line_error(excinfo, "--precision 'int8'", "auto, fp32, bf16 or fp16")
-
-
-def test_choose_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(models, "_mps_available", lambda: False)
-    assert choose_device("auto")[0] == "cpu"
-    assert choose_device("cpu")[0] == "cpu"
-    for name in ("cuda", "mps"):
-        with pytest.raises(MathtuneError) as excinfo:
-            choose_device(name)
-        assert_one_line_error(excinfo, f"--device {name}", "--device cpu")
-    with pytest.raises(MathtuneError) as excinfo:
-        choose_device("tpu")
-    assert_one_line_error(excinfo, "--device 'tpu'")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    device, reason = choose_device("auto")
-    assert device == "cuda" and "Fake GPU" in reason
-    assert choose_device("cuda:0")[0] == "cuda:0"
-    with pytest.raises(MathtuneError):
-        choose_device("cuda:3")
 
 
 # --------------------------------------------------------------------------- LoRA, tags
@@ -547,3 +440,12 @@ def test_model_tag(tmp_path, model_dir):
     for spec in ("org/name", "/a/b c/d", "x" * 200):
         tag = model_tag(spec)
         assert tag and len(tag) <= 64 and all(c.isalnum() or c in "._-" for c in tag)
+
+
+def test_describe_model_names_the_bundled_weights_truthfully(tmp_path):
+    from mathtune.models.spec import describe_model
+
+    assert describe_model("smollm2-135m") == (
+        "smollm2-135m (SmolLM2-135M-Instruct de-quantized from its Q4_1 GGUF (SmolLM2-135M-Instruct.Q4_1.gguf))")
+    assert describe_model("qwen2.5-0.5b") == "qwen2.5-0.5b (Qwen/Qwen2.5-0.5B-Instruct)"
+    assert describe_model(str(tmp_path)) == str(tmp_path)

@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from mathtune.models import apply_lora, load_model
+from mathtune.models.load import apply_lora, load_model
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,8 @@ def test_conversion_gives_a_plain_trainable_checkpoint(first_load, cache, tmp_pa
     assert "quantization_config" not in (cache / "smollm2-135m" / "config.json").read_text()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not model.training
-    assert model.name_or_path == "smollm2-135m"  # adapters record the alias as base, not the cache path
+    # adapters record this as their base: a dir PEFT/transformers load without mathtune, not the alias
+    assert model.name_or_path == str((cache / "smollm2-135m").resolve())
     model.save_pretrained(tmp_path / "resaved")
     assert (tmp_path / "resaved" / "model.safetensors").is_file()
 
@@ -51,7 +52,7 @@ def test_conversion_gives_a_plain_trainable_checkpoint(first_load, cache, tmp_pa
     Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[]))
 
 
-def test_adapter_on_bundled_model_names_the_alias_as_base(first_load, tmp_path):
+def test_adapter_on_bundled_model_names_the_converted_dir_as_base(first_load, cache, tmp_path):
     import json
 
     peft_model = apply_lora(load_model("smollm2-135m").model, r=4, alpha=8, dropout=0.0, target_modules=None)
@@ -63,7 +64,7 @@ def test_adapter_on_bundled_model_names_the_alias_as_base(first_load, tmp_path):
             param.data.normal_(0, 0.02)
     peft_model.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "smollm2-135m"  # portable: not the cache path
+    assert config["base_model_name_or_path"] == str((cache / "smollm2-135m").resolve())  # loadable by PEFT alone
     loaded = load_model(str(tmp_path / "adapter"))
     ids = torch.tensor([[1, 1780, 314, 216, 34]])
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_greedy_answer_contains_5(first_load):
 def test_second_load_reads_the_converted_checkpoint_and_is_identical(first_load, capfd, monkeypatch):
     """The second load must not convert again (the GGUF parse is the slow part): made structural, not
     timed, by making any conversion fail."""
-    import mathtune.models as models
+    from mathtune.models import gguf_cache
 
     conversions = []
 
@@ -93,7 +94,7 @@ def test_second_load_reads_the_converted_checkpoint_and_is_identical(first_load,
         conversions.append(args)  # recorded as well as refused: the loader may catch what it raises
         raise AssertionError("the GGUF was converted a second time")
 
-    monkeypatch.setattr(models, "_dequantized_checkpoint", no_second_conversion)
+    monkeypatch.setattr(gguf_cache, "_dequantized_checkpoint", no_second_conversion)
     capfd.readouterr()
     again = load_model("smollm2-135m")
     assert "one-time conversion" not in capfd.readouterr().err

@@ -69,7 +69,7 @@ def test_unknown_lora_target_names_the_real_flag(tiny_model_dir, tmp_path):
 
 
 def test_device_cuda_1_is_not_silently_trained_on_cuda_0(monkeypatch):
-    from mathtune.train_device import check_training_device
+    from mathtune.hardware import check_training_device
 
     assert build_config(TrainConfig, None, {"device": "cuda:1"}).device == "cuda:1"  # a valid flag value now
     with pytest.raises(ConfigError, match="--device 'gpu0' is unknown"):
@@ -121,7 +121,7 @@ def test_boxed_dollar_with_latex_thousands_separator_reads_1000_not_1():
 
 
 def test_lora_run_then_full_run_in_the_same_dir_never_evaluates_the_old_adapter(tiny_model_dir, tmp_path, capsys):
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     out = tmp_path / "run"
     training.run(training.setup(make_config(tiny_model_dir, out)))
@@ -159,7 +159,7 @@ def test_unwritable_comparison_output_is_a_one_line_error_before_evaluating(tiny
 
 
 def test_unwritable_model_cache_directory_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

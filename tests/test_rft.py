@@ -150,7 +150,7 @@ def five_questions(tmp_path):
 def tiny_sampler(tiny_model_dir, one_thread):
     """The real batched Generator on the tiny model, as run_rft calls it (questions, seed)."""
     from mathtune.generate import GenerationSettings, Generator
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     loaded = load_model(str(tiny_model_dir), device="cpu")
     settings = GenerationSettings(max_new_tokens=10, temperature=0.7, num_samples=4, batch_size=8)

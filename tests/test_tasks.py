@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mathtune import models
+from mathtune.models import hub
 from mathtune.answers import extract_strict, judge, parse_gold
 from mathtune.errors import InputError, MathtuneError
 from mathtune.tasks import TASK_NAMES, Example, get_task
@@ -166,7 +166,7 @@ def test_gsm8k_hub_offline_is_one_clear_error(monkeypatch):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(models, "hub_local_only", lambda: False)  # the hub "answers", the load fails
+    monkeypatch.setattr(hub, "hub_local_only", lambda: False)  # the hub "answers", the load fails
     with pytest.raises(MathtuneError, match="pass --train-file/--eval-file with GSM8K JSONL"):
         get_task("gsm8k").examples("train")
 
@@ -185,7 +185,7 @@ def test_gsm8k_unreachable_hub_reads_only_the_local_cache(monkeypatch):
     before = datasets.config.HF_HUB_OFFLINE
 
     monkeypatch.setattr(datasets, "load_dataset", not_cached)
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: False)
     with pytest.raises(MathtuneError) as excinfo:
         get_task("gsm8k").examples("eval")
     assert seen == [(True, True)]
@@ -205,7 +205,7 @@ def test_gsm8k_hub_rows_and_ids(monkeypatch):
         return ROWS[:2]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    monkeypatch.setattr(models, "hub_local_only", lambda: False)
+    monkeypatch.setattr(hub, "hub_local_only", lambda: False)
     task = get_task("gsm8k")
     assert [r.id for r in task.examples("train")] == ["gsm8k-train-00000", "gsm8k-train-00001"]
     assert [r.id for r in task.examples("eval")] == ["gsm8k-test-00000", "gsm8k-test-00001"]

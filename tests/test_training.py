@@ -234,7 +234,7 @@ def test_shared_prefix_stops_before_padding_differences_and_supervised_tokens():
 
 def test_max_time_stops_inside_the_budget_with_the_lr_at_its_floor_and_saves_a_loadable_model(
         tiny_model_dir, tmp_path, capsys):
-    from mathtune.models import load_model
+    from mathtune.models.load import load_model
 
     budget = 3.0
     config = make_config(tiny_model_dir, tmp_path / "run", max_steps=10_000, max_time=budget,

@@ -3,7 +3,7 @@
     mathtune ask runs/lora-uc "How many grams are in 2.5 kilograms?"
     printf 'What is 12 * 7?\\nConvert 3 km to m.\\n' | mathtune ask runs/lora-uc
 
-Same path as ``mathtune eval``: the model loaded by ``models.load_model`` (adapter merged) under the
+Same path as ``mathtune eval``: the model loaded by ``models.load.load_for_inference`` (adapter merged) under the
 device/precision policy, ``GenerationSettings.from_config`` over ``EvalConfig`` (so every generation
 setting eval has is a flag here too, and reaches the ``Generator`` the same way), the training prompt
 format and the end-of-turn stop. Then the answer extraction ``accuracy`` scores with.
@@ -50,11 +50,10 @@ def ask(model: str, questions, **settings) -> list[Answer]:
 
 
 def answer_questions(config: EvalConfig, questions) -> list[Answer]:
-    import torch
-
     from mathtune.answers import extract
     from mathtune.generate import GenerationSettings, Generator
-    from mathtune.models import choose_device, choose_precision, load_model
+    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.models.load import load_for_inference
 
     if isinstance(questions, str):
         questions = [questions]
@@ -67,9 +66,8 @@ def answer_questions(config: EvalConfig, questions) -> list[Answer]:
     settings = GenerationSettings.from_config(config)
     device, _ = choose_device(config.device)
     precision, _ = choose_precision(config.precision, device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    loaded = load_model(config.model, device=device, dtype=dtype, merge_adapter=True,
-                        trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    loaded = load_for_inference(config.model, device=device, precision=precision,
+                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     outputs = Generator(loaded.model, loaded.tokenizer, settings, progress=False)(questions)
     answers = []
     for question, samples in zip(questions, outputs):

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     # imported here: mathtune.data/models import torch, which building the CLI parser must not
     from mathtune.answers import format_number
     from mathtune.data import is_chat_model, prepare_examples, render_supervised, take
-    from mathtune.models import load_tokenizer, resolve_model_source
+    from mathtune.models.load import load_tokenizer
+    from mathtune.models.spec import resolve_model_source
     from mathtune.tasks import task_from_config
 
     config = config_from_args(TrainConfig, args)

@@ -59,7 +59,8 @@ def directory_size(path: Path) -> int:
 def report_lines(device_flag: str = "auto", precision_flag: str = "auto") -> list[str]:
     # imported here: torch must not load while the CLI parser is built (tests/test_cli_imports.py)
     from mathtune.errors import MathtuneError
-    from mathtune.models import CPU_BF16_FLAGS, cache_dir, choose_device, choose_precision, read_cpu_flags
+    from mathtune.hardware import CPU_BF16_FLAGS, choose_device, choose_precision, read_cpu_flags
+    from mathtune.models.spec import cache_dir
 
     lines = [f"{name}: {package_version(name)}" for name in PACKAGES]
     lines.insert(0, f"python: {platform.python_version()} ({sys.executable})")

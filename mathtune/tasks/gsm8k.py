@@ -192,7 +192,7 @@ def _hub_offline_mode(offline: bool):
 
 def load_hub_rows(split: str) -> list[dict]:
     """GSM8K rows from the hub; any failure (offline, renamed dataset) becomes one clear line."""
-    from mathtune.models import hub_local_only
+    from mathtune.models.hub import hub_local_only
 
     fix = "pass --train-file/--eval-file with GSM8K JSONL"
     # unreachable hub: datasets would spend ~25 s on retries before failing; a cached copy still loads

@@ -20,7 +20,7 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_hub_split(spec: str, split: str) -> list[dict]:
-    from mathtune.models import hub_local_only
+    from mathtune.models.hub import hub_local_only
     from mathtune.tasks.gsm8k import _hub_offline_mode
 
     name, config = parse_dataset_spec(spec)

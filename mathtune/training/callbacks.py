@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from mathtune import distributed
-from mathtune.atomic import write_text_atomically
+from mathtune.atomic import finish_tree, write_text_atomically
 from mathtune.budget import TimeBudget
 from mathtune.errors import MathtuneError
 from mathtune.interrupt import InterruptCallback
@@ -130,7 +130,8 @@ class CheckpointMarker(TrainerCallback):
         def mark():
             if not (checkpoint / RunDir.TRAINER_STATE).is_file():
                 raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {RunDir.TRAINER_STATE}")
-            # atomic: the marker is whole or absent
+            finish_tree(checkpoint)  # umask modes, every file on disk before the marker says "complete"
+            # atomic and durable: the marker is whole or absent
             write_text_atomically(RunDir.marker(checkpoint),
                                   json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
 

@@ -178,13 +178,12 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
 
 
 def _setup_placement(config: TrainConfig, placement: Placement | None) -> Placement:
-    from mathtune import models
-    from mathtune.train_device import check_training_device
+    from mathtune.hardware import check_training_device, choose_device, choose_precision
 
     if placement is None:
-        device, device_reason = models.choose_device(config.device)
+        device, device_reason = choose_device(config.device)
         check_training_device(device)  # Trainer would silently use cuda:0 / every GPU otherwise
-        precision, precision_reason = models.choose_precision(config.precision, device)
+        precision, precision_reason = choose_precision(config.precision, device)
         placement = Placement(device, device_reason, precision, precision_reason)
     else:
         check_training_device(placement.device)
@@ -207,14 +206,15 @@ def _setup_run_dir_checks(config: TrainConfig) -> tuple[RunDir, str | None]:
 
 
 def _setup_model(config: TrainConfig, placement: Placement):
-    from mathtune import models
+    from mathtune.models.load import load_model
+    from mathtune.models.spec import resolve_model_source
 
-    if models.resolve_model_source(config.model)[0] == "adapter":
+    if resolve_model_source(config.model)[0] == "adapter":
         raise MathtuneError(
             f"--model {config.model} is a LoRA adapter: train from the base model its adapter_config.json "
             f"names (to continue a run, use --resume with its checkpoint)"
         )
-    loaded = models.load_model(config.model, device=distributed.local_device(placement.device),
+    loaded = load_model(config.model, device=distributed.local_device(placement.device),
                                dtype=torch.float32,  # fp32 master weights; bf16/fp16 run as autocast
                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     return loaded.model, loaded.tokenizer
@@ -243,7 +243,6 @@ def _setup_lora_targets(config: TrainConfig, model) -> TrainConfig:
 
 def _setup_trainable(config: TrainConfig, placement: Placement, model):
     """Attention kernel, then LoRA adapters (or every weight trainable with --full)."""
-    from mathtune import models
 
     if placement.device == "cpu" and config.cpu_eager_attention:
         # torch's CPU flash-attention kernels (what "sdpa" runs) are slow in the backward pass in
@@ -254,8 +253,10 @@ def _setup_trainable(config: TrainConfig, placement: Placement, model):
         # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
         model.set_attn_implementation("eager")
     if config.method == "lora":
-        return models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                 target_modules=config.target_modules)
+        from mathtune.models.load import apply_lora
+
+        return apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          target_modules=config.target_modules)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -264,10 +265,11 @@ def _setup_trainable(config: TrainConfig, placement: Placement, model):
 def _setup_run_dir(config: TrainConfig, run: RunDir, resume_from: str | None) -> float:
     """Prepare the run dir and save the resolved config (rank 0 writes; the others wait for it).
     Returns the training seconds of the run resumed."""
+    from mathtune.models.spec import base_record
 
     def prepare() -> float:
         offset = run.prepare(resume_from)
-        save_config(config, run.config)
+        save_config(config, run.config, base_model=base_record(config.model))
         return offset
 
     return distributed.on_main(prepare)
@@ -556,13 +558,15 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def start_summary(session: TrainingSession) -> str:
+    from mathtune.models.spec import describe_model
+
     c, s = session.config, session.data_stats
     lines = []
     if c.method == "lora":
         how = f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {', '.join(c.target_modules)}"
     else:
         how = "full fine-tuning"
-    lines.append(f"model: {c.model}; {how}: {session.trainable_params:,} trainable of "
+    lines.append(f"model: {describe_model(c.model)}; {how}: {session.trainable_params:,} trainable of "
                  f"{session.total_params:,} parameters ({session.trainable_params / session.total_params:.2%})")
     dropped = ", ".join(f"{n} {reason}" for reason, n in s.dropped.items()) or "none"
     lines.append(f"task: {c.task} (judge {session.data.judge_rule}); rows read {s.read}, kept {s.kept}, dropped "

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import Trainer
 
+from mathtune.atomic import fsync_file, honour_umask
 from mathtune.budget import TimeBudget
 from mathtune.loss import supervised_mask, supervised_only_loss
 from mathtune.shared_prefix import shared_prefix_length, split_off_prefix, worth_sharing
@@ -72,6 +74,15 @@ class MathtuneTrainer(Trainer):
         return loss
 
     def _save(self, output_dir=None, state_dict=None):
+        self._save_weights(output_dir, state_dict)
+        if self.args.should_save:
+            # safetensors writes through a 0600 temp file: give the weights the umask's mode, like
+            # every other file of the run, and put them on disk (the run survives a power cut)
+            for weights in Path(output_dir or self.args.output_dir).glob("*.safetensors"):
+                honour_umask(weights)
+                fsync_file(weights)
+
+    def _save_weights(self, output_dir=None, state_dict=None):
         if not isinstance(self.model, PeftModel):
             return super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
