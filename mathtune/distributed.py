@@ -329,7 +329,7 @@ def generate_sharded(generator, tokenizer, questions: Sequence[str], settings):
     which no split reproduces, so it runs on rank 0 alone (the others wait).
     """
     from mathtune.data import encode_prompt, format_prompt
-    from mathtune.generate import Generations
+    from mathtune.generation.settings import Generations
 
     questions = list(questions)
     if not launched() or _dist() is None:

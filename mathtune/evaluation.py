@@ -44,7 +44,7 @@ from mathtune import distributed
 from mathtune.answers import extract, extract_strict, judge
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
-from mathtune.generate import GenerationSettings
+from mathtune.generation.settings import GenerationSettings
 
 # Bumped when the cached payload (generations) changes meaning; part of every cache key.
 # 2: adapters are merged into their base before generating (slightly different bf16 numerics).
@@ -314,7 +314,7 @@ def _cache_path(key: str) -> Path:
 
 
 def _load_cached(key: str):
-    from mathtune.generate import Generations
+    from mathtune.generation.settings import Generations
 
     path = _cache_path(key)
     if not path.is_file():
@@ -400,7 +400,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
                  else f"{device} ({device_reason}), {precision} weights ({precision_reason.split(':')[0]})")
         print(f"evaluating {spec} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
     if outputs is None:
-        from mathtune.generate import Generator
+        from mathtune.generation.engine import Generator
 
         # adapters merged: generation only, and one matmul per layer beats base + LoRA (1.4x, see load_model)
         loaded = load_model(spec, device=device, dtype=_torch_dtype(precision), merge_adapter=True,

@@ -145,7 +145,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     """
     from mathtune.atomic import write_text_atomically
     from mathtune.data import take
-    from mathtune.generate import GenerationSettings, resolve_calculator
+    from mathtune.generation.settings import GenerationSettings, resolve_calculator
     from mathtune.tasks import get_task
 
     config.validate()
@@ -213,7 +213,7 @@ def format_result(result: dict, config: RFTConfig) -> str:
 
 def _model_generator(config: RFTConfig, settings):
     from mathtune.evaluation import _torch_dtype
-    from mathtune.generate import Generator
+    from mathtune.generation.engine import Generator
     from mathtune.models import choose_device, choose_precision, load_model
 
     device, _ = choose_device(config.device)

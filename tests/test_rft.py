@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from mathtune.errors import ConfigError
-from mathtune.generate import Generations
+from mathtune.generation.settings import Generations
 from mathtune.rft import RFTConfig, as_target, run_rft, select_solutions, task_judge
 from mathtune.tasks import Example, get_task
 

@@ -53,7 +53,8 @@ def answer_questions(config: EvalConfig, questions) -> list[Answer]:
     import torch
 
     from mathtune.answers import extract
-    from mathtune.generate import GenerationSettings, Generator
+    from mathtune.generation.engine import Generator
+    from mathtune.generation.settings import GenerationSettings
     from mathtune.models import choose_device, choose_precision, load_model
 
     if isinstance(questions, str):
