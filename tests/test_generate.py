@@ -378,3 +378,20 @@ def test_model_generation_config_does_not_leak_into_greedy_output(varied_model, 
         varied_model.generation_config = original
     assert list(polluted) == list(clean)
     assert raw[0, ids.shape[1]:].tolist() != reference(varied_model, smol_tokenizer, QUESTIONS[0], 24)
+
+
+def test_generations_select_and_merge_keep_every_per_item_field(varied_model, smol_tokenizer):
+    """Sharding and caching go through select / merge / to_dict: split a real run (calculator on) into
+    two interleaved shards, round-trip them through plain data, merge: every field equals the run's."""
+    import dataclasses
+
+    out = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=6, calculator=True))(QUESTIONS)
+    out.loops[2] = [True]  # a looping row and a calculator call must travel like every other field
+    out.calculator_calls[3] = [[{"expr": "2*3", "value": "6"}]]
+    plan = [[0, 2, 4], [1, 3]]
+    parts = [(indices, Generations.from_dict(out.select(indices).to_dict())) for indices in plan]
+    merged = Generations.merge(parts, len(QUESTIONS))
+    for f in dataclasses.fields(Generations):
+        assert getattr(merged, f.name) == getattr(out, f.name), f.name
+    with pytest.raises(MathtuneError, match="item 1"):
+        Generations.merge(parts[:1], len(QUESTIONS))
