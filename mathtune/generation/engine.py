@@ -147,7 +147,7 @@ class Generator:
 
     ``questions`` are raw question texts; each is formatted with the model's chat template (or the
     plain base-model prompt) exactly as in training. ``fast`` (default: on CPU) enables the CPU
-    fast path described in the module docstring; ``fast=False`` is plain batched ``generate()``.
+    fast path of ``mathtune.generation.cpu``; ``fast=False`` is plain batched ``generate()``.
     """
 
     def __init__(self, model, tokenizer, settings: GenerationSettings | None = None, *,
