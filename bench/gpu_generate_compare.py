@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GenerationConfig
 
     from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt
-    from mathtune.generate import GenerationSettings, generate
+    from mathtune.generation.engine import generate
+    from mathtune.generation.settings import GenerationSettings
     from mathtune.models.load import load_for_inference
 
     loaded = load_for_inference(args.model, device=args.device, precision=args.precision)

@@ -152,7 +152,8 @@ def train(args) -> None:
 
 def decode(args) -> None:
     from mathtune.config import EVAL_BATCH_SIZE
-    from mathtune.generate import GenerationSettings, Generator
+    from mathtune.generation.engine import Generator
+    from mathtune.generation.settings import GenerationSettings
     from mathtune.models.load import load_model
 
     questions, where = load_questions("auto", args.questions)

@@ -15,7 +15,8 @@ import math
 from typing import Any, Sequence
 
 from mathtune.errors import MathtuneError
-from mathtune.generate import GenerationSettings, Generations, Generator
+from mathtune.generation.engine import Generator
+from mathtune.generation.settings import GenerationSettings, Generations
 
 
 class MathModel:
@@ -50,7 +51,7 @@ class MathModel:
             raise MathtuneError("batched_generate takes a list of questions: use generate() for one string")
         if settings.get("num_samples", 1) != 1:
             raise MathtuneError("batched_generate returns one completion per question: use num_samples=1 "
-                                "(mathtune.generate.Generator returns several)")
+                                "(mathtune.generation.engine.Generator returns several)")
         return [samples[0] for samples in self._run(prompts, settings)]
 
     def generate(self, prompt: str, **settings) -> str:

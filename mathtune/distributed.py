@@ -327,7 +327,7 @@ def generate_sharded(generator, tokenizer, questions: Sequence[str], settings):
     which no split reproduces, so it runs on rank 0 alone (the others wait).
     """
     from mathtune.data import encode_prompt, format_prompt
-    from mathtune.generate import Generations
+    from mathtune.generation.settings import Generations
 
     questions = list(questions)
     if not launched() or _dist() is None:
@@ -340,17 +340,10 @@ def generate_sharded(generator, tokenizer, questions: Sequence[str], settings):
         plan = [list(range(len(questions)))] + [[] for _ in range(world - 1)]
     mine = plan[me]
     out = generator([questions[i] for i in mine]) if mine else Generations([], [], 0.0)
-    shards = gather_objects((list(out), out.token_counts, out.seconds))
-    texts: list = [None] * len(questions)
-    counts: list = [None] * len(questions)
-    for indices, (shard_texts, shard_counts, _) in zip(plan, shards):
-        for i, text, count in zip(indices, shard_texts, shard_counts):
-            texts[i], counts[i] = text, count
-    missing = [i for i, t in enumerate(texts) if t is None]
-    if missing:
-        raise MathtuneError(f"sharded generation lost {len(missing)} items (e.g. item {missing[0]}): a rank "
-                            f"returned fewer generations than it was given")
-    return Generations(texts, counts, max(seconds for _, _, seconds in shards))
+    # every per-item field travels (texts, token counts, loop flags, calculator calls, stop reasons)
+    shards = gather_objects(out.to_dict())
+    return Generations.merge([(indices, Generations.from_dict(shard)) for indices, shard in zip(plan, shards)],
+                             len(questions))
 
 
 def describe() -> str:

@@ -46,12 +46,13 @@ from mathtune.answers import (LM_EVAL_FALLBACK, extract, extract_strict, judge, 
                               lm_eval_extract_flexible, lm_eval_extract_strict, parse_number)
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
-from mathtune.generate import GenerationSettings
+from mathtune.generation.settings import GenerationSettings
 
 # Bumped when the cached payload (generations) changes meaning; part of every cache key.
 # 2: adapters are merged into their base before generating (slightly different bf16 numerics).
 # 3: entries also hold loop flags and calculator calls per output.
-CACHE_VERSION = 3
+# 4: entries hold the whole Generations record (stop reasons too); keys add threads, processes, peft.
+CACHE_VERSION = 4
 
 # Files in a model dir that decide what it generates: weights, architecture, tokenizer, template.
 # Other files in a run dir (metrics.jsonl, eval/, checkpoints) change without changing the model.
@@ -365,12 +366,17 @@ def model_identity(spec: str) -> dict | None:
 
 def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings, precision: str, device: str,
               protocol: str = "chat") -> str:
-    # precision, device and library versions change the numerics, so they change greedy outputs too
+    # Everything that can change an output: precision, device, library versions and the torch thread
+    # count change the float rounding (a near-tie in fp32 flipped between 2 threads and 1), and the
+    # number of processes changes the thread count each one gets.
+    import peft
     import torch
     import transformers
 
     material = {
-        "versions": [torch.__version__, transformers.__version__],
+        "versions": [torch.__version__, transformers.__version__, peft.__version__],
+        "threads": torch.get_num_threads(),
+        "world_size": distributed.world_size(),
         "version": CACHE_VERSION,
         "model": identity,
         "task": task,
@@ -391,23 +397,21 @@ def _cache_path(key: str) -> Path:
 
 
 def _load_cached(key: str):
-    from mathtune.generate import Generations
+    from mathtune.generation.settings import Generations
 
     path = _cache_path(key)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Generations(data["outputs"], data["token_counts"], float(data["seconds"]), data["loops"],
-                           data["calculator_calls"])
+        return Generations.from_dict(data["generations"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MathtuneError(f"eval cache entry {path} is unreadable ({type(exc).__name__}): delete it, or pass --no-cache") from exc
 
 
 def _store_cached(key: str, outputs, meta: dict) -> None:
     path = _cache_path(key)
-    payload = dict(meta, outputs=list(outputs), token_counts=outputs.token_counts, seconds=outputs.seconds,
-                   loops=outputs.loops, calculator_calls=outputs.calculator_calls)
+    payload = dict(meta, generations=outputs.to_dict())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(path, json.dumps(payload, ensure_ascii=False))
@@ -486,7 +490,7 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
                  else f"{device} ({device_reason}), {precision} weights ({precision_reason.split(':')[0]})")
         print(f"evaluating {describe_model(spec)} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
     if outputs is None:
-        from mathtune.generate import Generator
+        from mathtune.generation.engine import Generator
 
         loaded = load_for_inference(spec, device=device, precision=precision,
                                     trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)

@@ -504,7 +504,7 @@ class CollapseDetector(TrainerCallback):
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
         # the model's own generation_config set aside (as eval does) for the settings that have no
         # neutral value to state here (bad_words_ids, suppress_tokens, forced tokens, ...)
-        from mathtune.generate import contiguous_head_input, neutral_generation_config
+        from mathtune.generation.engine import contiguous_head_input, neutral_generation_config
 
         with autocast, _one_cpu_thread(device), contiguous_head_input(model), neutral_generation_config(model):
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)

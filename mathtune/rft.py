@@ -242,7 +242,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     import os
 
     from mathtune.data import take
-    from mathtune.generate import GenerationSettings, resolve_calculator
+    from mathtune.generation.settings import GenerationSettings, resolve_calculator
     from mathtune.progress import progress_reporter
     from mathtune.tasks import task_from_config
 
@@ -360,7 +360,7 @@ def format_result(result: dict, config: RFTConfig) -> str:
 
 
 def _model_generator(config: RFTConfig, settings):
-    from mathtune.generate import Generator
+    from mathtune.generation.engine import Generator
     from mathtune.hardware import choose_device, choose_precision
     from mathtune.models.load import load_for_inference
 

@@ -116,7 +116,7 @@ def test_api_answers_equal_eval_per_item_output(lora_run, tmp_path, precision, o
     (merged, same dtype), so each item's text and extracted number are the same."""
     from mathtune.config import EvalConfig, build_config
     from mathtune.evaluation import evaluate_model
-    from mathtune.generate import GenerationSettings
+    from mathtune.generation.settings import GenerationSettings
 
     config = build_config(EvalConfig, None, dict(model=str(lora_run), task="unit-conversion", max_samples=6,
                                                  max_new_tokens=12, precision=precision, device="cpu", no_cache=True))

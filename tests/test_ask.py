@@ -13,7 +13,8 @@ import pytest
 from mathtune.commands import ask as ask_command
 from mathtune.config import EvalConfig, build_config
 from mathtune.errors import MathtuneError
-from mathtune.generate import GenerationSettings, Generator
+from mathtune.generation.engine import Generator
+from mathtune.generation.settings import GenerationSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 2+3?", "Convert 3 km to m."]
@@ -48,7 +49,7 @@ def test_extracted_values_and_their_formatting(monkeypatch, tiny_model_dir, caps
         def __call__(self, questions):
             return [next(canned) for _ in questions]
 
-    monkeypatch.setattr("mathtune.generate.Generator", FakeGenerator)
+    monkeypatch.setattr("mathtune.generation.engine.Generator", FakeGenerator)
     args = _parse(["ask", str(tiny_model_dir), "q1", "q2", "q3", "--device", "cpu", "--precision", "fp32"])
     assert ask_command.run(args) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,8 @@ import torch
 
 from mathtune.calculator import (MAX_CHARS, CalculatorForcing, calculate, evaluate, format_result, is_call,
                                  trigger_table)
-from mathtune.generate import GenerationSettings, Generator, resolve_calculator
+from mathtune.generation.engine import Generator
+from mathtune.generation.settings import GenerationSettings, resolve_calculator
 
 CASES = [
     # precedence and grouping
@@ -176,8 +177,6 @@ def test_forced_result_in_a_batch_of_rows_at_different_positions(smol_tokenizer,
     """Each row writes "<<EXPR=" after a different number of tokens (and after a different amount
     of left padding); the random tiny model would continue with anything, but with the calculator
     each row continues with its own result and '>>', in one batched, KV-cached generation."""
-    from transformers import LogitsProcessorList
-
     from conftest import build_tiny_model
 
     tok = smol_tokenizer
@@ -186,20 +185,10 @@ def test_forced_result_in_a_batch_of_rows_at_different_positions(smol_tokenizer,
     scripts = [f"{'so ' * i * 2}<<{expr}=" for i, (expr, _) in enumerate(cases)]
     # longer question -> later in the length-sorted batch: question i stays tensor row i
     questions = ["What is this? " * (i + 1) for i in range(len(cases))]
+    # the script first, then mathtune's processors (the calculator), on either decoding path
     gen = Generator(model, tok, GenerationSettings(max_new_tokens=30, batch_size=8, calculator=True),
-                    progress=False, fast=fast, chunk_tokens=64)
-    script = _Script(tok, scripts)
-    original = model.generate
-
-    def generate(*args, logits_processor=None, **kwargs):
-        # the script first, then mathtune's processors (the calculator) as generate() was given them
-        return original(*args, logits_processor=LogitsProcessorList([script, *(logits_processor or [])]), **kwargs)
-
-    model.generate = generate
-    try:
-        outs = gen(questions)
-    finally:
-        del model.generate
+                    progress=False, fast=fast, chunk_tokens=64, logits_processors=[_Script(tok, scripts)])
+    outs = gen(questions)
     plain = Generator(model, tok, GenerationSettings(max_new_tokens=30, batch_size=8, calculator=False),
                       progress=False, fast=fast, chunk_tokens=64)
     for (expr, result), prefix, text, calls in zip(cases, scripts, outs, outs.calculator_calls):

@@ -20,7 +20,7 @@ from mathtune.evaluation import (
     majority_value,
     write_eval_log,
 )
-from mathtune.generate import GenerationSettings, Generations
+from mathtune.generation.settings import GenerationSettings, Generations
 from mathtune.tasks import Example
 
 ITEM_FIELDS = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted",
@@ -183,17 +183,17 @@ def test_items_sha_depends_on_ids_and_questions():
 @pytest.fixture
 def counting_generator(monkeypatch, tmp_path):
     """Isolated cache dir; counts real Generator calls (the cache must skip them)."""
-    import mathtune.generate
+    import mathtune.generation.engine
 
     monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
-    original = mathtune.generate.Generator.__call__
+    original = mathtune.generation.engine.Generator.__call__
     calls = []
 
     def counted(self, questions, **overrides):
         calls.append(len(questions))
         return original(self, questions, **overrides)
 
-    monkeypatch.setattr(mathtune.generate.Generator, "__call__", counted)
+    monkeypatch.setattr(mathtune.generation.engine.Generator, "__call__", counted)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # see test_generate.one_thread
     yield calls

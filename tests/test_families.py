@@ -32,14 +32,10 @@ EVAL_QUESTIONS = [
      "another 90 km at 45 km per hour. At what hour of the day does it arrive?", 13.5),
     ("What is 12 * 7?", 84),
 ]
-# The CPU fast path (mathtune/generate.py, being rewritten onto public API) is wrong for these today;
-# strict: the test turns red the day it is fixed, so the mark is removed then.
-FAST_PATH_BROKEN = {
-    "gemma2": "fast path: prefill calls SDPA, which refuses Gemma 2's attn_logit_softcapping "
-              "(ValueError: `sdpa` attention does not support `softcap`); the decode step would ignore it",
-    "mistral": "fast path: rows laid out [prefix][padding][rest] put padding inside the sliding window, so a "
-               "shorter row in a batch sees fewer real tokens than plain generate's left-padded row",
-}
+# The CPU fast path's attention does neither logit soft-capping (Gemma 2) nor a sliding window shorter
+# than the batch (its rows are laid out [prefix][padding][rest], so padding would use up the window):
+# for these the Generator says so in one line and decodes with plain model.generate instead.
+FAST_PATH_FALLS_BACK = {"gemma2": "soft-capping", "mistral": "sliding window"}
 COMMON = ["--task", "unit-conversion", "--max-samples", "8", "--batch-size", "4", "--learning-rate", "1e-3",
           "--warmup-ratio", "0", "--lr-scheduler", "constant", "--precision", "fp32", "--device", "cpu",
           "--eval-samples", "0", "--no-guards", "--no-wandb", "--seed", "0"]
@@ -154,9 +150,7 @@ def test_full_fine_tuning_one_step_changes_the_weights(family, family_dir, tmp_p
 # --------------------------------------------------------------------------- eval
 
 
-def test_eval_fast_path_greedy_equals_plain_generate(family, family_dir, lora_run, tmp_path, request):
-    if family.name in FAST_PATH_BROKEN:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FAST_PATH_BROKEN[family.name]))
+def test_eval_fast_path_greedy_equals_plain_generate(family, family_dir, lora_run, tmp_path, capfd):
     # questions of very different lengths: one batch pads the short ones by ~30 tokens
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in EVAL_QUESTIONS))
@@ -169,6 +163,8 @@ def test_eval_fast_path_greedy_equals_plain_generate(family, family_dir, lora_ru
     assert [r["question"] for r in records] == [q for q, _ in EVAL_QUESTIONS]
     model, tokenizer = _merged_reference(family_dir, lora_run)
     assert [r["output"] for r in records] == _plain_greedy(model, tokenizer, [q for q, _ in EVAL_QUESTIONS])
+    notice = "CPU fast generation path off" in capfd.readouterr().err
+    assert notice == (family.name in FAST_PATH_FALLS_BACK), "the fallback (and only it) is announced"
 
 
 # --------------------------------------------------------------------------- export

@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny_model
 from mathtune.data import encode_prompt, format_prompt
 from mathtune.errors import MathtuneError
-from mathtune.generate import GenerationSettings, Generations, Generator
+from mathtune.generation.engine import Generator
+from mathtune.generation.settings import GenerationSettings, Generations
 
 # Different lengths, deliberately not sorted: batching sorts by length and must restore this order.
 QUESTIONS = [
@@ -220,87 +221,137 @@ def test_eval_path_raises_no_deprecation_warning(tiny_model_dir, tmp_path, monke
     assert len(records) == 2 and all("loop" in r and "calculator_calls" in r for r in records)
 
 
-def test_cache_fill_length_survives_a_tensor_copy():
-    """Defect: the in-place cache kept its fill length as a Python attribute on the K/V buffers; a
-    copy of the tensor lost it and attention silently covered the empty slots. Now the fill length
-    is the view's own shape: the buffer-backed view, a contiguous copy of it and plain SDPA over
-    the filled slots all give the same attention, whatever garbage the unused slots hold."""
-    from types import SimpleNamespace
-
-    from mathtune.generate import _cpu_attention
+def test_decode_attention_reads_only_the_filled_slots_in_place():
+    """The decode attention gets slot-sliced views of buffers whose unused slots hold garbage: it must
+    give SDPA's result over the filled slots, read the buffer itself (no copy), and apply a padding mask."""
+    from mathtune.generation.cpu import _decode_attention
 
     torch.manual_seed(0)
     batch, heads, kv_heads, dim, capacity, filled = 3, 4, 2, 8, 20, 11
-    buffer_k = torch.randn(batch, kv_heads, capacity, dim) * 100  # garbage past `filled`
-    buffer_v = torch.randn(batch, kv_heads, capacity, dim) * 100
-    key, value = buffer_k[:, :, :filled], buffer_v[:, :, :filled]
+    keys_t = torch.randn(batch, kv_heads, dim, capacity) * 100  # garbage past `filled`
+    values = torch.randn(batch, kv_heads, capacity, dim) * 100
+    key_view, value_view = keys_t[:, :, :, :filled], values[:, :, :filled]
     query = torch.randn(batch, heads, 1, dim)
-    module = SimpleNamespace(training=False, num_key_value_groups=heads // kv_heads, is_causal=True)
-    # the bmm's read the filled slots in place: merging batch and heads of the view copies nothing
-    assert key.reshape(batch * kv_heads, filled, dim).data_ptr() == buffer_k.data_ptr()
-    via_buffer, _ = _cpu_attention(module, query, key, value, None)
-    via_copy, _ = _cpu_attention(module, query, key.clone(), value.clone(), None)
+    # merging rows and kv heads of the views copies nothing
+    assert key_view.reshape(batch * kv_heads, dim, filled).data_ptr() == keys_t.data_ptr()
+    assert value_view.reshape(batch * kv_heads, filled, dim).data_ptr() == values.data_ptr()
     rep = heads // kv_heads
-    k_full, v_full = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    expected = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full).transpose(1, 2)
-    # values are ~1e1 (garbage x100): bmm and SDPA round differently per CPU (5.5e-5 apart, 2.8e-6
-    # relative, on an AVX-512 Xeon), while covering the garbage slots would be off by ~1e1
+    k_full = key_view.transpose(2, 3).repeat_interleave(rep, dim=1)
+    v_full = value_view.repeat_interleave(rep, dim=1)
+    # values are ~1e1 (garbage x100): bmm and SDPA round differently per CPU, while covering the
+    # garbage slots would be off by ~1e1
     close = dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(via_buffer, expected, **close)
-    torch.testing.assert_close(via_copy, expected, **close)
-    # a padding mask over the filled slots still applies (row 0 may not see slot 0)
+    out, _ = _decode_attention(query, key_view, value_view, None, dim**-0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full).transpose(1, 2)
+    torch.testing.assert_close(out, expected, **close)
     mask = torch.ones(batch, 1, 1, filled, dtype=torch.bool)
-    mask[0, :, :, 0] = False
-    masked, _ = _cpu_attention(module, query, key, value, mask)
+    mask[0, :, :, 0] = False  # row 0 may not see slot 0
+    masked, _ = _decode_attention(query, key_view, value_view, mask, dim**-0.5)
     expected_masked = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full, attn_mask=mask).transpose(1, 2)
     torch.testing.assert_close(masked, expected_masked, **close)
+    assert not torch.allclose(masked[0], out[0])
 
 
-def test_in_place_cache_hands_attention_its_filled_slots_without_a_copy():
-    """The in-place cache stores keys transposed (a faster decode bmm): what it returns must still be
-    the states written, [batch, heads, filled, dim], after prefill writes, appends and dropped rows, and
-    merging batch and heads (what _cpu_attention does) must read the buffer itself, not a copy."""
-    from mathtune.generate import _in_place_cache
+def test_fast_path_is_active_only_while_generating(varied_model, smol_tokenizer):
+    """The registered attention (transformers offers no public way to remove a name) is mathtune's
+    decode attention only inside mathtune's loop: the model runs it while generating, gets its own
+    attention back afterwards, and the name resolves to plain SDPA outside the loop."""
+    from transformers import AttentionInterface
 
-    torch.manual_seed(0)
-    batch, heads, dim, capacity = 4, 2, 8, 12
-    cache = _in_place_cache(capacity)
-    prompt_k, prompt_v = torch.randn(batch, heads, 5, dim), torch.randn(batch, heads, 5, dim)
-    cache.update(prompt_k[:, :, :0], prompt_v[:, :, :0], 0)  # create the layer's buffers
-    layer = cache.layers[0]
-    layer.write(torch.tensor([1, 3]), 2, prompt_k[[1, 3], :, 2:], prompt_v[[1, 3], :, 2:])
-    layer.write(slice(None), 0, prompt_k[:, :, :2], prompt_v[:, :, :2])
-    layer.length = 2
-    step_k, step_v = torch.randn(batch, heads, 1, dim), torch.randn(batch, heads, 1, dim)
-    keys, values = cache.update(step_k, step_v, 0)
-    assert keys.shape == values.shape == (batch, heads, 3, dim)
-    torch.testing.assert_close(keys, torch.cat([prompt_k[:, :, :2], step_k], dim=2), rtol=0, atol=0)
-    torch.testing.assert_close(values, torch.cat([prompt_v[:, :, :2], step_v], dim=2), rtol=0, atol=0)
-    layer.length = 5  # rows 1 and 3 got their slots 2..4 from the prefill write
-    cache.batch_select_indices(torch.tensor([3, 1]))
-    keys, values = cache.layers[0].keys, cache.layers[0].values
-    torch.testing.assert_close(keys[:, :, 3:], prompt_k[[3, 1], :, 3:], rtol=0, atol=0)
-    torch.testing.assert_close(values[:, :, 2], step_v[[3, 1], :, 0], rtol=0, atol=0)
-    for view in (keys, values):
-        merged = view.reshape(2 * heads, 5, dim)
-        assert merged.data_ptr() == view.data_ptr() and merged.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
-
-
-def test_attention_registration_is_scoped_to_generation(varied_model, smol_tokenizer):
-    """Defect: the decode attention was registered in transformers' class-wide mapping forever.
-    Now it exists only while a Generator uses it, and the model's own attention comes back."""
-    from mathtune.generate import attention_registered
+    from mathtune.generation.cpu import ATTENTION_NAME, decoding_active
 
     seen = []
-    hook = varied_model.model.layers[0].self_attn.register_forward_hook(lambda *a: seen.append(attention_registered()))
+    hook = varied_model.model.layers[0].self_attn.register_forward_hook(
+        lambda *a: seen.append((decoding_active(), varied_model.config._attn_implementation)))
+    original = varied_model.config._attn_implementation
     try:
-        assert not attention_registered()
+        assert not decoding_active()
         Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=3), fast=True)(QUESTIONS[:2])
     finally:
         hook.remove()
-    assert seen and all(seen)
-    assert not attention_registered()
-    assert varied_model.config._attn_implementation in ("sdpa", "eager")
+    assert seen and all(active and name == ATTENTION_NAME for active, name in seen)
+    assert not decoding_active() and varied_model.config._attn_implementation == original
+    # outside the loop the registered name is plain SDPA: the same logits as the model's own attention
+    ids = torch.tensor([encode_prompt(smol_tokenizer, format_prompt(smol_tokenizer, QUESTIONS[0]))])
+    with torch.no_grad():
+        own = varied_model(input_ids=ids).logits
+        varied_model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            lingering = varied_model(input_ids=ids).logits
+        finally:
+            varied_model.set_attn_implementation(original)
+    assert ATTENTION_NAME in AttentionInterface()
+    torch.testing.assert_close(lingering, own)
+
+
+def _family_model(family: str, tokenizer):
+    """A tiny random model of another architecture (hidden 64, 2 layers) on the SmolLM2 tokenizer."""
+    import transformers
+
+    config_class, model_class = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    }[family]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id,
+                          attn_implementation="eager" if family == "gemma2" else "sdpa")  # Gemma2 has no SDPA
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.to(torch.float64)
+
+
+@pytest.mark.parametrize("family, fast_path", [("qwen2", True), ("gemma2", False)])
+def test_other_families_run_the_fast_path_or_fall_back_with_a_notice(smol_tokenizer, capsys, family, fast_path):
+    """Qwen2 runs the fast path; Gemma2 soft-caps its attention logits, which the fast path does not
+    implement, so it falls back to plain generate with one line on stderr: Qwen2's tokens are those of
+    one-at-a-time generate(), Gemma2's those of the plain path (fast=False)."""
+    from mathtune.generation.cpu import decoding_active
+
+    model = _family_model(family, smol_tokenizer)
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(lambda *a: seen.append(decoding_active()))
+    try:
+        out = Generator(model, smol_tokenizer, GenerationSettings(max_new_tokens=10, batch_size=3), fast=True,
+                        chunk_tokens=4)(QUESTIONS)
+    finally:
+        hook.remove()
+    if fast_path:
+        expected = [[smol_tokenizer.decode(reference(model, smol_tokenizer, q, 10), skip_special_tokens=True)]
+                    for q in QUESTIONS]
+    else:
+        expected = list(Generator(model, smol_tokenizer, GenerationSettings(max_new_tokens=10, batch_size=3), fast=False,
+                                  chunk_tokens=4)(QUESTIONS))
+    assert list(out) == expected
+    notices = [line for line in capsys.readouterr().err.splitlines() if "fast generation path off" in line]
+    if fast_path:
+        assert all(seen) and not notices
+    else:
+        assert len(notices) == 1 and "soft-capping" in notices[0]  # once, for all batches
+    assert model.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")
+
+
+def test_stop_reasons_say_why_each_row_ended(varied_model, smol_tokenizer):
+    """end_of_turn / stop_string / max_new_tokens, per row, on the fast and the plain path alike."""
+    free = [reference(varied_model, smol_tokenizer, q, 12) for q in QUESTIONS[:3]]
+    stop_token = free[0][3]
+    text = smol_tokenizer.decode(free[1], skip_special_tokens=True)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    for fast in (True, False):
+        gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=12, stop=[stop]), fast=fast,
+                        chunk_tokens=5)
+        gen.eot_id = stop_token
+        out = gen(QUESTIONS[:3])
+        assert out.stop_reasons[0] == ["end_of_turn"]
+        assert out.stop_reasons[1] == ["stop_string"]
+        expected_last = "end_of_turn" if stop_token in free[2] else (
+            "stop_string" if stop in smol_tokenizer.decode(free[2], skip_special_tokens=True) else "max_new_tokens")
+        assert out.stop_reasons[2] == [expected_last]
 
 
 def test_model_generation_config_does_not_leak_into_greedy_output(varied_model, smol_tokenizer):
@@ -327,3 +378,20 @@ def test_model_generation_config_does_not_leak_into_greedy_output(varied_model, 
         varied_model.generation_config = original
     assert list(polluted) == list(clean)
     assert raw[0, ids.shape[1]:].tolist() != reference(varied_model, smol_tokenizer, QUESTIONS[0], 24)
+
+
+def test_generations_select_and_merge_keep_every_per_item_field(varied_model, smol_tokenizer):
+    """Sharding and caching go through select / merge / to_dict: split a real run (calculator on) into
+    two interleaved shards, round-trip them through plain data, merge: every field equals the run's."""
+    import dataclasses
+
+    out = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=6, calculator=True))(QUESTIONS)
+    out.loops[2] = [True]  # a looping row and a calculator call must travel like every other field
+    out.calculator_calls[3] = [[{"expr": "2*3", "value": "6"}]]
+    plan = [[0, 2, 4], [1, 3]]
+    parts = [(indices, Generations.from_dict(out.select(indices).to_dict())) for indices in plan]
+    merged = Generations.merge(parts, len(QUESTIONS))
+    for f in dataclasses.fields(Generations):
+        assert getattr(merged, f.name) == getattr(out, f.name), f.name
+    with pytest.raises(MathtuneError, match="item 1"):
+        Generations.merge(parts[:1], len(QUESTIONS))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mathtune.evaluation import format_summary, judge_generations
-from mathtune.generate import GenerationSettings, Generations, Generator
+from mathtune.generation.engine import Generator
+from mathtune.generation.settings import GenerationSettings, Generations
 from mathtune.loops import LoopMonitor, ends_in_loop, newline_table, repeated_line, repeated_span
 from mathtune.tasks import Example
 
@@ -103,17 +104,6 @@ class _Script:
         return scores
 
 
-def _scripted(model, script):
-    from transformers import LogitsProcessorList
-
-    original = model.generate
-
-    def generate(*args, logits_processor=None, **kwargs):
-        return original(*args, logits_processor=LogitsProcessorList([script, *(logits_processor or [])]), **kwargs)
-
-    return generate
-
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_looping_row_is_stopped_and_flagged_others_run_on(smol_tokenizer, one_thread, fast):
     from conftest import build_tiny_model
@@ -129,12 +119,10 @@ def test_looping_row_is_stopped_and_flagged_others_run_on(smol_tokenizer, one_th
     results = {}
     for stop in (True, False):
         settings = GenerationSettings(max_new_tokens=60, batch_size=8, loop_stop=stop)
-        gen = Generator(model, tok, settings, progress=False, fast=fast, chunk_tokens=16)
-        model.generate = _scripted(model, _Script(scripts))
-        try:
-            results[stop] = gen(questions)
-        finally:
-            del model.generate
+        # the script runs before mathtune's own processors, on either decoding path
+        gen = Generator(model, tok, settings, progress=False, fast=fast, chunk_tokens=16,
+                        logits_processors=[_Script(scripts)])
+        results[stop] = gen(questions)
     stopped, flagged = results[True], results[False]
     assert stopped.loops == [[True], [False], [True]] == flagged.loops
     # stopped right where the third repetition completed (tokens counted through that one)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from mathtune.errors import ConfigError, MathtuneError
-from mathtune.generate import Generations
+from mathtune.generation.settings import Generations
 from mathtune.rft import RFTConfig, as_target, group_seed, run_rft, select_solutions, task_judge
 from mathtune.tasks import Example, get_task
 
@@ -149,7 +149,8 @@ def five_questions(tmp_path):
 @pytest.fixture
 def tiny_sampler(tiny_model_dir, one_thread):
     """The real batched Generator on the tiny model, as run_rft calls it (questions, seed)."""
-    from mathtune.generate import GenerationSettings, Generator
+    from mathtune.generation.engine import Generator
+    from mathtune.generation.settings import GenerationSettings
     from mathtune.models.load import load_model
 
     loaded = load_model(str(tiny_model_dir), device="cpu")

@@ -64,10 +64,9 @@ def test_data_supervises_the_equation_target(rows_file, tokenizer):
 def test_calculator_fills_results_in_the_equation_format(smol_tokenizer, one_thread):
     """The model is made to write the first annotation's head and, in a second row, a whole first
     annotation then the head of the next; the calculator completes each with its result and '>>'."""
-    from transformers import LogitsProcessorList
-
     from conftest import build_tiny_model
-    from mathtune.generate import GenerationSettings, Generator
+    from mathtune.generation.engine import Generator
+    from mathtune.generation.settings import GenerationSettings
 
     tok = smol_tokenizer
     model = build_tiny_model(tok, seed=5)
@@ -84,18 +83,10 @@ def test_calculator_fills_results_in_the_equation_format(smol_tokenizer, one_thr
                 scores[row, ids[step]] = 0.0
         return scores
 
-    original = model.generate
-
-    def generate(*args, logits_processor=None, **kwargs):
-        return original(*args, logits_processor=LogitsProcessorList([script, *(logits_processor or [])]), **kwargs)
-
-    model.generate = generate
+    # the script first, then mathtune's processors (the calculator), on either decoding path
     gen = Generator(model, tok, GenerationSettings(max_new_tokens=20, batch_size=4, calculator=True),
-                    progress=False, chunk_tokens=64)
-    try:
-        outs = gen(["Ann has 10 apples?", "Ann has 10 apples for 5 kids?"])
-    finally:
-        del model.generate
+                    progress=False, chunk_tokens=64, logits_processors=[script])
+    outs = gen(["Ann has 10 apples?", "Ann has 10 apples for 5 kids?"])
     assert outs[0][0].startswith("<<10/5=2>>"), outs[0][0]
     assert outs[1][0].startswith("<<10/5=2>> <<2*2=4>>"), outs[1][0]
     assert outs.calculator_calls[1][0][-1] == {"expr": "2*2", "value": "4"}

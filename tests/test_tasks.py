@@ -449,7 +449,7 @@ def test_unit_conversion_values_stay_small(uc_splits):
 
 
 def test_each_task_owns_its_policy_and_the_consumers_read_it(monkeypatch):
-    from mathtune.generate import resolve_calculator
+    from mathtune.generation.settings import resolve_calculator
     from mathtune.rft import RFTConfig
     from mathtune.tasks import TASK_NAMES, task_class
     from mathtune.tasks.files import FileTask

@@ -51,7 +51,8 @@ def ask(model: str, questions, **settings) -> list[Answer]:
 
 def answer_questions(config: EvalConfig, questions) -> list[Answer]:
     from mathtune.answers import extract
-    from mathtune.generate import GenerationSettings, Generator
+    from mathtune.generation.engine import Generator
+    from mathtune.generation.settings import GenerationSettings
     from mathtune.hardware import choose_device, choose_precision
     from mathtune.models.load import load_for_inference
 
