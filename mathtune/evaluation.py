@@ -22,7 +22,8 @@ Files (read by comparison.py and report.py), in ``<output dir>``:
   <model_tag>-<task>.jsonl         one ``judge_item`` record per item: id, question, gold, output (first
                                    sample), outputs, extracted, method, strict_extracted, correct,
                                    strict_correct, answered, majority, output_tokens, loop, calculator_calls
-                                   ({"expr", "value"} per call; value null: refused)
+                                   ({"expr", "value"} per call; value null: refused), stop_reason (why the
+                                   first output ended: ``generation.settings.STOP_REASONS``)
                                    (+ sample_correct, majority_correct, sample_loop,
                                    sample_calculator_calls, k > 1) (+ lm_eval_strict, lm_eval_flexible:
                                    lm-eval's filtered strings, under --protocol lm-eval)
@@ -142,7 +143,7 @@ def majority_value(values: Sequence[float | None]) -> float | None:
 
 def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: Sequence[int] | None = None,
                loops: Sequence[bool] | None = None, calculator_calls: Sequence[list] | None = None,
-               protocol: str = "chat") -> dict:
+               protocol: str = "chat", stop_reasons: Sequence[str] | None = None) -> dict:
     """The per-item log record for one example and its sampled outputs (first = the scored one).
 
     ``protocol`` "lm-eval": lm-eval's string filters and exact_match decide ``correct`` and
@@ -192,6 +193,7 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
     # None when the generator does not report them (a plain list of texts)
     record["loop"] = bool(loops[0]) if loops is not None else None
     record["calculator_calls"] = list(calculator_calls[0]) if calculator_calls is not None else None
+    record["stop_reason"] = stop_reasons[0] if stop_reasons is not None else None
     if len(outputs) > 1 and loops is not None:
         record["sample_loop"] = [bool(flag) for flag in loops]
     if len(outputs) > 1 and calculator_calls is not None:
@@ -269,9 +271,11 @@ def judge_generations(examples: Sequence, outputs, judge_rule: str, *, num_sampl
     counts = getattr(outputs, "token_counts", None)
     loops = getattr(outputs, "loops", None)
     calls = getattr(outputs, "calculator_calls", None)
+    reasons = getattr(outputs, "stop_reasons", None)
     records = [
         judge_item(e, samples, judge_rule, counts[i] if counts is not None else None,
-                   loops[i] if loops is not None else None, calls[i] if calls is not None else None, protocol)
+                   loops[i] if loops is not None else None, calls[i] if calls is not None else None, protocol,
+                   reasons[i] if reasons is not None else None)
         for i, (e, samples) in enumerate(zip(examples, outputs))
     ]
     result = metrics(records, k)

@@ -4,13 +4,15 @@ Used by tests/test_distributed.py (not a test module itself):
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py \
         --report DIR [--watch ROOT ...] [--nan-rank R --nan-step S] [--slow-rank R --slow-start SEC] \
-        -- train --model ... (mathtune's own arguments)
+        [--script FILE] -- train --model ... (mathtune's own arguments)
 
 Each rank writes ``DIR/rank<R>.json``: every file-system write it made under a ``--watch`` root
 (seen through Python's audit hooks: open for writing, rename/replace, remove, mkdir, rmtree) and the
 last optimizer step its StepCallback closed. Hooks: ``--nan-rank`` makes that rank's loss NaN in
 step ``--nan-step``; ``--slow-rank`` starts that rank's training clock ``--slow-start`` seconds late
-and slows each of its steps, so its own clock disagrees with rank 0's.
+and slows each of its steps, so its own clock disagrees with rank 0's. ``--script`` (a JSON list of
+``{"tail": token ids, "script": token ids}``) makes every Generator write ``script`` first in the row
+whose prompt ends with ``tail`` (see ``ScriptedRows``), whichever rank and batch the row lands in.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ parser.add_argument("--nan-step", type=int, default=2)
 parser.add_argument("--slow-rank", type=int)
 parser.add_argument("--slow-start", type=float, default=0.0)
 parser.add_argument("--slow-step", type=float, default=0.05)
+parser.add_argument("--script")
 opts, rest = parser.parse_known_args()
 if rest and rest[0] == "--":
     rest = rest[1:]
@@ -119,6 +122,43 @@ if opts.slow_rank == RANK:
 
     training.StepCallback.on_train_begin = on_train_begin
     training.MathtuneTrainer.training_step = training_step
+
+
+
+class ScriptedRows:
+    """A LogitsProcessor: the row whose prompt ends with ``tail`` writes ``script`` first, then runs free.
+
+    A row is recognised by its content, not its position: sharding, length sorting and finished rows
+    leaving the batch all move rows around. The tail is a prompt's own last tokens (from its first
+    token that differs from every other prompt), so it lies after any batch padding on both decoding
+    paths (plain left padding; the fast path's [shared prefix][padding][rest]). A row that already
+    wrote ``script[:s]`` after its tail is forced to ``script[s]``.
+    """
+
+    def __init__(self, entries):
+        self.entries = [(list(e["tail"]), list(e["script"])) for e in entries]
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids.tolist()):
+            for tail, script in self.entries:
+                for step in range(len(script)):
+                    if ids[len(ids) - len(tail) - step:] == tail + script[:step]:
+                        scores[row] = float("-inf")
+                        scores[row, script[step]] = 0.0
+                        break
+        return scores
+
+
+if opts.script:
+    from mathtune.generation import engine
+
+    _generator_init = engine.Generator.__init__
+    _entries = json.loads(Path(opts.script).read_text())
+
+    def generator_init(self, *args, logits_processors=(), **kwargs):
+        _generator_init(self, *args, logits_processors=[ScriptedRows(_entries), *logits_processors], **kwargs)
+
+    engine.Generator.__init__ = generator_init
 
 sys.argv = ["mathtune", *rest]
 runpy.run_module("mathtune", run_name="__main__")

@@ -36,10 +36,11 @@ needs_gloo = pytest.mark.skipif(
 # --------------------------------------------------------------------------- helpers
 
 
-def launch(tmp_path, mathtune_args: list[str], *hooks: str, watch: list[Path] = (), env: dict | None = None):
-    """2 ranks of ``python -m mathtune <mathtune_args>``: (returncode, output, per-rank reports)."""
-    report = tmp_path / "report"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def launch(tmp_path, mathtune_args: list[str], *hooks: str, watch: list[Path] = (), env: dict | None = None,
+           processes: int = 2, report_name: str = "report"):
+    """``processes`` ranks of ``python -m mathtune <mathtune_args>``: (returncode, output, per-rank reports)."""
+    report = tmp_path / report_name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            str(WORKER), "--report", str(report), *[f"--watch={w}" for w in watch], *hooks, "--", *mathtune_args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false",
                     **(env or {}))
@@ -47,10 +48,10 @@ def launch(tmp_path, mathtune_args: list[str], *hooks: str, watch: list[Path] = 
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=full_env, cwd=tmp_path)
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"2-rank launch hung (> {LAUNCH_TIMEOUT} s):\n{out[-3000:]}")
+        pytest.fail(f"{processes}-rank launch hung (> {LAUNCH_TIMEOUT} s):\n{out[-3000:]}")
     output = done.stdout + done.stderr
     reports = {}
-    for r in (0, 1):
+    for r in range(processes):
         path = report / f"rank{r}.json"
         assert path.is_file(), f"rank {r} wrote no report:\n{output[-4000:]}"
         reports[r] = json.loads(path.read_text())
@@ -171,37 +172,100 @@ def varied_model_dir(tmp_path, smol_tokenizer):
     return path
 
 
-@needs_gloo
-def test_sharded_eval_equals_single_process_item_for_item(varied_model_dir, tmp_path, one_thread, monkeypatch):
-    from mathtune.evaluation import evaluate_model, log_paths
-    from mathtune.models.spec import model_tag
+def scripted_rows(tokenizer, examples, plan) -> tuple[dict[int, str], list[dict]]:
+    """On each rank, one item of each kind the per-item log must carry through sharding:
+    ``calculator`` writes ``<<3*4=`` (the calculator forces ``12>>``), ``loop`` repeats a line until
+    the loop stop ends it, ``answer`` writes the gold ``#### N`` and ends its turn. Returns
+    ({item index: kind}, the entries for dist_worker's ``--script``)."""
+    from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt
 
-    tiny_model_dir = varied_model_dir
+    prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, e.question)) for e in examples]
+
+    def tail(i):  # from the prompt's first token that differs from every other prompt: after any padding
+        shared = max(next((n for n, (a, b) in enumerate(zip(prompts[i], other)) if a != b), len(other))
+                     for j, other in enumerate(prompts) if j != i)
+        return prompts[i][shared:]
+
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    kinds, entries = {}, []
+    for shard in plan:
+        for kind, i in zip(("calculator", "loop", "answer"), (shard[0], shard[len(shard) // 2], shard[-1])):
+            gold_line = examples[i].answer_text.splitlines()[-1]  # "#### 8.5"
+            script = {"calculator": encode("<<3*4="), "loop": encode("7 km\n") * 6,
+                      "answer": encode(gold_line) + [end_of_turn_token_id(tokenizer)]}[kind]
+            kinds[i] = kind
+            entries.append({"tail": tail(i), "script": script})
+    return kinds, entries
+
+
+@needs_gloo
+def test_sharded_eval_equals_single_process_on_every_per_item_field(varied_model_dir, smol_tokenizer, tmp_path,
+                                                                    monkeypatch):
+    """2 processes vs 1, the same command, 1 thread per process (the same batches and thread count:
+    the README's condition for identical outputs), calculator on, rows scripted to call the
+    calculator, loop and answer right on both ranks: every field of every per-item record equal."""
+    from mathtune.data import encode_prompt, format_prompt, take
+    from mathtune.evaluation import log_paths
+    from mathtune.models.spec import model_tag
+    from mathtune.tasks import task_from_config
+
+    model_dir = varied_model_dir
+    n, batch = 20, 4
+    config = build_config(EvalConfig, None, dict(model=str(model_dir), task="unit-conversion", max_samples=n))
+    examples = take(task_from_config(config).examples("eval"), n, "eval")
+    lengths = [len(encode_prompt(smol_tokenizer, format_prompt(smol_tokenizer, e.question))) for e in examples]
+    plan = distributed.shard_plan(lengths, batch, 2)
+    assert all(len(shard) >= 3 for shard in plan)
+    kinds, entries = scripted_rows(smol_tokenizer, examples, plan)
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(entries))
+
     cache = tmp_path / "cache"
     monkeypatch.setenv("MATHTUNE_CACHE", str(cache))
-    settings = ["--task", "unit-conversion", "--max-samples", "20", "--batch-size", "4", "--max-new-tokens", "12",
-                "--precision", "fp32", "--device", "cpu"]
-    sharded = tmp_path / "sharded"
-    code, output, reports = launch(tmp_path, ["eval", "--model", str(tiny_model_dir), *settings, "--output", str(sharded)],
+    args = ["eval", "--model", str(model_dir), "--task", "unit-conversion", "--max-samples", str(n),
+            "--batch-size", str(batch), "--max-new-tokens", "16", "--calculator", "--precision", "fp32",
+            "--device", "cpu"]
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    code, output, reports = launch(tmp_path, [*args, "--output", str(sharded)], "--script", str(script),
                                    watch=[sharded, cache], env={"MATHTUNE_CACHE": str(cache)})
     assert code == 0, output[-4000:]
     assert written(reports[1]) == set(), f"rank 1 wrote {sorted(written(reports[1]))}"
     assert len(list((cache / "eval").glob("*.json"))) == 1  # the eval cache, written once
+    code, output, _ = launch(tmp_path, [*args, "--no-cache", "--output", str(single)], "--script", str(script),
+                             env={"MATHTUNE_CACHE": str(cache)}, processes=1, report_name="report-single")
+    assert code == 0, output[-4000:]
 
-    config = build_config(EvalConfig, None, dict(model=str(tiny_model_dir), task="unit-conversion", max_samples=20,
-                                                 batch_size=4, max_new_tokens=12, precision="fp32", device="cpu",
-                                                 no_cache=True))
-    single = tmp_path / "single"
-    evaluate_model(str(tiny_model_dir), config, single, verbose=False)
-    tag = model_tag(str(tiny_model_dir))
-    a = [json.loads(l) for l in log_paths(sharded, tag, "unit-conversion")[0].read_text().splitlines()]
-    b = [json.loads(l) for l in log_paths(single, tag, "unit-conversion")[0].read_text().splitlines()]
-    assert len(a) == 20 and a == b
-    assert len({r["output"] for r in a}) > 10, "outputs mostly equal: the comparison would not see a reordering"
-    sa = json.loads(log_paths(sharded, tag, "unit-conversion")[1].read_text())
-    sb = json.loads(log_paths(single, tag, "unit-conversion")[1].read_text())
-    for key in ("n", "accuracy", "strict_accuracy", "answer_rate", "items_sha", "tokens_generated"):
-        assert sa[key] == sb[key], key
+    tag = model_tag(str(model_dir))
+    two = [json.loads(l) for l in log_paths(sharded, tag, "unit-conversion")[0].read_text().splitlines()]
+    one = [json.loads(l) for l in log_paths(single, tag, "unit-conversion")[0].read_text().splitlines()]
+    assert len(two) == len(one) == n
+    fields = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted", "correct",
+              "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls", "stop_reason"}
+    for i, (a, b) in enumerate(zip(two, one)):
+        assert set(a) == set(b) == fields, i
+        differ = sorted(f for f in fields if a[f] != b[f])
+        assert not differ, f"item {i} ({kinds.get(i, 'free')}): 2 processes differ in {differ}: " \
+                           f"{ {f: (a[f], b[f]) for f in differ} }"
+
+    # the scripted rows really did what they were scripted to (on both ranks), so the comparison
+    # above covered non-trivial loop flags, calculator calls, verdicts and stop reasons
+    for i, kind in kinds.items():
+        record = one[i]
+        if kind == "calculator":
+            assert record["calculator_calls"] == [{"expr": "3*4", "value": "12"}], record
+            assert "<<3*4=12>>" in record["output"]
+        elif kind == "loop":
+            assert record["loop"] is True and record["stop_reason"] == "loop", record
+        else:
+            assert record["correct"] and record["strict_correct"] and record["stop_reason"] == "end_of_turn", record
+    free = [r for i, r in enumerate(one) if i not in kinds]
+    assert len({r["output"] for r in free}) > len(free) // 2, "outputs mostly equal: a reordering would not show"
+    assert {r["stop_reason"] for r in one} >= {"loop", "end_of_turn", "max_new_tokens"}
+
+    summaries = [json.loads(log_paths(d, tag, "unit-conversion")[1].read_text()) for d in (sharded, single)]
+    for key in ("n", "accuracy", "strict_accuracy", "answer_rate", "items_sha", "tokens_generated", "loop_rate",
+                "calculator_calls", "calculator_refused"):
+        assert summaries[0][key] == summaries[1][key], key
 
 
 # --------------------------------------------------------------------------- one process (no launcher)

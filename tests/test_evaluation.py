@@ -24,7 +24,8 @@ from mathtune.generation.settings import GenerationSettings, Generations
 from mathtune.tasks import Example
 
 ITEM_FIELDS = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted",
-               "correct", "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls"}
+               "correct", "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls",
+               "stop_reason"}
 SUMMARY_FIELDS = {"model", "model_tag", "task", "judge_rule", "n", "accuracy", "strict_accuracy", "answer_rate",
                   "generation", "items_sha", "tokens_generated", "seconds", "tokens_per_second", "per_item_path"}
 
@@ -124,6 +125,18 @@ def test_empty_item_set_is_an_error():
     with pytest.raises(MathtuneError, match="empty"):
         evaluate_items([], never, "exact")
     assert never.calls == []  # refused before generating anything
+
+
+def test_stop_reason_of_the_first_sample_is_in_the_record():
+    examples = make_examples()[:3]
+    texts = [["#### 42"], ["1\n1\n1\n"], ["6 * 7 = 4"]]
+    reasons = [["end_of_turn"], ["loop"], ["max_new_tokens"]]
+    outputs = Generations(texts, [[3], [6], [5]], 1.0, stop_reasons=reasons)
+    records, _ = evaluate_items(examples, lambda qs: outputs, "exact")
+    assert [r["stop_reason"] for r in records] == ["end_of_turn", "loop", "max_new_tokens"]
+    # a plain list of texts says nothing about why an output ended
+    records, _ = evaluate_items(examples, lambda qs: texts, "exact")
+    assert [r["stop_reason"] for r in records] == [None, None, None]
 
 
 def test_generator_returning_the_wrong_shape_is_an_error():
