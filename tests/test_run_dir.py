@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mathtune.errors import MathtuneError
+from mathtune import training
+from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.run_dir import RunDir
+
+from conftest import tiny_train_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mathtune"
 # names unique to a run dir (eval/ and plots/ are also ordinary words: left out of the scan)
@@ -94,3 +97,69 @@ def test_of_model_finds_the_run_of_a_checkpoint(tmp_path):
     run.config.write_text("model: x\n")
     assert RunDir.of_model(checkpoint) == run
     assert RunDir.of_model(run.root) == run
+
+
+# --------------------------------------------------------------------------- writable before work starts
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    from mathtune.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_unwritable_output_dir_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--task", "unit-conversion", "--max-steps", 1,
+                        "--max-samples", 8, "--batch-size", 4, "--output-dir", blocker / "run", "--no-wandb")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err  # refused before loading the model
+    assert err.startswith(f"error: --output-dir {blocker / 'run'}: cannot write there (not a directory") and "writable" in err
+
+
+def test_unwritable_comparison_output_is_a_one_line_error_before_evaluating(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, err = run_cli(capsys, "compare", "--base-model", tiny_model_dir, "--trained-model", tiny_model_dir,
+                        "--task", "unit-conversion", "--max-samples", 2, "--output", blocker / "comparison.json")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: --output {blocker / 'comparison.json'}: cannot write there (not a directory")
+
+
+# --------------------------------------------------------------------------- an earlier run's model never looks current
+
+
+def one_step_config(model_dir, out, **overrides):
+    return tiny_train_config(model_dir, out, **{**dict(max_samples=8, max_steps=1), **overrides})
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_lora_run_then_full_run_in_the_same_dir_never_evaluates_the_old_adapter(tiny_model_dir, tmp_path, capsys):
+    from mathtune.models.load import load_model
+
+    out = tmp_path / "run"
+    training.run(training.setup(one_step_config(tiny_model_dir, out)))
+    assert (out / "adapter_config.json").is_file()
+    training.run(training.setup(one_step_config(tiny_model_dir, out, method="full", learning_rate=1e-4)))
+    assert not (out / "adapter_config.json").exists()
+    assert "held an earlier run's model" in capsys.readouterr().out
+    (aside,) = out.glob("previous-*")
+    assert (aside / "adapter_config.json").is_file() and (aside / "adapter_model.safetensors").is_file()
+    loaded = load_model(str(out))
+    assert not loaded.is_adapter  # the full run's weights, not the earlier adapter
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_guard_halted_rerun_leaves_no_earlier_final_model_looking_current(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    training.run(training.setup(one_step_config(tiny_model_dir, out)))
+    session = training.setup(one_step_config(tiny_model_dir, out))
+
+    def halted(**kwargs):
+        raise TrainingHalted("nonfinite_loss", "test halt", 1)
+
+    monkeypatch.setattr(session.trainer, "train", halted)
+    with pytest.raises(TrainingHalted):
+        training.run(session)
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "trainer_state.json").exists()

@@ -365,3 +365,19 @@ def test_cpu_training_uses_eager_attention_unless_turned_off(precision, tiny_mod
     assert session.model.get_base_model().config._attn_implementation == "eager"
     off = training.setup(make_config(tiny_model_dir, tmp_path / "off", precision=precision, cpu_eager_attention=False))
     assert off.model.get_base_model().config._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------- setup checks inputs before training
+
+
+def test_malformed_eval_file_fails_at_start_not_after_training(tiny_model_dir, tmp_path):
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+                                  for i in range(8)))
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"question": "What is 1 + 1?", "answer": "#### 2"}\n{"question": "broken\n')
+    config = make_config(tiny_model_dir, tmp_path / "run", max_samples=8, max_steps=1, task="file",
+                         train_file=str(train_file), eval_file=str(eval_file), eval_samples=1)
+    with pytest.raises(MathtuneError, match=f"{eval_file}:2: not valid JSON"):
+        training.setup(config)
+    assert not (tmp_path / "run").exists()  # failed before anything was written
