@@ -9,6 +9,7 @@ that training wires them in.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -327,6 +328,19 @@ def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch)
     assert calls["questions"] == eval_questions
     training.run(session)
     assert calls["preflight"] == (16, "cpu", "fp32")
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def test_no_guards_run_logs_nan_loss_as_nan_not_zero(tiny_model_dir, tmp_path):
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run", guards=False, max_steps=2))
+    base = session.model.get_base_model()
+    base.lm_head.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+    training.run(session)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(math.isnan(line["loss"]) for line in lines), lines
 
 
 # --------------------------------------------------------------------------- length-grouped batches
