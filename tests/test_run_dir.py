@@ -1,9 +1,13 @@
-"""RunDir is the one place that names a run dir's files; its checkpoint rules."""
+"""RunDir is the one place that names a run dir's files; its checkpoint and resume rules, its lock (one
+`mathtune train` per dir), writability checked before work starts, an earlier run's model set aside."""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from mathtune import training
 from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.run_dir import RunDir
 
-from conftest import tiny_train_config
+from conftest import REPO_ROOT, tiny_train_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mathtune"
 # names unique to a run dir (eval/ and plots/ are also ordinary words: left out of the scan)
@@ -97,6 +101,64 @@ def test_of_model_finds_the_run_of_a_checkpoint(tmp_path):
     run.config.write_text("model: x\n")
     assert RunDir.of_model(checkpoint) == run
     assert RunDir.of_model(run.root) == run
+
+
+def test_resume_auto_ignores_incomplete_checkpoints_and_names_output_dir_when_none(tmp_path):
+    with pytest.raises(MathtuneError, match="--output-dir"):
+        RunDir(tmp_path).resolve_resume("auto")
+    done = tmp_path / "checkpoint-2"
+    done.mkdir()
+    (done / "trainer_state.json").write_text("{}")
+    (done / RunDir.CHECKPOINT_MARKER).write_text("{}")
+    half_written = tmp_path / "checkpoint-4"  # a crash while saving: no marker
+    half_written.mkdir()
+    (half_written / "trainer_state.json").write_text("{}")
+    assert RunDir(tmp_path).resolve_resume("auto") == str(done)
+    with pytest.raises(MathtuneError, match="not marked complete"):
+        RunDir(tmp_path).resolve_resume(str(half_written))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fresh_run_refuses_an_output_dir_with_old_checkpoints(tiny_model_dir, tmp_path):
+    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(MathtuneError, match="--resume auto"):
+        training.setup(tiny_train_config(tiny_model_dir, tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- one mathtune train per run dir
+
+
+def train_cli(model_dir, out, *extra) -> subprocess.CompletedProcess:
+    """The real `mathtune train` in a subprocess: 32 rows / batch 4 = 8 steps on the tiny model."""
+    args = ["train", "--model", model_dir, "--task", "unit-conversion", "--max-samples", 32, "--batch-size", 4,
+            "--max-steps", 8, "--learning-rate", 5e-3, "--lr-scheduler", "cosine", "--warmup-ratio", 0.25,
+            "--precision", "fp32", "--device", "cpu", "--no-wandb", "--sample-every", 0, "--max-new-tokens", 4,
+            "--output-dir", out, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "mathtune", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_train_into_a_dir_in_use_is_refused(tiny_model_dir, tmp_path):
+    from mathtune import run_dir
+
+    out = tmp_path / "run"
+    # another process holds the lock: a child that takes it and waits
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mathtune import run_dir; "
+                               "run_dir.lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = train_cli(tiny_model_dir, out)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip() == (f"error: --output-dir {out} is in use by another mathtune train "
+                                       f"(pid {holder.pid}): wait for it to finish or use another --output-dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_dir.RunDir.LOCK in os.listdir(out)
+    # the holder died (as kill -9 would): the kernel dropped its lock, the dir is usable again
+    assert train_cli(tiny_model_dir, out, "--max-steps", 1).returncode == 0
 
 
 # --------------------------------------------------------------------------- writable before work starts

@@ -225,27 +225,6 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tiny_
     assert max_relative_difference(lora_weights(resumed), lora_weights(full / "checkpoint-3")) > 1e-4
 
 
-def test_resume_auto_ignores_incomplete_checkpoints_and_names_output_dir_when_none(tmp_path):
-    with pytest.raises(MathtuneError, match="--output-dir"):
-        RunDir(tmp_path).resolve_resume("auto")
-    done = tmp_path / "checkpoint-2"
-    done.mkdir()
-    (done / "trainer_state.json").write_text("{}")
-    (done / RunDir.CHECKPOINT_MARKER).write_text("{}")
-    half_written = tmp_path / "checkpoint-4"  # a crash while saving: no marker
-    half_written.mkdir()
-    (half_written / "trainer_state.json").write_text("{}")
-    assert RunDir(tmp_path).resolve_resume("auto") == str(done)
-    with pytest.raises(MathtuneError, match="not marked complete"):
-        RunDir(tmp_path).resolve_resume(str(half_written))
-
-
-def test_fresh_run_refuses_an_output_dir_with_old_checkpoints(tiny_model_dir, tmp_path):
-    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
-    with pytest.raises(MathtuneError, match="--resume auto"):
-        training.setup(make_config(tiny_model_dir, tmp_path / "run"))
-
-
 def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch):
     import mathtune
 
