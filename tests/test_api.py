@@ -17,7 +17,7 @@ from mathtune.errors import MathtuneError
 @pytest.fixture(scope="module")
 def math_model(tiny_model_dir):
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: see test_generate.one_thread
+    torch.set_num_threads(1)  # 2 shared cores: see conftest.one_thread
     yield mathtune.load(tiny_model_dir, device="cpu", precision="fp32", max_new_tokens=6)
     torch.set_num_threads(before)
 
