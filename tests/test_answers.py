@@ -202,3 +202,14 @@ def test_every_gsm8k_train_gold_parses():
         # the text after "####" is the whole gold, and strict extraction reads the same number
         assert extract_strict(row["answer"]) == gold
         assert extract(row["answer"]) == (gold, "####")
+
+
+def test_answer_is_3_over_4_with_a_full_stop_reads_0_75_not_3():
+    assert extract("The answer is 3/4.") == (0.75, "answer_is")
+    assert extract("so she has 3/4. Then") == (0.75, "last_number")
+    assert extract("The answer is 3/4.5 cups") == (3 / 4.5, "answer_is")  # a decimal denominator still reads
+
+
+def test_boxed_dollar_with_latex_thousands_separator_reads_1000_not_1():
+    assert extract(r"\boxed{\$1{,}000}") == (1000.0, "boxed")
+    assert extract(r"\boxed{12{,}345{,}678}") == (12345678.0, "boxed")

@@ -17,7 +17,7 @@ from mathtune.errors import MathtuneError
 @pytest.fixture(scope="module")
 def math_model(tiny_model_dir):
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: see test_generate.one_thread
+    torch.set_num_threads(1)  # 2 shared cores: see conftest.one_thread
     yield mathtune.load(tiny_model_dir, device="cpu", precision="fp32", max_new_tokens=6)
     torch.set_num_threads(before)
 
@@ -129,3 +129,24 @@ def test_api_answers_equal_eval_per_item_output(lora_run, tmp_path, precision, o
     answers = model.answer(questions)
     expected = [math.nan if r["extracted"] is None else r["extracted"] for r in records]
     assert [None if math.isnan(a) else a for a in answers] == [None if math.isnan(e) else e for e in expected]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_api_batched_and_single_generation_agree_on_a_model_with_varied_answers(smol_tokenizer, tmp_path):
+    import mathtune
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(smol_tokenizer, seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)  # large weights: greedy output differs from prompt to prompt
+    model.save_pretrained(tmp_path / "varied")
+    smol_tokenizer.save_pretrained(tmp_path / "varied")
+    api = mathtune.load(tmp_path / "varied", device="cpu", precision="fp32", max_new_tokens=8)
+    api.model.to(torch.float64)  # float64: near-tied logits of a random model cannot flip an argmax
+    questions = ["A farmer has 17 sheep and buys 5 more. How many now?", "What is 2+3?", "Convert 3.5 km to m.", "Hi"]
+    single = [api.generate(q) for q in questions]
+    assert len(set(single)) == len(single)  # the model really answers each prompt differently
+    assert api.batched_generate(questions) == single

@@ -102,3 +102,16 @@ def test_no_cache_flag_turns_the_cache_bypass_on(command):
     off = config_from_args(EvalConfig, parser.parse_args([command, *required]))
     assert on.no_cache is True
     assert off.no_cache is False
+
+
+def test_lr_scheduler_typo_cosin_is_a_one_line_error_naming_the_fix(tmp_path, capsys):
+    from mathtune.cli import main
+
+    code = main(["train", "--lr-scheduler", "cosin", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--lr-scheduler 'cosin' is unknown: did you mean 'cosine'?" in err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr_scheduler: cosin\n")
+    with pytest.raises(ConfigError, match=f"{recipe}: --lr-scheduler 'cosin' is unknown"):
+        build_config(TrainConfig, recipe, {})

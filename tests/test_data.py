@@ -1,4 +1,4 @@
-"""Completion-only labels, boundary checks, truncation accounting, collation."""
+"""Completion-only labels, boundary checks, truncation accounting, collation; `mathtune data` showing them."""
 
 from __future__ import annotations
 
@@ -181,3 +181,28 @@ def test_row_dataset_follows_the_epoch_it_is_told(tokenizer):
         assert seen == [rows[i].input_ids for i in length_grouped_order(lengths, 4, seed=5, epoch=epoch)]
     plain = RowDataset(rows)
     assert [plain[i]["input_ids"] for i in range(3)] == [r.input_ids for r in rows[:3]]
+
+
+# --- mathtune data on the real CLI -------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_data_command_shows_rows_tokens_and_the_supervised_span(tiny_model_dir, capsys):
+    from mathtune.cli import main
+    from mathtune.tasks import get_task
+
+    assert main(["data", "--model", str(tiny_model_dir), "--task", "unit-conversion", "--max-samples", "5",
+                 "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"task unit-conversion (train split), model {tiny_model_dir} (chat template), --max-length 512" in out
+    assert "rows: read 5, kept 5, dropped 0" in out
+    first = get_task("unit-conversion", seed=42).examples("train")[0]
+    assert f"row {first.id}: non-masked labels:" in out
+    # the supervised span is exactly the answer (plus the end-of-turn token), the prompt is outside it
+    rendered = out.split("supervised span between \u27e6 \u27e7:\n", 1)[1]
+    prompt, _, rest = rendered.partition("\u27e6")
+    span = rest.partition("\u27e7")[0]
+    assert span.startswith(first.answer_text) and first.question not in span
+    assert first.question in prompt
+    # a bad flag value: one line, exit 2
+    assert main(["data", "--model", str(tiny_model_dir), "--task", "unit-conversion", "--max-length", "0"]) == 2

@@ -208,7 +208,7 @@ def counting_generator(monkeypatch, tmp_path):
 
     monkeypatch.setattr(mathtune.generation.engine.Generator, "__call__", counted)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_generate.one_thread
+    torch.set_num_threads(1)  # see conftest.one_thread
     yield calls
     torch.set_num_threads(before)
 

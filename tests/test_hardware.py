@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mathtune import hardware
-from mathtune.errors import MathtuneError
-from mathtune.hardware import choose_device, choose_precision, read_cpu_flags
+from mathtune.config import TrainConfig, build_config
+from mathtune.errors import ConfigError, MathtuneError
+from mathtune.hardware import check_training_device, choose_device, choose_precision, read_cpu_flags
 
 
 def assert_one_line_error(excinfo, *needles):
@@ -128,3 +129,23 @@ def test_dtype_of_is_the_one_precision_map():
     with pytest.raises(MathtuneError) as excinfo:
         hardware.dtype_of("auto")  # a choice, not a dtype: choose_precision decides it first
     assert_one_line_error(excinfo, "precision 'auto'", "fp32, bf16, fp16")
+
+
+def test_device_cuda_1_is_not_silently_trained_on_cuda_0(monkeypatch):
+    assert build_config(TrainConfig, None, {"device": "cuda:1"}).device == "cuda:1"  # a valid flag value now
+    with pytest.raises(ConfigError, match="--device 'gpu0' is unknown"):
+        build_config(TrainConfig, None, {"device": "gpu0"})
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MathtuneError, match="CUDA_VISIBLE_DEVICES=1 mathtune train --device cuda"):
+        check_training_device("cuda:1")
+    # two visible GPUs and one process: Trainer would wrap the model in DataParallel over both
+    with pytest.raises(MathtuneError, match="2 GPUs are visible .* DataParallel"):
+        check_training_device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_training_device("cuda")
+    check_training_device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun: each process owns its GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_training_device("cuda")

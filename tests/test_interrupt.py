@@ -156,25 +156,3 @@ def test_kill_9_mid_checkpoint_write_resumes_from_the_last_marked_one(uninterrup
     assert "incomplete checkpoint(s)" in resumed.stdout
     assert metric_steps(out) == list(range(1, STEPS + 1))
     assert max_difference(weights(out), weights(uninterrupted)) <= 1e-6
-
-
-def test_a_second_train_into_a_dir_in_use_is_refused(tiny_model_dir, tmp_path):
-    from mathtune import run_dir
-
-    out = tmp_path / "run"
-    # another process holds the lock: a child that takes it and waits
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mathtune import run_dir; "
-                               "run_dir.lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
-                               str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        proc = train(tiny_model_dir, out)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert proc.stderr.strip() == (f"error: --output-dir {out} is in use by another mathtune train "
-                                       f"(pid {holder.pid}): wait for it to finish or use another --output-dir")
-    finally:
-        holder.kill()
-        holder.wait()
-    assert run_dir.RunDir.LOCK in os.listdir(out)
-    # the holder died (as kill -9 would): the kernel dropped its lock, the dir is usable again
-    assert train(tiny_model_dir, out, "--max-steps", 1).returncode == 0

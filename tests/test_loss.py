@@ -1,11 +1,16 @@
-"""The LM head at supervised positions only: the same loss and gradients as full logits (fp32)."""
+"""The LM head at supervised positions only: the same loss and gradients as full logits (fp32);
+the token-normalised fallback loss for models that take no loss kwargs, run by Trainer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mathtune import training
 from mathtune.loss import supervised_mask, supervised_only_loss, takes_logits_mask, token_normalised_loss
+from mathtune.training import recipe
+
+from conftest import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,3 +87,45 @@ def test_wrong_shaped_logits_name_the_flag():
     labels = torch.tensor([[-100, 3, 4]])
     with pytest.raises(RuntimeError, match="--no-supervised-logits"):
         supervised_only_loss({"logits": torch.zeros(1, 3, 10)}, labels)
+
+
+# --------------------------------------------------------------------------- fallback loss, run by Trainer
+
+
+def test_fallback_loss_for_models_without_loss_kwargs_runs_and_normalises_by_the_steps_tokens(
+        tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    # a model that says it takes no loss kwargs: Trainer would average per micro-batch
+    monkeypatch.setattr(LlamaForCausalLM, "accepts_loss_kwargs", False, raising=False)
+    calls = []
+    real = recipe.token_normalised_loss
+
+    def counting(outputs, labels, num_items_in_batch=None):
+        calls.append(int(num_items_in_batch))
+        return real(outputs, labels, num_items_in_batch)
+
+    monkeypatch.setattr(recipe, "token_normalised_loss", counting)
+
+    def train_with(out, batch_size, accumulation):
+        # SGD: the update IS the gradient, so a wrongly weighted loss shows in the weights
+        session = training.setup(tiny_train_config(tiny_model_dir, out, max_steps=2, batch_size=batch_size,
+                                                   gradient_accumulation_steps=accumulation, learning_rate=0.5,
+                                                   max_grad_norm=0.0, supervised_logits=False))
+        assert session.trainer.model_accepts_loss_kwargs is False
+        assert session.trainer.compute_loss_func is counting
+        session.trainer.args.optim = "sgd"
+        training.run(session)
+        from safetensors.torch import load_file
+
+        return load_file(str(out / "adapter_model.safetensors")), session
+
+    whole, session = train_with(tmp_path / "b8", 8, 1)
+    assert len(calls) == 2  # one micro-batch per step, 2 steps: the fallback computed every loss
+    step_tokens = calls[:]
+    calls.clear()
+    accumulated, _ = train_with(tmp_path / "b2x4", 2, 4)
+    assert len(calls) == 8
+    # every micro-batch of a step divides by the same count: the supervised tokens of the whole step
+    assert calls[:4] == [step_tokens[0]] * 4 and calls[4:] == [step_tokens[1]] * 4
+    assert max(float((accumulated[k] - whole[k]).norm() / whole[k].norm()) for k in whole) < 1e-5

@@ -2,6 +2,7 @@
 
 The model (hidden 32, 2 layers, vocab 256) and its word-level tokenizer are made here rather than
 taken from conftest, so these tests run in seconds even before the bundled GGUF has been converted.
+Two LoRA tests follow --target-modules from the CLI through training.setup, on conftest's tiny model.
 """
 
 from __future__ import annotations
@@ -317,6 +318,15 @@ def test_bad_gguf_fails_and_leaves_no_cache(tmp_path, isolated_cache, capfd):
     assert [p for p in isolated_cache.iterdir()] == []  # neither the target nor a temp dir
 
 
+def test_unwritable_model_cache_directory_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MATHTUNE_CACHE", str(blocker / "cache"))
+    with pytest.raises(MathtuneError, match="set MATHTUNE_CACHE to a writable directory") as err:
+        load_model("smollm2-135m")
+    assert "\n" not in str(err.value) and str(blocker / "cache") in str(err.value)
+
+
 def test_incomplete_cache_dir_is_reported(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -426,6 +436,32 @@ def test_apply_lora_bad_hyperparameters(kwargs):
     args = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, **kwargs}
     with pytest.raises(MathtuneError):
         apply_lora(make_model(), **args)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_target_modules_all_linear_flag_is_not_a_module_named_all_linear(tiny_model_dir, tmp_path):
+    from conftest import tiny_train_config
+    from mathtune import training
+    from mathtune.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--target-modules", "all-linear"])
+    assert args.target_modules == ["all-linear"]  # what argparse hands over
+    session = training.setup(tiny_train_config(tiny_model_dir, tmp_path / "run", max_samples=8, max_steps=1,
+                                               target_modules=args.target_modules))
+    # "...layers.0.self_attn.q_proj.lora_A.default.weight": the adapted module is 4th from the end
+    adapted = {name.split(".")[-4] for name, _ in session.model.named_parameters() if ".lora_A." in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_unknown_lora_target_names_the_real_flag(tiny_model_dir, tmp_path):
+    from conftest import tiny_train_config
+    from mathtune import training
+
+    with pytest.raises(MathtuneError, match="set --target-modules to some of these") as err:
+        training.setup(tiny_train_config(tiny_model_dir, tmp_path / "run", max_samples=8, max_steps=1,
+                                         target_modules=["qproj"]))
+    assert "--lora-targets" not in str(err.value)
 
 
 def test_model_tag(tmp_path, model_dir):

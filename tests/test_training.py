@@ -9,6 +9,7 @@ that training wires them in.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import torch
 from mathtune import training
 from mathtune.run_dir import RunDir
 from mathtune.tasks import get_task
-from mathtune.training import trainer as training_trainer
 from mathtune.config import TrainConfig, build_config
 from mathtune.errors import MathtuneError
 
@@ -174,61 +174,6 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, tmp_path
     assert max_relative_difference(lora_weights(tmp_path / "ckpt"), lora_weights(plain.run_dir)) < 1e-5
 
 
-def test_shared_prefix_runs_once_per_batch_with_the_same_loss_and_gradients(tiny_model_dir, tmp_path, monkeypatch):
-    prefixes = []
-    real_split = training_trainer.split_off_prefix
-
-    def recording_split(model, inputs, prefix):
-        prefixes.append(prefix)
-        return real_split(model, inputs, prefix)
-
-    monkeypatch.setattr(training_trainer, "split_off_prefix", recording_split)
-    session = training.setup(make_config(tiny_model_dir, tmp_path / "run"))
-    trainer, model = session.trainer, session.model
-    assert trainer.shared_prefix
-    batch = next(iter(trainer.get_train_dataloader()))
-    supervised = batch["labels"][:, 1:].ne(-100).sum()
-    model.train()
-    results = {}
-    for shared in (True, False):
-        trainer.shared_prefix = shared
-        model.zero_grad()
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=supervised)
-        loss.backward()
-        results[shared] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    # the split ran once, over the chat template's system turn and the user turn's opening
-    system_turn = len(session.tokenizer("<|im_start|>system\n", add_special_tokens=False)["input_ids"])
-    assert len(prefixes) == 1 and prefixes[0] > system_turn, prefixes
-    assert torch.allclose(results[True][0], results[False][0], rtol=1e-6)
-    assert max_relative_difference(results[True][1], results[False][1]) < 1e-5
-    # the gradient reaches every LoRA matrix through the shared pass too (layer 0's keys/values)
-    assert all(g.abs().sum() > 0 for n, g in results[True][1].items() if "lora_B" in n)
-
-
-def test_shared_prefix_training_run_stays_within_adam_rounding(tiny_model_dir, tmp_path):
-    on = training.run(training.setup(make_config(tiny_model_dir, tmp_path / "on", max_steps=2)))
-    off = training.run(training.setup(make_config(tiny_model_dir, tmp_path / "off", max_steps=2, shared_prefix=False)))
-    # Adam's first steps are ~lr x sign(g): gradients that differ by rounding near zero move a few
-    # weights by up to 2 x lr, hence 1e-4 here where the gradients themselves agree to 1e-5 (above)
-    assert max_relative_difference(lora_weights(on.run_dir), lora_weights(off.run_dir)) < 1e-4
-
-
-def test_shared_prefix_stops_before_padding_differences_and_supervised_tokens():
-    from mathtune.shared_prefix import shared_prefix_length, worth_sharing
-
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
-    unsupervised = torch.full_like(ids, -100)
-    assert shared_prefix_length(ids, mask, unsupervised) == 3  # rows differ from position 3
-    labels = unsupervised.clone()
-    labels[0, 3] = 4  # position 2's logit predicts a supervised token: the prefix must end before it
-    assert shared_prefix_length(ids, mask, labels) == 2
-    assert shared_prefix_length(ids, torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]), unsupervised) == 0
-    assert shared_prefix_length(torch.tensor([[7, 2], [1, 2]]), torch.ones(2, 2), torch.full((2, 2), -100)) == 0
-    # (rows - 1) x prefix against 15% of the batch's positions
-    assert worth_sharing(8, 100, 18) and not worth_sharing(8, 100, 17) and not worth_sharing(1, 100, 50)
-
-
 # --------------------------------------------------------------------------- time budget, checkpoints, resume
 
 
@@ -280,27 +225,6 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tiny_
     assert max_relative_difference(lora_weights(resumed), lora_weights(full / "checkpoint-3")) > 1e-4
 
 
-def test_resume_auto_ignores_incomplete_checkpoints_and_names_output_dir_when_none(tmp_path):
-    with pytest.raises(MathtuneError, match="--output-dir"):
-        RunDir(tmp_path).resolve_resume("auto")
-    done = tmp_path / "checkpoint-2"
-    done.mkdir()
-    (done / "trainer_state.json").write_text("{}")
-    (done / RunDir.CHECKPOINT_MARKER).write_text("{}")
-    half_written = tmp_path / "checkpoint-4"  # a crash while saving: no marker
-    half_written.mkdir()
-    (half_written / "trainer_state.json").write_text("{}")
-    assert RunDir(tmp_path).resolve_resume("auto") == str(done)
-    with pytest.raises(MathtuneError, match="not marked complete"):
-        RunDir(tmp_path).resolve_resume(str(half_written))
-
-
-def test_fresh_run_refuses_an_output_dir_with_old_checkpoints(tiny_model_dir, tmp_path):
-    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
-    with pytest.raises(MathtuneError, match="--resume auto"):
-        training.setup(make_config(tiny_model_dir, tmp_path / "run"))
-
-
 def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch):
     import mathtune
 
@@ -327,6 +251,19 @@ def test_guards_are_wired_in_when_enabled(tiny_model_dir, tmp_path, monkeypatch)
     assert calls["questions"] == eval_questions
     training.run(session)
     assert calls["preflight"] == (16, "cpu", "fp32")
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def test_no_guards_run_logs_nan_loss_as_nan_not_zero(tiny_model_dir, tmp_path):
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run", guards=False, max_steps=2))
+    base = session.model.get_base_model()
+    base.lm_head.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+    training.run(session)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(math.isnan(line["loss"]) for line in lines), lines
 
 
 # --------------------------------------------------------------------------- length-grouped batches
@@ -365,3 +302,19 @@ def test_cpu_training_uses_eager_attention_unless_turned_off(precision, tiny_mod
     assert session.model.get_base_model().config._attn_implementation == "eager"
     off = training.setup(make_config(tiny_model_dir, tmp_path / "off", precision=precision, cpu_eager_attention=False))
     assert off.model.get_base_model().config._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------- setup checks inputs before training
+
+
+def test_malformed_eval_file_fails_at_start_not_after_training(tiny_model_dir, tmp_path):
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+                                  for i in range(8)))
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"question": "What is 1 + 1?", "answer": "#### 2"}\n{"question": "broken\n')
+    config = make_config(tiny_model_dir, tmp_path / "run", max_samples=8, max_steps=1, task="file",
+                         train_file=str(train_file), eval_file=str(eval_file), eval_samples=1)
+    with pytest.raises(MathtuneError, match=f"{eval_file}:2: not valid JSON"):
+        training.setup(config)
+    assert not (tmp_path / "run").exists()  # failed before anything was written
