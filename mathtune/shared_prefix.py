@@ -6,7 +6,7 @@ causal attention those positions see only each other, so their keys and values a
 every row: one forward pass at batch 1 gives them, ``DynamicCache.batch_repeat_interleave`` (a
 public transformers API, differentiable) hands a copy to each row, and the rows' own tokens run on
 top as if they followed the prefix in one sequence. Backward sums each row's gradient into the
-prefix pass, so loss and gradients are the plain step's to rounding (tests/test_training.py).
+prefix pass, so loss and gradients are the plain step's to rounding (tests/test_shared_prefix.py).
 
 Why hand-written: transformers shares prompt prefixes only when generating (prefix caching in
 continuous batching); nothing in Trainer does it for a training step.
