@@ -5,7 +5,7 @@ scripts/llama_cpp_greedy.py in the venv given by ``--llama-python`` (llama.cpp's
 from PyPI; see the Makefile). Cases:
 
   smollm2-135m.{f32,f16,q8_0}   the bundled model, exported as `mathtune export` does
-  lora.{f32,f16,q8_0}           the bundled model + a LoRA adapter (random B, so the merge matters)
+  lora.{f32,f16,q8_0}           a short LoRA run (`mathtune train`, 30 steps) on it, merged by the export
   <family>.f32                  tiny random-weight Llama, Mistral, Qwen2, Qwen3, Gemma 2, Phi-3 on the
                                 SmolLM2 tokenizer with a family-style chat template
 
@@ -80,28 +80,20 @@ def build_cases(work: Path) -> list[dict]:
     from mathtune.data import end_of_turn_token_id
     from mathtune.export import export_model
     from mathtune.gguf_export import FAMILIES, write_gguf
-    from mathtune.models.load import apply_lora, load_tokenizer
-    from mathtune.models.spec import cache_dir
+    from mathtune.config import TrainConfig, build_config
+    from mathtune.models.load import load_tokenizer
+    from mathtune.training import train
     from transformers import AutoModelForCausalLM
 
     cases = []
-    # the bundled model and a LoRA run on it
-    base = cache_dir() / "smollm2-135m"
+    # the bundled model and a short LoRA run on it
     tokenizer = load_tokenizer("smollm2-135m")
+    # a short real run: `mathtune train` (LoRA, 30 steps of the demo task), exported from its run dir
     run = work / "lora-run"
-    torch.manual_seed(1)
-    lora = apply_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), r=8, alpha=16,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-    lora.save_pretrained(run)
-    adapter = json.loads((run / "adapter_config.json").read_text())
-    adapter["base_model_name_or_path"] = "smollm2-135m"
-    (run / "adapter_config.json").write_text(json.dumps(adapter))
-    tokenizer.save_pretrained(run)
+    config = build_config(TrainConfig, None, dict(
+        model="smollm2-135m", task="unit-conversion", method="lora", max_samples=240, max_steps=30,
+        batch_size=8, learning_rate=2e-3, eval_samples=0, guards=False, wandb=False, seed=0, output_dir=str(run)))
+    train(config)
     for name, spec in (("smollm2-135m", "smollm2-135m"), ("lora", str(run))):
         result = export_model(spec, work / name, gguf=True, gguf_type="f32", overwrite=True)
         model = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32)
