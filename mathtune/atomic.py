@@ -44,23 +44,19 @@ def honour_umask(path: str | os.PathLike) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a directory's entries (a rename into it) durable. No-op where dirs cannot be opened."""
-    if sys.platform.startswith("win"):
-        return  # Windows cannot open a directory for fsync; NTFS journals the rename itself
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (a rename into it) durable. No-op where dirs cannot be opened."""
+    if sys.platform.startswith("win"):
+        return  # Windows cannot open a directory for fsync; NTFS journals the rename itself
+    fsync_file(path)  # on POSIX a directory opens read-only and fsyncs like a file
 
 
 def make_durable(path: str | os.PathLike) -> None:
