@@ -33,7 +33,7 @@ from typing import Callable
 
 import yaml
 
-from mathtune.config import ConfigError, setting
+from mathtune.config import RECORD_KEYS, ConfigError, setting
 from mathtune.errors import MathtuneError
 from mathtune.gguf_export import GGUF_TYPES
 from mathtune.run_dir import RunDir
@@ -233,6 +233,8 @@ def model_card(*, name: str, spec: str, base_spec: str | None, merged_lora: bool
     if run_config is not None:
         lines += ["## Training settings", "", f"From `{RUN_CONFIG}` of the run:", "", "| setting | value |", "|---|---|"]
         for key, value in run_config.items():
+            if key in RECORD_KEYS:
+                continue  # the run's record of its base (with this machine's cache path): described above
             shown = ", ".join(map(str, value)) if isinstance(value, list) else value
             lines.append(f"| {key} | `{shown}` |")
         lines.append("")

@@ -49,12 +49,14 @@ def _one_thread(one_thread):
 # --------------------------------------------------------------------------- fixtures
 
 
-def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale: float = 0.5, comparison: bool = True):
+def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale: float = 0.5, comparison: bool = True,
+              base_spec: str | None = None):
     """A run dir as `mathtune train` leaves it: adapter + tokenizer + mathtune_config.yaml (+ comparison).
     lora_B is random (PEFT initialises it to 0, which would make the merge a no-op)."""
     from transformers import AutoModelForCausalLM
 
     from mathtune.models.load import apply_lora
+    from mathtune.models.spec import base_record
 
     torch.manual_seed(seed)  # lora_A's initialisation
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), r=4, alpha=8,
@@ -72,7 +74,8 @@ def _lora_run(base_dir: Path, run_dir: Path, tokenizer, *, seed: int = 1, scale:
     (run_dir / "mathtune_config.yaml").write_text(yaml.safe_dump(
         {"model": str(base_dir), "task": "unit-conversion", "method": "lora", "lora_r": 4, "lora_alpha": 8,
          "learning_rate": 0.0002, "max_steps": 3, "max_new_tokens": 64,
-         "target_modules": ["q_proj", "k_proj", "v_proj"]}, sort_keys=False))
+         "target_modules": ["q_proj", "k_proj", "v_proj"],
+         "base_model": base_record(base_spec or str(base_dir))}, sort_keys=False))
     if comparison:
         (run_dir / "model_comparison.json").write_text(json.dumps({
             "task": "unit-conversion", "n": 200,
@@ -250,6 +253,7 @@ def test_model_card_is_hub_front_matter_plus_settings_and_comparison(lora_export
     assert result_entry["metrics"][0]["value"] == 0.74
     text = card.text
     assert "| lora_r | `4` |" in text and "| target_modules | `q_proj, k_proj, v_proj` |" in text
+    assert "| base_model |" not in text  # the run's base record holds this machine's paths: not shared
     assert "| accuracy | 5.5% | 74.0% | +68.5 pp |" in text
     assert "95% CI [+62.0, +75.0] pp" in text and "McNemar exact p = 1.1e-41" in text
     # the measured accuracy used calculator-assisted decoding, which plain generation lacks: said
@@ -438,7 +442,8 @@ def test_bundled_smollm2_lora_export_and_gguf_round_trip(tmp_path, smol_tokenize
     import mathtune
     from mathtune.models.spec import cache_dir
 
-    run = _lora_run(cache_dir() / "smollm2-135m", tmp_path / "run", smol_tokenizer, scale=0.01, comparison=False)
+    run = _lora_run(cache_dir() / "smollm2-135m", tmp_path / "run", smol_tokenizer, scale=0.01, comparison=False,
+                    base_spec="smollm2-135m")
     # the adapter names the alias, as a real run does
     config = json.loads((run / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "smollm2-135m"
