@@ -33,10 +33,18 @@ class RefuseMathtune:
         return None
 
 sys.meta_path.insert(0, RefuseMathtune())
+try:
+    import mathtune  # noqa: F401
+except ImportError:
+    pass
+else:
+    sys.exit("mathtune was importable: the check would prove nothing")
+
 import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
+torch.set_num_threads(1)
 run, new_tokens, eot_token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 questions = json.loads(sys.stdin.read())
 model = AutoPeftModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()

@@ -16,60 +16,29 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_train_config
+from conftest import REPO_ROOT, tiny_train_config
 
 import mathtune
 
 QUESTION = "How many grams are in 2 kilograms?"
 NEW_TOKENS = 8
 
-WITHOUT_MATHTUNE = r"""
-import json, sys
-
-
-class RefuseMathtune:
-    def find_spec(self, name, path=None, target=None):
-        if name == "mathtune" or name.startswith("mathtune."):
-            raise ImportError("mathtune is blocked in this process")
-        return None
-
-
-sys.meta_path.insert(0, RefuseMathtune())
-try:
-    import mathtune  # noqa: F401
-except ImportError:
-    pass
-else:
-    sys.exit("mathtune was importable: the check would prove nothing")
-
-import torch
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-torch.set_num_threads(1)
-run, question, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = AutoPeftModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
-tokenizer = AutoTokenizer.from_pretrained(run)
-inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)
-eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eot, pad_token_id=eot)
-ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-if ids and ids[-1] == eot:
-    ids = ids[:-1]
-print(json.dumps({"base": model.peft_config["default"].base_model_name_or_path,
-                  "text": tokenizer.decode(ids, skip_special_tokens=True)}))
-"""
+def _peft_alone_script() -> str:
+    """bench/peft_agreement.py's script: AutoPeftModelForCausalLM in a process that refuses mathtune."""
+    spec = importlib.util.spec_from_file_location("peft_agreement", REPO_ROOT / "bench" / "peft_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PEFT_ALONE
 
 
 def generate_without_mathtune(run) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-I", "-c", WITHOUT_MATHTUNE, str(run), QUESTION, str(NEW_TOKENS)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-I", "-c", _peft_alone_script(), str(run), str(NEW_TOKENS), "<|im_end|>"],
+                          input=json.dumps([QUESTION]), capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"base": result["base"], "text": result["texts"][0]}
 
 
 def mathtune_text(run) -> str:
