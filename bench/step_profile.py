@@ -133,6 +133,12 @@ def report(prof, wall: float, vocab: int, lora_rank: int | None, peak: float, dt
         rate = (f"; {flops[kind] / seconds[kind] / 1e9:.0f} GFLOP/s = {flops[kind] / seconds[kind] / peak:.0%} "
                 f"of the {dtype} peak" if flops[kind] and seconds[kind] else "")
         print(f"  {kind:18s} {seconds[kind]:7.2f} s {seconds[kind] / whole:6.1%}{rate}")
+    others = {}
+    for e in prof.key_averages():  # by op name: which ops fill the categories a kernel could shrink
+        if e.key not in MATMUL_OPS | ATTENTION_OPS and not e.key.startswith(ATTENTION_PREFIX):
+            others[e.key] = (e.self_cpu_time_total / 1e6, e.count)
+    top = sorted(others.items(), key=lambda item: -item[1][0])[:8]
+    print("  largest others:  " + "; ".join(f"{name} {t:.2f} s / {n} calls" for name, (t, n) in top))
     needed = sum(seconds[c] for c in NEEDED)
     print(f"peak      torch.matmul 2048x2048 {dtype}: {peak / 1e9:.0f} GFLOP/s (measured now)")
     print(f"bound     with everything else free, at most {whole / needed:.2f}x faster than now "
@@ -168,13 +174,18 @@ def train(args) -> None:
         model = trainer.model
         model.train()
         supervised = [int(b["labels"][:, 1:].ne(-100).sum()) for b in batches]
-        trainer.training_step(model, batches[0], torch.tensor(supervised[0]))  # warm-up: allocator, oneDNN
+        # Trainer enters the precision's autocast around forward only inside train() (accelerate wraps
+        # the model there): outside it, as here, enter it by hand, else a bf16 run profiles fp32 math
+        autocast = trainer.accelerator.autocast
+        with autocast():
+            trainer.training_step(model, batches[0], torch.tensor(supervised[0]))  # warm-up: allocator, oneDNN
         print(f"{args.steps} steps of {args.batch_size} GSM8K rows, {session.precision}, shapes "
               f"{[tuple(b['input_ids'].shape) for b in batches[1:]]}")
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             started = time.perf_counter()
             for batch, n in zip(batches[1:], supervised[1:]):
-                trainer.training_step(model, batch, torch.tensor(n))
+                with autocast():
+                    trainer.training_step(model, batch, torch.tensor(n))
             wall = time.perf_counter() - started
         # the optimizer step, as Trainer runs it once per step (its own profile: counted whole)
         optimizer = trainer.create_optimizer()
@@ -231,7 +242,8 @@ def prefix(args) -> None:
             batch = split_off_prefix(model, batch, shared_prefix_length(
                 batch["input_ids"], batch["attention_mask"], batch["labels"]))
         labels = batch.pop("labels")
-        out = model(**batch, logits_to_keep=supervised_mask(labels))
+        with session.trainer.accelerator.autocast():  # the training precision (see train())
+            out = model(**batch, logits_to_keep=supervised_mask(labels))
         supervised_only_loss(out, labels).backward()
 
     grads = []
@@ -270,7 +282,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="decode")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="train/prefix: a TrainConfig field to change (YAML value), e.g. bf16_frozen_base=false")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for flag, value in (("--rows", args.rows), ("--steps", args.steps), ("--questions", args.questions),
                         ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size or 1)):
         if value < 1:

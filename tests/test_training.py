@@ -323,6 +323,7 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_trains_like_autocast_and_export
     assert {p.dtype for p in session.model.parameters() if p.requires_grad} == {torch.float32}
     ids = torch.tensor([[1, 2, 3]])
     assert model.get_input_embeddings()(ids).dtype == torch.float32  # the residual stream stays fp32
+    assert "frozen base weights stored in bf16" in training.start_summary(session)
     stored = training.run(session)
 
     autocast = training.run(training.setup(make_config(tiny_model_dir, tmp_path / "autocast", precision="bf16",

@@ -283,7 +283,9 @@ def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, pro
         logits, decoder.pending = decoder.pending, None
         if logits is None:
             logits = decoder.step(decoder.sequences[:, -1])
-        # float32 copy, as generate() takes it, so processors never write into the model's output
+        # float32 copy, as generate() takes it, so processors never write into the model's output. It
+        # pays for itself with bf16 logits too: torch's argmax over a bf16 row is ~3x slower than the
+        # copy plus an fp32 argmax (10 vs 4 ms for 32 x 49152 logits, one thread)
         scores = logits.to(copy=True, dtype=torch.float32)
         for processor in processors:
             scores = processor(decoder.sequences, scores)

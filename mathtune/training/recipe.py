@@ -601,6 +601,9 @@ def start_summary(session: TrainingSession) -> str:
     lines = []
     if c.method == "lora":
         how = f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {', '.join(c.target_modules)}"
+        frozen = sorted({str(p.dtype)[6:] for p in session.model.parameters() if not p.requires_grad})
+        if "bfloat16" in frozen:  # store_frozen_weights_in_bf16 ran
+            how += " (frozen base weights stored in bf16, LoRA weights fp32)"
     else:
         how = "full fine-tuning"
     lines.append(f"model: {describe_model(c.model)}; {how}: {session.trainable_params:,} trainable of "
