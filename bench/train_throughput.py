@@ -137,10 +137,17 @@ def recipe(rows: list[dict], model_spec: str, batch_size: int, seed: int) -> Sid
 
 
 class CpuClock(TrainerCallback):
-    """Process CPU seconds from the start to the end of ``trainer.train()``."""
+    """Process CPU seconds from the start to the end of ``trainer.train()``, and the wall seconds of
+    each step (the first one pays any compilation; the median of the rest is the steady state)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.process_time()
+        self.step_started, self.steps = time.perf_counter(), []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.steps.append(now - self.step_started)
+        self.step_started = now
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = time.process_time() - self.started
@@ -175,6 +182,9 @@ def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int,
         result = training.run(session)
         cpu_seconds = clock.seconds
         through_model = session.step_stats.total_padded_tokens
+    later = sorted(clock.steps[1:]) or [float("nan")]
+    print(f"mathtune steps: first {clock.steps[0]:.2f} s, median of the other {len(later)} "
+          f"{later[len(later) // 2]:.2f} s (steps differ in length: compare runs of the same rows)")
     return Side("mathtune", session.precision, real, supervised, through_model, result.steps, result.seconds,
                 cpu_seconds, params)
 
