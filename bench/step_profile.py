@@ -8,21 +8,25 @@ The two throughput benches say how fast mathtune is against a hand-written basel
 why it is not faster. It runs mathtune's own path under ``torch.profiler`` and sorts the self CPU
 time of every op into:
 
-  weight matmuls   mm/addmm with a frozen (or, when decoding, any) linear layer's weight
-  LoRA matmuls     mm with the LoRA rank as a dimension (the A and B matrices, forward and backward)
-  LM head          mm with the vocabulary as a dimension (only at supervised positions when training)
-  attention        the score and value bmm's (and SDPA where it runs)
-  everything else  elementwise ops, norms, softmax, copies, autograd and Python between ops
+  weight matmuls     mm/addmm with a frozen (or, when decoding, any) linear layer's weight
+  LoRA matmuls       mm with the LoRA rank as a dimension (the A and B matrices, forward and backward)
+  LM head            mm with the vocabulary as a dimension (only at supervised positions when training)
+  attention          the score and value bmm's (and SDPA where it runs)
+  casts/copies       dtype casts and copies (autocast's bf16 copies of fp32 weights land here), cat, index
+  elementwise        every other aten op: adds, muls, norms, softmax, activations, the loss
+  autograd/dispatch  non-aten events: autograd's per-node wrappers, record_function scopes
+  optimizer          train mode: the optimizer step, profiled on its own
+  Python between ops wall time in no op on the main thread: Python, the Trainer, hooks
 
 The matmul lines also give the FLOP/s they ran at (2 x M x K x N per mm, from the recorded shapes)
 against a square matmul measured now, so a reader sees whether the matmuls themselves have room.
 The last lines are the bound the issue's arithmetic needs: if every op outside the matmuls and the
-attention took no time at all, the run would be at most total / (matmuls + attention) faster than
+attention took no time at all, the run would be at most wall / (matmuls + attention) faster than
 now; multiply the speed-up a throughput bench measured by that factor for the most any fusion
 (torch.compile, custom kernels) could reach without doing fewer FLOPs.
 
-Train mode profiles ``MathtuneTrainer.training_step`` (forward + backward; the optimizer step is
-<1% and not included) on batches from mathtune's own dataloader after one unprofiled warm-up step.
+Train mode profiles ``MathtuneTrainer.training_step`` (forward + backward) and then the optimizer
+step (the Trainer's own optimizer, once per batch) on batches from mathtune's own dataloader after one unprofiled warm-up step.
 Prefix mode measures ``--shared-prefix`` (mathtune/shared_prefix.py) alone: each batch's forward +
 backward with the rows' shared leading tokens run once (forced, whatever the threshold says) and
 plain, best of 4 per batch, after checking that the gradients agree.
@@ -46,7 +50,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.eval_throughput import load_questions, matmul_peak  # noqa: E402
-from bench.train_throughput import read_rows  # noqa: E402
+from bench.train_throughput import parse_settings, read_rows  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
 from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
@@ -54,7 +58,15 @@ from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 MATMUL_OPS = {"aten::mm", "aten::addmm"}
 ATTENTION_OPS = {"aten::bmm", "aten::baddbmm"}
 ATTENTION_PREFIX = "aten::_scaled_dot_product"  # SDPA's kernels, forward and backward
-CATEGORIES = ("weight matmuls", "LoRA matmuls", "LM head", "attention", "everything else")
+# dtype casts and memory copies: autocast's per-forward copies of fp32 weights into bf16 land here
+COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::contiguous", "aten::index",
+            "aten::index_put_", "aten::index_select", "aten::_unsafe_view", "aten::fill_", "aten::zero_",
+            "aten::zeros", "aten::empty_like", "aten::stack", "aten::masked_select"}
+CATEGORIES = ("weight matmuls", "LoRA matmuls", "LM head", "attention", "casts/copies", "elementwise",
+              "autograd/dispatch", "optimizer")
+# the ones a faster kernel cannot remove without doing fewer FLOPs: the bound's denominator
+NEEDED = ("weight matmuls", "LoRA matmuls", "LM head", "attention")
+PYTHON = "Python between ops"  # wall time no op was running on the main thread (report() adds it)
 
 
 def matmul_dims(op: str, shapes: list) -> tuple[int, int, int] | None:
@@ -66,8 +78,14 @@ def matmul_dims(op: str, shapes: list) -> tuple[int, int, int] | None:
     return m, k, n
 
 
-def sort_ops(events, vocab: int, lora_rank: int | None) -> tuple[dict, dict, float]:
-    """Self CPU seconds and FLOPs per category, and the total self CPU seconds of every event."""
+def sort_ops(events, vocab: int, lora_rank: int | None, optimizer_events=()) -> tuple[dict, dict, float]:
+    """Self CPU seconds and FLOPs per category, and the total self CPU seconds of every event.
+
+    Every aten op that is not a matmul, attention or a cast/copy is elementwise work (adds, norms,
+    softmax, activations, the loss); the non-aten events (autograd's per-node wrappers, the
+    dispatcher's record_function scopes) are autograd/dispatch. ``optimizer_events``: a second
+    profile, of the optimizer step alone, counted whole as optimizer time.
+    """
     seconds, flops = defaultdict(float), defaultdict(float)
     total = 0.0
     for e in events:
@@ -88,24 +106,43 @@ def sort_ops(events, vocab: int, lora_rank: int | None) -> tuple[dict, dict, flo
                 flops[kind] += 2 * m * k * n * e.count
         elif e.key in ATTENTION_OPS or e.key.startswith(ATTENTION_PREFIX):
             kind = "attention"
+        elif e.key in COPY_OPS:
+            kind = "casts/copies"
+        elif e.key.startswith("aten::"):
+            kind = "elementwise"
         else:
-            continue
+            kind = "autograd/dispatch"
         seconds[kind] += s
-    seconds["everything else"] = total - sum(seconds[c] for c in CATEGORIES[:-1])
+    for e in optimizer_events:
+        s = e.self_cpu_time_total / 1e6
+        total += s
+        seconds["optimizer"] += s
     return seconds, flops, total
 
 
-def report(prof, wall: float, vocab: int, lora_rank: int | None, peak: float, dtype: str) -> None:
-    seconds, flops, total = sort_ops(prof.key_averages(group_by_input_shape=True), vocab, lora_rank)
+def report(prof, wall: float, vocab: int, lora_rank: int | None, peak: float, dtype: str,
+           optimizer_prof=None) -> None:
+    opt_events = optimizer_prof.key_averages() if optimizer_prof is not None else ()
+    seconds, flops, total = sort_ops(prof.key_averages(group_by_input_shape=True), vocab, lora_rank, opt_events)
+    # self CPU time is the main thread's time inside each op (intra-op threads work inside it), so
+    # the wall time no op covers is Python, the Trainer and hooks between ops
+    seconds[PYTHON] = max(wall - total, 0.0)
+    whole = total + seconds[PYTHON]
     print(f"self CPU time of every op: {total:.1f} s over {wall:.1f} s of wall time")
-    for kind in CATEGORIES:
+    for kind in (*CATEGORIES, PYTHON):
         rate = (f"; {flops[kind] / seconds[kind] / 1e9:.0f} GFLOP/s = {flops[kind] / seconds[kind] / peak:.0%} "
                 f"of the {dtype} peak" if flops[kind] and seconds[kind] else "")
-        print(f"  {kind:16s} {seconds[kind]:7.2f} s {seconds[kind] / total:6.1%}{rate}")
-    needed = total - seconds["everything else"]
+        print(f"  {kind:18s} {seconds[kind]:7.2f} s {seconds[kind] / whole:6.1%}{rate}")
+    others = {}
+    for e in prof.key_averages():  # by op name: which ops fill the categories a kernel could shrink
+        if e.key not in MATMUL_OPS | ATTENTION_OPS and not e.key.startswith(ATTENTION_PREFIX):
+            others[e.key] = (e.self_cpu_time_total / 1e6, e.count)
+    top = sorted(others.items(), key=lambda item: -item[1][0])[:8]
+    print("  largest others:  " + "; ".join(f"{name} {t:.2f} s / {n} calls" for name, (t, n) in top))
+    needed = sum(seconds[c] for c in NEEDED)
     print(f"peak      torch.matmul 2048x2048 {dtype}: {peak / 1e9:.0f} GFLOP/s (measured now)")
-    print(f"bound     with everything else free, at most {total / needed:.2f}x faster than now "
-          f"(total / (matmuls + attention) = {total:.1f} / {needed:.1f} s)")
+    print(f"bound     with everything else free, at most {whole / needed:.2f}x faster than now "
+          f"(wall / (matmuls + attention) = {whole:.1f} / {needed:.1f} s)")
 
 
 def training_session(args, task: str, tmp: str):
@@ -122,7 +159,7 @@ def training_session(args, task: str, tmp: str):
         data = {"max_samples": args.rows}
     config = TrainConfig(model=args.model, task=task, batch_size=args.batch_size, num_epochs=1,
                          precision=args.precision, output_dir=str(Path(tmp) / "run"), logging_steps=1,
-                         **data).validate()
+                         **data, **parse_settings(args.set)).validate()
     session = training.setup(config)
     batches = [b for b, _ in zip(session.trainer.get_train_dataloader(), range(args.steps + 1))]
     if len(batches) < args.steps + 1:
@@ -137,17 +174,32 @@ def train(args) -> None:
         model = trainer.model
         model.train()
         supervised = [int(b["labels"][:, 1:].ne(-100).sum()) for b in batches]
-        trainer.training_step(model, batches[0], torch.tensor(supervised[0]))  # warm-up: allocator, oneDNN
+        # Trainer enters the precision's autocast around forward only inside train() (accelerate wraps
+        # the model there): outside it, as here, enter it by hand, else a bf16 run profiles fp32 math
+        autocast = trainer.accelerator.autocast
+        with autocast():
+            trainer.training_step(model, batches[0], torch.tensor(supervised[0]))  # warm-up: allocator, oneDNN
         print(f"{args.steps} steps of {args.batch_size} GSM8K rows, {session.precision}, shapes "
               f"{[tuple(b['input_ids'].shape) for b in batches[1:]]}")
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             started = time.perf_counter()
             for batch, n in zip(batches[1:], supervised[1:]):
-                trainer.training_step(model, batch, torch.tensor(n))
+                with autocast():
+                    trainer.training_step(model, batch, torch.tensor(n))
             wall = time.perf_counter() - started
+        # the optimizer step, as Trainer runs it once per step (its own profile: counted whole)
+        optimizer = trainer.create_optimizer()
+        optimizer.step()  # warm-up: creates the moment buffers
+        with profile(activities=[ProfilerActivity.CPU]) as optimizer_prof:
+            started = time.perf_counter()
+            for _ in batches[1:]:
+                optimizer.step()
+            wall += time.perf_counter() - started
         vocab = model.get_output_embeddings().weight.shape[0]
+        print(f"optimizer: {type(optimizer).__name__} ({trainer.args.optim}); base weights "
+              f"{'/'.join(sorted({str(p.dtype)[6:] for p in model.parameters() if not p.requires_grad}))}")
         report(prof, wall, vocab, config.lora_r if config.method == "lora" else None,
-               matmul_peak(dtype_of(session.precision), 2048), session.precision)
+               matmul_peak(dtype_of(session.precision), 2048), session.precision, optimizer_prof)
 
 
 def decode(args) -> None:
@@ -190,7 +242,8 @@ def prefix(args) -> None:
             batch = split_off_prefix(model, batch, shared_prefix_length(
                 batch["input_ids"], batch["attention_mask"], batch["labels"]))
         labels = batch.pop("labels")
-        out = model(**batch, logits_to_keep=supervised_mask(labels))
+        with session.trainer.accelerator.autocast():  # the training precision (see train())
+            out = model(**batch, logits_to_keep=supervised_mask(labels))
         supervised_only_loss(out, labels).backward()
 
     grads = []
@@ -227,7 +280,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="train/prefix: steps (after one warm-up batch)")
     parser.add_argument("--questions", type=int, default=128, help="decode: GSM8K questions")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="decode")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="train/prefix: a TrainConfig field to change (YAML value), e.g. bf16_frozen_base=false")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for flag, value in (("--rows", args.rows), ("--steps", args.steps), ("--questions", args.questions),
                         ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size or 1)):
         if value < 1:

@@ -164,6 +164,7 @@ class TrainConfig(ModelSettings):
     group_by_length: bool = setting(True, "batch rows of similar length together (less padding; batches in random order)")
     supervised_logits: bool = setting(True, "run the LM head only at answer positions (same loss, fewer FLOPs)")
     shared_prefix: bool = setting(True, "run the leading tokens every row of a batch shares (the system turn) once per batch, when that saves 15 percent or more of its positions (same loss; one process, no checkpointing)")
+    bf16_frozen_base: bool = setting(True, "with bf16 precision and LoRA, store the frozen base weights in bf16 (autocast then makes no per-step bf16 copy of them; the LoRA weights stay fp32 master weights)")
     cpu_eager_attention: bool = setting(True, "on CPU, train with plain matmul+softmax attention (faster than torch's CPU flash kernel in bf16)")
     resume: str | None = setting(None, "resume from 'auto' (newest complete checkpoint in --output-dir) or a checkpoint dir", nargs="?", const="auto")
     eval_samples: int = setting(0, "after training, compare base vs trained on N held-out items (0: skip)")

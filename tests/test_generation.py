@@ -252,6 +252,27 @@ def test_decode_attention_reads_only_the_filled_slots_in_place():
     assert not torch.allclose(masked[0], out[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49152, 151936, 1000])  # SmolLM2: blocks of 1024, Qwen2: of 128; none
+def test_greedy_tokens_is_argmax_with_its_ties_and_nan(vocab, dtype):
+    """The blocked argmax of the decode loop picks exactly torch.argmax's index, ties and NaN included."""
+    from mathtune.generation.cpu import greedy_tokens
+
+    torch.manual_seed(0)
+    scores = torch.randn(9, vocab).to(dtype)
+    scores[1, 7] = scores[1, vocab - 3] = 50.0  # a tie in different blocks: the first wins
+    scores[2, 10] = scores[2, 11] = 50.0  # a tie inside one block
+    scores[3] = 0.0  # all equal: index 0
+    scores[4, vocab // 2] = float("nan")  # NaN is argmax's maximum
+    scores[5, 3] = scores[5, vocab - 1] = float("nan")
+    scores[6] = float("-inf")
+    scores[7, vocab - 1] = float("inf")
+    expected = scores.argmax(dim=-1)
+    assert expected[1] == 7 and expected[2] == 10 and expected[4] == vocab // 2  # the cases are what they say
+    assert torch.equal(greedy_tokens(scores), expected)
+    assert torch.equal(greedy_tokens(scores[:, : vocab - 1].contiguous()), scores[:, : vocab - 1].argmax(dim=-1))
+
+
 def test_fast_path_is_active_only_while_generating(varied_model, smol_tokenizer):
     """The registered attention (transformers offers no public way to remove a name) is mathtune's
     decode attention only inside mathtune's loop: the model runs it while generating, gets its own

@@ -304,6 +304,49 @@ def test_cpu_training_uses_eager_attention_unless_turned_off(precision, tiny_mod
     assert off.model.get_base_model().config._attn_implementation == "sdpa"
 
 
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_trains_like_autocast_and_exports_an_fp32_merge(
+        tiny_model_dir, tmp_path):
+    """With --precision bf16 the frozen base is stored in bf16 (no per-step autocast copies of it),
+    the LoRA matrices stay fp32 master weights, the losses follow the autocast-on-fp32 path, and the
+    export adds the trained adapter to the untouched fp32 base."""
+    from safetensors.torch import load_file
+
+    from mathtune.export import export_model
+
+    session = training.setup(make_config(tiny_model_dir, tmp_path / "run", precision="bf16", max_steps=4))
+    model = session.model.get_base_model()
+    linear = model.model.layers[0].self_attn.q_proj
+    assert linear.base_layer.weight.dtype == torch.bfloat16 and linear.lora_A["default"].weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32  # autocast does not cast norms: left as they are
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {p.dtype for p in session.model.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.get_input_embeddings()(ids).dtype == torch.float32  # the residual stream stays fp32
+    assert "frozen base weights stored in bf16" in training.start_summary(session)
+    stored = training.run(session)
+
+    autocast = training.run(training.setup(make_config(tiny_model_dir, tmp_path / "autocast", precision="bf16",
+                                                       max_steps=4, bf16_frozen_base=False)))
+    assert stored.first_loss == pytest.approx(autocast.first_loss, rel=1e-2)
+    assert stored.last_loss == pytest.approx(autocast.last_loss, rel=2e-2)
+    assert stored.last_loss < stored.first_loss
+    assert max_relative_difference(lora_weights(stored.run_dir), lora_weights(autocast.run_dir)) < 0.05
+
+    exported = export_model(str(stored.run_dir), tmp_path / "export", dtype="fp32")
+    merged = load_file(exported.output / "model.safetensors")
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    adapter = lora_weights(stored.run_dir)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    a = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_A" in k)
+    b = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+    assert a.dtype == b.dtype == merged[key].dtype == torch.float32
+    scaling = session.config.lora_alpha / session.config.lora_r
+    # the fp32 base (not a bf16-rounded one) plus the fp32 adapter
+    torch.testing.assert_close(merged[key], base[key] + scaling * (b @ a), rtol=0, atol=1e-6)
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+
+
 # --------------------------------------------------------------------------- setup checks inputs before training
 
 

@@ -271,6 +271,27 @@ def logits_warpers(temperature: float, top_p: float):
     return warpers
 
 
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(dim=-1)`` of a ``[rows, vocab]`` tensor, the same indices (ties and NaN: the
+    first), in a fifth of the time on CPU.
+
+    torch's CPU argmax walks each row one element at a time to track the index (11.7 ms for 128 x
+    49152 fp32 scores, one thread: ~7% of a bf16 decode step at batch 128), while a max without
+    indices is vectorised. So: the max of each block of ``block`` columns (vectorised), the first
+    block holding the row's max (an argmax over vocab / block values), then the argmax inside that
+    block alone: 1.9 ms for the same scores. The first block whose max is the row's max holds the
+    row's first maximum, so the index is argmax's (with NaN, max and argmax both propagate it).
+    """
+    rows, vocab = scores.shape
+    block = next((b for b in (1024, 512, 256, 128) if vocab % b == 0 and vocab > b), None)
+    if block is None or not scores.is_contiguous():
+        return scores.argmax(dim=-1)
+    blocks = scores.view(rows, vocab // block, block)
+    best = blocks.amax(dim=-1).argmax(dim=-1)
+    inside = blocks[torch.arange(rows, device=scores.device), best].argmax(dim=-1)
+    return best * block + inside
+
+
 def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, processors, stopping,
                  pad_id: int) -> torch.Tensor:
     """Up to ``steps`` tokens per row, as one ``generate()`` call would choose them: processors
@@ -283,12 +304,13 @@ def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, pro
         logits, decoder.pending = decoder.pending, None
         if logits is None:
             logits = decoder.step(decoder.sequences[:, -1])
-        # float32 copy, as generate() takes it, so processors never write into the model's output
+        # float32 copy, as generate() takes it, so processors never write into the model's output (and
+        # torch's reductions over bf16 rows are ~3x slower than over fp32 ones)
         scores = logits.to(copy=True, dtype=torch.float32)
         for processor in processors:
             scores = processor(decoder.sequences, scores)
         if greedy:
-            tokens = scores.argmax(dim=-1)
+            tokens = greedy_tokens(scores)
         else:
             for warper in warpers:
                 scores = warper(decoder.sequences, scores)

@@ -242,7 +242,8 @@ def _setup_lora_targets(config: TrainConfig, model) -> TrainConfig:
 
 
 def _setup_trainable(config: TrainConfig, placement: Placement, model):
-    """Attention kernel, then LoRA adapters (or every weight trainable with --full)."""
+    """Attention kernel, then LoRA adapters (or every weight trainable with --full); with LoRA in bf16,
+    the frozen base stored in bf16 (``store_frozen_weights_in_bf16``)."""
 
     if placement.device == "cpu" and config.cpu_eager_attention:
         # torch's CPU flash-attention kernels (what "sdpa" runs) are slow in the backward pass in
@@ -255,11 +256,47 @@ def _setup_trainable(config: TrainConfig, placement: Placement, model):
     if config.method == "lora":
         from mathtune.models.load import apply_lora
 
-        return apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=config.target_modules)
+        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                           target_modules=config.target_modules)
+        if placement.precision == "bf16" and config.bf16_frozen_base:
+            store_frozen_weights_in_bf16(model)
+        return model
     for param in model.parameters():
         param.requires_grad_(True)
     return model
+
+
+def store_frozen_weights_in_bf16(model) -> int:
+    """Cast the frozen weights that autocast would cast anyway to bf16, once; return how many.
+
+    Under bf16 autocast every linear layer copies its fp32 weight into bf16 on each forward call: the
+    cast cache keeps only leaf tensors that require grad, so a frozen base (134.5M of SmolLM2-135M's
+    weights with LoRA) is copied again every micro-batch, 269 MB written per forward, on top of the
+    matmuls. Stored in bf16 the matmuls read it as it is. The numbers the matmuls see do not change
+    (autocast rounds the same fp32 weight to the same bf16 one); the LoRA matrices stay fp32 master
+    weights for AdamW, and only they are saved, so a merge/export still adds them to the fp32 base.
+
+    The input embedding is tied to the LM head in most small models, so it is cast too (the one
+    change in numerics: the lookup reads bf16-rounded rows); its output is turned back into fp32 so
+    that the residual stream stays fp32, as on the autocast path (a bf16 stream would round every
+    layer's sum). RMSNorm weights stay fp32 (autocast
+    does not cast them; they are 0.02% of the weights).
+    """
+    casts = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and weight is not None
+                and not weight.requires_grad and weight.dtype == torch.float32):
+            module.to(torch.bfloat16)  # in place (param.data), so a tied weight stays tied
+            casts += 1
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and embeddings.weight.dtype == torch.bfloat16:
+        embeddings.register_forward_hook(_fp32_output)
+    return casts
+
+
+def _fp32_output(module, args, output):
+    return output.float()
 
 
 def _setup_run_dir(config: TrainConfig, run: RunDir, resume_from: str | None) -> float:
@@ -564,6 +601,9 @@ def start_summary(session: TrainingSession) -> str:
     lines = []
     if c.method == "lora":
         how = f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {', '.join(c.target_modules)}"
+        frozen = sorted({str(p.dtype)[6:] for p in session.model.parameters() if not p.requires_grad})
+        if "bfloat16" in frozen:  # store_frozen_weights_in_bf16 ran
+            how += " (frozen base weights stored in bf16, LoRA weights fp32)"
     else:
         how = "full fine-tuning"
     lines.append(f"model: {describe_model(c.model)}; {how}: {session.trainable_params:,} trainable of "
