@@ -6,7 +6,8 @@
 Phases: sample ``num_samples`` completions per training question (temperature 0.7 by default, the
 same batched Generator as eval, calculator and loop stop included) -> judge each with the task's
 rule (flexible extraction, as ``accuracy`` scores) -> turn each correct one into a training target
-in the task's format -> keep the distinct ones -> append each question's gold row and kept ones to
+in the task's format (``--target-format``/``--strip-calculator`` applied exactly as to the gold rows:
+``tasks.gsm8k.format_target``) -> keep the distinct ones -> append each question's gold row and kept ones to
 ``--output`` as soon as its group of questions is sampled (JSONL, ``{"question", "answer"}``,
 readable by the gsm8k and file tasks; flushed to disk, so an interrupted run keeps what it sampled
 and ``--resume`` samples only the rest, drawing exactly what an uninterrupted run would) -> print
@@ -14,7 +15,14 @@ how many questions gained how many solutions.
 
 A target ends in ``#### N``: a sample that states its answer some other way ("The answer is 5")
 gets ``#### <gold>`` appended; text after a ``#### N`` line is cut. Looping samples are never kept.
-"Distinct" compares whitespace-normalised text, and a sample equal to the gold solution adds nothing.
+"Distinct" compares whitespace-normalised targets (after the format), and a sample equal to the gold
+solution adds nothing: with ``--target-format equations`` two worded solutions with one equation chain
+are one target.
+
+The target format is the run's: sampling a model trained on equation chains (its mathtune_config.yaml
+says ``target_format: equations``) into ``--target-format full`` would write its chains beside full
+gold solutions, so that is an error; the other way round (a full-format model's samples converted to
+chains, like the gold rows) is allowed, with a note.
 """
 
 from __future__ import annotations
@@ -102,8 +110,12 @@ class Selection:
 
 
 def select_solutions(examples: Sequence, samples: Sequence[Sequence[str]], loops: Sequence[Sequence[bool]] | None,
-                     is_correct: Callable[[str, object], bool]) -> Selection:
-    """The distinct correct samples of each example, as targets (see the module docstring)."""
+                     is_correct: Callable[[str, object], bool], *, target_format: str = "full",
+                     strip_calc: bool = False) -> Selection:
+    """The distinct correct samples of each example, as targets in the task's format (see the module
+    docstring); ``examples`` hold their gold targets in that format already (the task made them)."""
+    from mathtune.tasks.gsm8k import format_target
+
     kept: list[list[str]] = []
     rejected: Counter = Counter()
     for i, (example, texts) in enumerate(zip(examples, samples)):
@@ -119,6 +131,10 @@ def select_solutions(examples: Sequence, samples: Sequence[Sequence[str]], loops
             target = as_target(text, example.gold)
             if target is None:
                 rejected["not a valid target"] += 1
+                continue
+            target = format_target(target, strip_calc=strip_calc, target_format=target_format)
+            if target is None:
+                rejected["no <<calculation>> (equations-drop)"] += 1
                 continue
             key = _normalised(target)
             if key in seen:
@@ -148,8 +164,9 @@ def task_judge(judge_rule: str) -> Callable[[str, object], bool]:
 # The task readers ignore the "rft" key. The gold row says how many rows follow, so a question whose
 # rows were cut short by a crash is recognised and sampled again; the first gold row also records
 # the sampling settings (SAMPLING_SETTINGS), which --resume must match.
+# The target format is among them: the file's first row says which format its targets are in.
 SAMPLING_SETTINGS = ("model", "seed", "num_samples", "temperature", "top_p", "max_new_tokens", "batch_size",
-                     "calculator", "loop_stop")
+                     "calculator", "loop_stop", "target_format", "strip_calculator")
 
 
 def questions_per_group(config: RFTConfig) -> int:
@@ -231,6 +248,27 @@ def read_finished_questions(output: Path, examples: Sequence, settings: dict) ->
     return finished
 
 
+def check_run_target_format(config: RFTConfig, *, verbose: bool = True) -> None:
+    """A model trained by ``mathtune train`` samples in the target format it was trained on (its run's
+    mathtune_config.yaml records it); the harvested targets must come out in ``config.target_format``."""
+    from mathtune.config import load_yaml
+    from mathtune.run_dir import RunDir
+
+    run = RunDir.of_model(config.model)
+    trained = load_yaml(run.config).get("target_format", "full") if run is not None else None
+    if trained is None or trained == config.target_format:
+        return
+    if config.target_format == "full" and trained != "full":
+        # nothing converts a chain back into a worded solution: the file would mix the two formats
+        raise MathtuneError(f"--model {config.model} was trained with --target-format {trained} ({run.config}): "
+                            f"its samples are equation chains; pass --target-format {trained} so that the gold "
+                            f"rows are chains too")
+    if verbose:
+        print(f"rft: --model {config.model} was trained with --target-format {trained} ({run.config}); its correct "
+              f"samples are turned into --target-format {config.target_format} targets like the gold rows",
+              file=sys.stderr, flush=True)
+
+
 def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | None = None,
             generator=None, verbose: bool = True) -> dict:
     """Sample, judge, select, append to ``config.output`` question by question; returns the counts it prints.
@@ -247,6 +285,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     from mathtune.tasks import task_from_config
 
     config.validate()
+    check_run_target_format(config, verbose=verbose)
     task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     if not examples:
@@ -300,7 +339,9 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
                     if index < done:
                         continue
                     selection = select_solutions([example], [outputs[offset]],
-                                                 None if loops is None else [loops[offset]], judge_fn)
+                                                 None if loops is None else [loops[offset]], judge_fn,
+                                                 target_format=config.target_format,
+                                                 strip_calc=config.strip_calculator)
                     mine = _question_rows(index, example, selection.kept[0], selection.rejected,
                                           recorded if index == 0 else None)
                     finished.append(mine)
@@ -355,7 +396,10 @@ def format_result(result: dict, config: RFTConfig) -> str:
         f"wrote {result['output']}: {result['gold_rows']} gold rows + {result['new_rows']} sampled solutions",
     ]
     task = "file" if config.task == "unit-conversion" else config.task  # unit-conversion reads no files
-    lines.append(f"next: mathtune train --task {task} --train-file {result['output']} ...")
+    # the file's targets are in this format already; training in the same one leaves them as they are
+    same_format = f" --target-format {config.target_format}" if config.target_format != "full" else ""
+    same_format += " --strip-calculator" if config.strip_calculator else ""
+    lines.append(f"next: mathtune train --task {task} --train-file {result['output']}{same_format} ...")
     return "\n".join(lines)
 
 

@@ -280,3 +280,134 @@ def test_cli_rft_bad_flags_exit_2():
                           capture_output=True, text=True, cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT), "PATH": ""})
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "--output x.txt" in proc.stderr and "--temperature" in proc.stderr
+
+
+# ------------------------------------------------------------------ --target-format equations
+
+CHAIN_GOLD = Example("b1", "A baker makes 30 rolls in the morning and half as many in the afternoon. How many rolls?",
+                     "<<30/2=15>> <<30+15=45>> #### 45", 45.0)  # the gsm8k task's equations target of a worded gold
+EQUATION_SAMPLES = [
+    "<<30/2=15>> <<30+15=45>> #### 45",  # the gold chain itself: nothing new
+    "<<30*0.5=15>> <<15+30=45>> #### 45",  # a new chain
+    "<<30*0.5=15>>  <<15+30=45>>\n####  45",  # the same chain up to whitespace: duplicate
+    "<<30/2=15>> <<30+15=45>> #### 44",  # '#### 44' is the answer, not the chain's last result 45: wrong
+    "<<30-15=15>> <<15*3=45>>",  # right by its last number: gets '#### 45', on the chain's line
+    "Half of 30 is 30/2=<<30/2=15>>15.\nSo 15*3=<<15*3=45>>45 rolls.\n#### 45",  # worded: converted to its chain
+    "Half: 30*0.5=<<30*0.5=15>>15, and 15+30=<<15+30=45>>45.\n#### 45",  # worded, but the chain of the 2nd: duplicate
+    "The answer is 45.",  # no annotations: keeps its text, as a gold row without annotations does
+]
+
+
+def test_equation_chain_samples_are_judged_and_kept_as_chains():
+    """With the task's own judge (flexible extraction) the '#### N' after a chain is the answer; the
+    kept targets are chains in the equations format, distinct after that format."""
+    selection = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"),
+                                 target_format="equations")
+    assert selection.kept == [[
+        "<<30*0.5=15>> <<15+30=45>> #### 45",
+        "<<30-15=15>> <<15*3=45>> #### 45",
+        "<<30/2=15>> <<15*3=45>> #### 45",
+        "The answer is 45.\n#### 45",
+    ]]
+    assert selection.rejected == {"duplicate": 3, "wrong": 1}
+    dropping = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"),
+                                target_format="equations-drop")
+    assert dropping.kept == [selection.kept[0][:3]]
+    assert dropping.rejected == {"duplicate": 3, "wrong": 1, "no <<calculation>> (equations-drop)": 1}
+    # in the full format the worded samples stay worded, so the 2nd worded one is a solution of its own
+    full = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"))
+    assert EQUATION_SAMPLES[6] in full.kept[0] and full.rejected == {"duplicate": 2, "wrong": 1}
+
+
+def test_the_equations_format_is_idempotent_on_its_own_targets():
+    from mathtune.tasks.gsm8k import check_row, format_target
+
+    selection = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"),
+                                 target_format="equations")
+    for target in [CHAIN_GOLD.answer_text, *selection.kept[0]]:
+        _question, checked, _gold = check_row({"question": "q", "answer": target})
+        for fmt in ("equations", "equations-drop"):
+            if "<<" in target or fmt == "equations":
+                assert format_target(checked, strip_calc=False, target_format=fmt) == target
+
+
+@pytest.fixture
+def worded_train_file(tmp_path):
+    path = tmp_path / "worded.jsonl"
+    rows = [{"question": CHAIN_GOLD.question,
+             "answer": "In the afternoon: 30/2 = <<30/2=15>>15 rolls.\nIn all: 30+15 = <<30+15=45>>45 rolls.\n#### 45"},
+            {"question": "Sam has 2 pens and gets 3 more. How many pens?", "answer": "2+3=<<2+3=5>>5\n#### 5"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rft_with_equation_targets_writes_a_file_equations_training_reads_unchanged(worded_train_file, tmp_path,
+                                                                                   capsys):
+    """Scripted samples, the task's judge: gold rows and kept samples are chains, the file's first row says
+    so, --resume checks it, and training with --target-format equations reads every answer unchanged."""
+    texts = [EQUATION_SAMPLES[:4], ["<<2+3=5>>", "2 and 3 make 2+3=<<2+3=5>>5.\n#### 5", "#### 6", "<<3+2=5>> #### 5"]]
+    asked = []
+
+    def generator(questions, seed):
+        asked.extend(questions)
+        return Generations(texts, [[1] * 4] * 2, 0.1)
+
+    out = tmp_path / "rft.jsonl"
+    config = RFTConfig(task="gsm8k", train_file=str(worded_train_file), output=str(out), target_format="equations")
+    result = run_rft(config, generator=generator)
+    assert asked == [CHAIN_GOLD.question, "Sam has 2 pens and gets 3 more. How many pens?"]  # the plain questions
+    assert result["questions_gained"] == {1: 2}
+    assert result["rejected"] == {"duplicate": 4, "wrong": 2}
+    answers = [r["answer"] for r in rows_of(out)]
+    assert answers == ["<<30/2=15>> <<30+15=45>> #### 45", "<<30*0.5=15>> <<15+30=45>> #### 45",
+                       "<<2+3=5>> #### 5", "<<3+2=5>> #### 5"]
+    assert rows_of(out)[0]["rft"]["settings"]["target_format"] == "equations"
+    assert "--train-file " + str(out) + " --target-format equations" in capsys.readouterr().out
+    reread = get_task("gsm8k", train_file=str(out), target_format="equations").examples("train")
+    assert [e.answer_text for e in reread] == answers
+    with pytest.raises(MathtuneError, match=r"--target-format full \(the file: equations\)"):
+        run_rft(RFTConfig(task="gsm8k", train_file=str(worded_train_file), output=str(out), resume=True),
+                generator=never_called, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def equations_run(tiny_model_dir, tmp_path_factory):
+    """A real one-step LoRA run of the tiny model on gsm8k with --target-format equations."""
+    from conftest import tiny_train_config
+    from mathtune import training
+
+    root = tmp_path_factory.mktemp("equations-run")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Ana has {a} cups and buys {a} more. How many cups?",
+                                        "answer": f"She has {a}+{a}=<<{a}+{a}={2 * a}>>{2 * a} cups.\n#### {2 * a}"})
+                            + "\n" for a in range(1, 5)))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture (function-scoped, so not usable here)
+    try:
+        training.run(training.setup(tiny_train_config(tiny_model_dir, root / "run", task="gsm8k",
+                                                      train_file=str(data), target_format="equations",
+                                                      max_samples=4, max_steps=1, sample_every=0)))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run", data
+
+
+def test_rft_on_a_run_trained_with_equations_needs_the_same_format(equations_run, tmp_path, capsys):
+    run, data = equations_run
+    scripted = lambda questions, seed: Generations([["<<1+1=2>> #### 2"] * 4] * len(questions),  # noqa: E731
+                                                   [[1] * 4] * len(questions), 0.1)
+    with pytest.raises(MathtuneError, match=r"trained with --target-format equations .*mathtune_config.yaml\): its "
+                                            r"samples are equation chains; pass --target-format equations"):
+        run_rft(RFTConfig(model=str(run), task="gsm8k", train_file=str(data), output=str(tmp_path / "full.jsonl")),
+                generator=never_called, verbose=False)
+    assert not (tmp_path / "full.jsonl").exists()
+    out = tmp_path / "eq.jsonl"
+    run_rft(RFTConfig(model=str(run), task="gsm8k", train_file=str(data), output=str(out), target_format="equations",
+                      max_samples=1), generator=scripted)
+    assert [r["answer"] for r in rows_of(out)] == ["<<1+1=2>> #### 2"]  # the gold chain; the sample equals it
+    assert "trained with --target-format" not in capsys.readouterr().err  # same format: no note
+    run_rft(RFTConfig(model=str(run), task="gsm8k", train_file=str(data), output=str(tmp_path / "drop.jsonl"),
+                      target_format="equations-drop", max_samples=1), generator=scripted)
+    assert "turned into --target-format equations-drop targets like the gold rows" in capsys.readouterr().err

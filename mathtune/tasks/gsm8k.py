@@ -111,11 +111,11 @@ def equations_target(answer_text: str) -> str | None:
     return " ".join(equations) + " #### " + final.strip()
 
 
-def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False,
-                 target_format: str = "full") -> Example | None:
-    """``check_row`` plus optional calculator stripping and the target format; ValueError(reason) on
-    a bad row, None for a row that ``equations-drop`` drops."""
-    question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok)
+def format_target(answer_text: str, *, strip_calc: bool, target_format: str = "full") -> str | None:
+    """A checked solution (``check_row``'s answer) as the training target: the target format, then
+    optional calculator stripping; None where ``equations-drop`` drops it. Gold rows and the solutions
+    ``mathtune rft`` harvests both go through here, so both end up in one format. Idempotent for
+    every format: an equation chain is its own chain."""
     if target_format != "full":
         equations = equations_target(answer_text)
         if equations is None and target_format == "equations-drop":
@@ -123,6 +123,17 @@ def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_
         answer_text = equations if equations is not None else answer_text
     if strip_calc:
         answer_text = strip_calculator(answer_text)
+    return answer_text
+
+
+def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False,
+                 target_format: str = "full") -> Example | None:
+    """``check_row`` plus the target format and optional calculator stripping (``format_target``);
+    ValueError(reason) on a bad row, None for a row that ``equations-drop`` drops."""
+    question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok)
+    answer_text = format_target(answer_text, strip_calc=strip_calc, target_format=target_format)
+    if answer_text is None:
+        return None
     return Example(id=example_id, question=question, answer_text=answer_text, gold=gold)
 
 
