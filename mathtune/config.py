@@ -252,7 +252,8 @@ class EvalConfig(ModelSettings):
     stop: list[str] = setting([], "extra stop strings (generation also stops at end-of-turn)", nargs="*")
     output: str | None = setting(None, "directory for per-item JSONL and summary JSON (default: eval/ in the model's run dir or ./eval)")
     no_cache: bool = setting(False, "ignore cached per-item results and evaluate again")
-    loop_stop: bool = setting(True, "stop an output that repeats a line or an 8+ token span 3 times (flagged 'loop' either way)")
+    loop_stop: bool = setting(True, "stop an output that repeats a line, an 8+ token span or one <<calculation>> 3 times "
+                                    "(flagged 'loop' either way)")
     protocol: str = setting(
         "chat", "how prompts are built and answers scored: chat (zero-shot, chat template, mathtune's extraction) or "
         "lm-eval (lm-evaluation-harness' gsm8k: 5 shots from the train split, plain 'Question:/Answer:' text, its "

@@ -13,7 +13,7 @@ Scores, as in lm-evaluation-harness's GSM8K task:
   answer_rate      fraction of items where any number could be extracted at all
   pass_at_k        (k > 1) fraction of items where at least one of the k samples is right
   maj_at_k         (k > 1) fraction where the most common extracted value (ties: earliest sample) is right
-  loop_rate        fraction of items whose (first) output repeated a line or an 8+ token span 3 times
+  loop_rate        fraction of items whose (first) output repeated a line, an 8+ token span or a <<calculation>> 3 times
                    (``mathtune.loops``; stopped there unless --no-loop-stop)
   calculator_calls calculator calls in the first outputs (``mathtune.calculator``), and how many refused
 
@@ -53,7 +53,8 @@ from mathtune.generation.settings import GenerationSettings
 # 2: adapters are merged into their base before generating (slightly different bf16 numerics).
 # 3: entries also hold loop flags and calculator calls per output.
 # 4: entries hold the whole Generations record (stop reasons too); keys add threads, processes, peft.
-CACHE_VERSION = 4
+# 5: the loop stop also stops one <<calculation>> repeated 3 times (equation-only outputs stop sooner).
+CACHE_VERSION = 5
 
 # Files in a model dir that decide what it generates: weights, architecture, tokenizer, template.
 # Other files in a run dir (metrics.jsonl, eval/, checkpoints) change without changing the model.

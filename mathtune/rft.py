@@ -50,7 +50,8 @@ class RFTConfig(ModelSettings):
     max_new_tokens: int = setting(256, "longest completion")
     batch_size: int = setting(32, "rows (question x sample) generated together")
     max_samples: int = setting(-1, "training questions to sample for, from the start of the train split (-1: all)")
-    loop_stop: bool = setting(True, "stop a sample that repeats a line or an 8+ token span 3 times (never kept)")
+    loop_stop: bool = setting(True, "stop a sample that repeats a line, an 8+ token span or one <<calculation>> "
+                                    "3 times (never kept)")
     resume: bool = setting(False, "continue an interrupted run: keep the questions --output holds, sample the rest")
 
     def validate(self) -> "RFTConfig":

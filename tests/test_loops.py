@@ -10,7 +10,8 @@ import torch
 from mathtune.evaluation import format_summary, judge_generations
 from mathtune.generation.engine import Generator
 from mathtune.generation.settings import GenerationSettings, Generations
-from mathtune.loops import LoopMonitor, ends_in_loop, newline_table, repeated_line, repeated_span
+from mathtune.loops import (LoopMonitor, ends_in_loop, repeated_annotation, repeated_line, repeated_span,
+                            text_check_table)
 from mathtune.tasks import Example
 
 
@@ -67,7 +68,7 @@ def test_monitor_agrees_with_the_pure_check_step_by_step(smol_tokenizer):
         out += [rng.choice(words) for _ in range(steps)]
         outputs.append(out[:steps])
     prompt = [[tok.pad_token_id] * prompt_width for _ in range(rows)]
-    monitor = LoopMonitor(tok, rows, prompt_width, max_new_tokens=steps, newlines=newline_table(tok))
+    monitor = LoopMonitor(tok, rows, prompt_width, max_new_tokens=steps, text_checks=text_check_table(tok))
     first_flag = [None] * rows
     for step in range(1, steps + 1):
         ids = torch.tensor([p + o[:step] for p, o in zip(prompt, outputs)])
@@ -154,3 +155,96 @@ def test_plain_list_generator_has_no_loop_rate():
     examples = [Example("e0", "q0", "#### 1", 1.0)]
     _records, result = judge_generations(examples, [["1"]], "exact")
     assert result["loop_rate"] is None
+
+
+# ------------------------------------------------------------------ equation-only outputs (--target-format equations)
+
+def equation_chain(start: int, count: int) -> str:
+    """``count`` different annotations, each computing from the last result: legitimate progress."""
+    steps, value = [], start
+    for i in range(count):
+        op, operand = [("*", 2), ("+", 7), ("-", 3)][i % 3]
+        result = {"*": value * operand, "+": value + operand, "-": value - operand}[op]
+        steps.append(f"<<{value}{op}{operand}={result}>>")
+        value = result
+    return " ".join(steps)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<<2*3=6>> <<2*3=6>> <<2*3=6>>", True),
+    ("<<2*3=6>>\n<<2*3=6>>  <<2*3=6>> ", True),  # any whitespace between and after
+    ("<<1+1=2>> <<2*3=6>> <<2*3=6>> <<2*3=6>>", True),
+    ("<<2*3=6>> <<2*3=6>>", False),
+    ("<<2*3=6>> <<2*3=6>> <<2*3=", False),  # the third one is not complete yet
+    ("<<2*3=6>> <<6*2=12>> <<12*2=24>> <<24*2=48>>", False),
+    ("<<2*3=6>> <<3*2=6>> <<2*3=6>>", False),
+    ("2*3=<<2*3=6>>6 and 2*3=<<2*3=6>>6 and 2*3=<<2*3=6>>", False),  # worded: results between them
+    (equation_chain(3, 30), False),
+])
+def test_repeated_annotation(text, expected):
+    assert repeated_annotation(text) is expected
+    assert ends_in_loop([], text) is expected  # no token span repeats in []: the text rules decide
+
+
+def test_monitor_agrees_with_the_pure_check_on_equation_outputs(smol_tokenizer):
+    """Chains of annotations with one annotation planted 2-4 times in a row: the monitor flags each row
+    at exactly the first step where the pure check says it loops."""
+    tok = smol_tokenizer
+    rng = random.Random(1)
+    pieces = [f"<<{a}*{b}={a * b}>>" for a in (2, 3, 12) for b in (2, 5)]
+    rows, steps = 12, 90
+    outputs = []
+    for r in range(rows):
+        parts = [rng.choice(pieces) for _ in range(rng.randrange(0, 4))]
+        parts += [rng.choice(pieces)] * (2 + r % 3)
+        parts += [equation_chain(r + 2, 12)]
+        outputs.append(tok.encode(" ".join(parts), add_special_tokens=False)[:steps])
+    steps = min(len(o) for o in outputs)
+    monitor = LoopMonitor(tok, rows, 0, max_new_tokens=steps, text_checks=text_check_table(tok))
+    first_flag = [None] * rows
+    for step in range(1, steps + 1):
+        for r in monitor.step(torch.tensor([o[:step] for o in outputs])).nonzero().flatten().tolist():
+            first_flag[r] = step
+    expected = [next((s for s in range(1, steps + 1)
+                      if ends_in_loop(o[:s], tok.decode(o[:s], skip_special_tokens=True))), None) for o in outputs]
+    assert first_flag == expected
+    assert sum(flag is not None for flag in first_flag) >= 3  # rows with 3 or 4 copies in a row loop
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_equation_chain_runs_on_and_a_repeated_calculation_is_stopped(smol_tokenizer, one_thread, fast):
+    """Calculator on, as gsm8k eval and rft decode: a long chain of different calculations on one line
+    runs to the token limit; the same calculation 3 times in a row is stopped at the third, and a cycle
+    of two calculations once the span of the two has come 3 times."""
+    from conftest import build_tiny_model
+
+    tok = smol_tokenizer
+    model = build_tiny_model(tok, seed=3)
+    limit = 90
+    chain = equation_chain(3, 30)
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    assert len(encode(chain)) >= limit  # the whole output is the chain: nothing after it could loop
+    same = "<<2*3=6>>" + " <<2*3=6>>" * 19
+    cycle = "<<12*2=24>>" + " <<24/2=12>> <<12*2=24>>" * 6
+    scripts = [encode(chain), encode(same), encode(cycle)]
+    questions = ["Q? " * (i + 1) for i in range(3)]  # longer question -> later row: row i is question i
+    results = {}
+    for stop in (True, False):
+        settings = GenerationSettings(max_new_tokens=limit, batch_size=8, calculator=True, loop_stop=stop)
+        gen = Generator(model, tok, settings, progress=False, fast=fast, chunk_tokens=16,
+                        logits_processors=[_Script(scripts)])
+        results[stop] = gen(questions)
+    stopped, flagged = results[True], results[False]
+    assert stopped.loops == [[False], [True], [True]] == flagged.loops
+    assert stopped[0] == flagged[0] and stopped[0][0] == tok.decode(scripts[0][:limit])
+    assert stopped.token_counts[0] == [limit]
+    # the calculator computed every result the chain wrote (its tokens are the script's own)
+    written = stopped.calculator_calls[0][0]
+    assert len(written) >= 8 and all(f"<<{c['expr']}={c['value']}>>" in chain for c in written)
+    assert stopped[1][0] == "<<2*3=6>> <<2*3=6>> <<2*3=6>>" and stopped.token_counts[1] == [3 * 7]
+    assert [c["expr"] for c in stopped.calculator_calls[1][0]] == ["2*3"] * 3
+    # the cycle repeats with the period of ' <<24/2=12>> <<12*2=24>>' from its 2nd token on (its 1st, '<<',
+    # differs from the later ' <<'): stopped where that period has come 3 times
+    cycle_span = len(encode(" <<24/2=12>> <<12*2=24>>"))
+    assert cycle_span >= 8 and stopped.token_counts[2] == [1 + 3 * cycle_span]
+    assert flagged.token_counts[1] == [limit] and flagged.token_counts[2] == [limit]

@@ -405,12 +405,12 @@ class Generator:
         return list(zip(results, looped, calls, reasons))
 
     def _tables(self):
-        """(calculator trigger tokens, newline tokens): vocabulary tables, built once per Generator."""
+        """(calculator trigger tokens, loop text-check tokens): vocabulary tables, built once per Generator."""
         if self._token_tables is None:
             from mathtune.calculator import trigger_table
-            from mathtune.loops import newline_table
+            from mathtune.loops import text_check_table
 
-            self._token_tables = (trigger_table(self.tokenizer), newline_table(self.tokenizer))
+            self._token_tables = (trigger_table(self.tokenizer), text_check_table(self.tokenizer))
         return self._token_tables
 
     def _decode(self, ids: list[int], stop: list[str]) -> str:

@@ -30,7 +30,7 @@ class GenerationSettings:
     batch_size: int = EVAL_BATCH_SIZE  # rows (prompt x sample) decoded together
     seed: int = 0  # sampling seed
     calculator: bool = False  # force computed results after "<<EXPR=" (mathtune.calculator)
-    loop_stop: bool = True  # stop a row that repeats a line / an 8+ token span 3 times (mathtune.loops)
+    loop_stop: bool = True  # stop a row repeating a line / 8+ token span / <<calculation>> 3 times (mathtune.loops)
 
     @property
     def greedy(self) -> bool:
