@@ -224,7 +224,8 @@ def collect(run_dir, metrics: list[dict], settings: dict) -> LearningCurves:
         for step, same in by_step.items():
             same.sort(key=lambda p: (p.mtime_ns, p.role == "final"), reverse=True)
             group.points.append(same[0])
-            group.left_out += [(p, f"step {step} is also in {same[0].summary.name} (newer)") for p in same[1:]]
+            kept = same[0].summary.relative_to(run.root)
+            group.left_out += [(p, f"step {step} again; the newer `{kept}` is the one drawn") for p in same[1:]]
         group.points.sort(key=lambda p: (p.step is None, p.step or 0))
     ordered = sorted(groups.values(), key=lambda g: (-len(g.points), g.key.task, g.n))
     return LearningCurves(groups=ordered, ignored=ignored)

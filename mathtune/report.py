@@ -242,7 +242,7 @@ def plot_learning_curve(curves, path: Path) -> bool:
     ax.set_ylim(0, min(100.0, max(5.0, top * 1.2)) if top < 100 else 105.0)
     ax.set_xlabel("training minutes (metrics.jsonl 'seconds' at the checkpoint's step)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("learning curve: eval accuracy against training time", fontsize=11)
+    ax.set_title("learning curve: eval accuracy against training time (points: step)", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, format="png")
@@ -363,8 +363,8 @@ def _curve_minutes(point) -> str:
     if point.seconds is None:
         return f"- (no logged step at or before {point.step} with 'seconds' in {METRICS_FILE})"
     if point.logged_step == point.step:
-        return f"{point.minutes:.1f}"
-    return f"{point.minutes:.1f} (logged step {point.logged_step}, the nearest before {point.step})"
+        return f"{point.minutes:.2f}"
+    return f"{point.minutes:.2f} (logged step {point.logged_step}, the nearest before {point.step})"
 
 
 def _learning_curve_section(curves, run_dir: Path, settings: dict, drawn: bool) -> list[str]:
