@@ -224,3 +224,18 @@ def test_a_bad_summary_is_an_error_naming_the_file(tmp_path, content, reason):
     assert message.startswith(str(bad)) and reason in message and "\n" not in message
     if reason == "not valid JSON":
         assert message.startswith(f"{bad}:2:")  # the line of the damage
+
+
+def test_an_alias_base_is_matched_by_name(curve_run, extra_evals):
+    """The bundled base is evaluated as `--model smollm2-135m`: no dir, the run's config names it."""
+    base = next(p for p in (curve_run / "eval" / "curve").glob("*.summary.json") if not p.name.startswith("gsm-run"))
+    summary = json.loads(base.read_text())
+    summary.update(model="smollm2-135m", model_tag="smollm2-135m", model_dir=None)  # what such an eval records
+    extra_evals.mkdir()
+    (extra_evals / "smollm2-135m-unit-conversion.summary.json").write_text(json.dumps(summary))
+    settings = {"model": "smollm2-135m", "base_model": {"spec": "smollm2-135m", "kind": "alias-gguf",
+                                                        "dir": "/cache/smollm2-135m"}}
+    [group] = collect(curve_run, read_metrics(curve_run), settings).groups
+    assert [(p.step, p.summary.name) for p in group.points][0] == (0, "smollm2-135m-unit-conversion.summary.json")
+    # the local-dir base of the other eval is not this config's base
+    assert [p.step for p in group.points] == [0, 2, 4, 5]
