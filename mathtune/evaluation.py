@@ -27,7 +27,8 @@ Files (read by comparison.py and report.py), in ``<output dir>``:
                                    (+ sample_correct, majority_correct, sample_loop,
                                    sample_calculator_calls, k > 1) (+ lm_eval_strict, lm_eval_flexible:
                                    lm-eval's filtered strings, under --protocol lm-eval)
-  <model_tag>-<task>.summary.json  the metrics above, protocol, generation settings, items_sha, tokens_generated,
+  <model_tag>-<task>.summary.json  the metrics above, model (the spec as given), model_dir (its resolved dir,
+                                   for local dirs), protocol, generation settings, items_sha, tokens_generated,
                                    seconds, tokens_per_second, per_item_path (see ``evaluate_model``)
 """
 
@@ -439,6 +440,15 @@ def default_output_dir(spec: str) -> Path:
     return Path("eval")
 
 
+def model_dir_of(spec: str) -> str | None:
+    """The resolved directory behind a local model dir, run dir or ``checkpoint-N`` spec; None for an
+    alias, a hub id or a .gguf file (their spec string alone names them)."""
+    from mathtune.models.spec import resolve_model_source
+
+    kind, source = resolve_model_source(spec)
+    return source if kind in ("local-dir", "adapter") else None
+
+
 def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, verbose: bool = True,
                    progress: bool | None = None) -> tuple[dict, list[dict]]:
     """Evaluate model ``spec`` on ``config.task``'s eval split: ``(summary, per-item records)``.
@@ -518,6 +528,9 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     summary = {
         "model": str(spec),
         "model_tag": tag,
+        # the absolute dir a local model/run/checkpoint spec named: ``model`` is as typed (relative to
+        # the eval's working dir); mathtune report matches a run's checkpoints by this path
+        "model_dir": model_dir_of(spec),
         "task": config.task,
         "judge_rule": task.judge_rule if protocol == "chat" else "lm-eval exact_match",
         **result,

@@ -1,7 +1,8 @@
 """``report.md`` and ``plots/*.png`` for a run directory.
 
 Reads only files the run dir already holds: metrics.jsonl (required: it is what makes a directory a
-training run), and when present mathtune_config.yaml, model_comparison.json and samples.jsonl.
+training run), and when present mathtune_config.yaml, model_comparison.json, samples.jsonl and the
+eval summaries under eval/ (the learning curve: ``mathtune.learning_curve``).
 Plots are drawn on matplotlib ``Figure`` objects with the Agg canvas, never through pyplot, so
 writing a report changes no global backend (safe inside a notebook or a training process).
 
@@ -24,7 +25,8 @@ COMPARISON_FILE = RunDir.COMPARISON
 SAMPLES_FILE = RunDir.SAMPLES
 REPORT_FILE = RunDir.REPORT
 PLOTS_DIR = RunDir.PLOTS
-PLOT_FILES = {"loss": "loss.png", "grad_norm": "grad_norm.png", "accuracy": "accuracy.png"}
+PLOT_FILES = {"loss": "loss.png", "grad_norm": "grad_norm.png", "accuracy": "accuracy.png",
+              "learning_curve": "learning_curve.png"}
 # metrics.jsonl fields read as numbers; others are carried along untouched
 NUMERIC_FIELDS = ("loss", "grad_norm", "learning_rate", "supervised_tokens", "supervised_tokens_per_second",
                   "epoch", "seconds")
@@ -218,6 +220,35 @@ def plot_accuracy(comparison: dict, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def plot_learning_curve(curves, path: Path) -> bool:
+    """Accuracy (%) against training minutes, one line per comparable group with ≥ 2 placed points,
+    each point named by its step. False (nothing written) when no group has two."""
+    from mathtune.learning_curve import group_label
+
+    drawable = curves.drawable
+    if not drawable:
+        return False
+    fig = _figure()
+    ax = fig.add_subplot()
+    top = 0.0
+    for group in drawable:
+        points = group.drawn
+        xs, ys = [p.minutes for p in points], [100 * p.accuracy for p in points]
+        ax.plot(xs, ys, marker="o", linewidth=1.2, label=group_label(group, curves.groups))
+        for point, x, y in zip(points, xs, ys):
+            ax.annotate(point.mark, (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        top = max(top, *ys)
+    # room above the highest point for its step label; accuracies near 0 still get a readable axis
+    ax.set_ylim(0, min(100.0, max(5.0, top * 1.2)) if top < 100 else 105.0)
+    ax.set_xlabel("training minutes (metrics.jsonl 'seconds' at the checkpoint's step)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("learning curve: eval accuracy against training time (points: step)", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(path, format="png")
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +346,77 @@ def _comparison_section(comparison: dict) -> list[str]:
     return lines
 
 
+IGNORED_SHOWN = 10  # summaries not on the curve, listed with their reason
+
+
+def _curve_step(point) -> str:
+    if point.role == "base":
+        return "0 (base model)"
+    if point.step is None:
+        return f"- (final model; {METRICS_FILE} logged no step)"
+    return f"{point.step} (final model)" if point.role == "final" else str(point.step)
+
+
+def _curve_minutes(point) -> str:
+    if point.role == "base":
+        return "0"
+    if point.seconds is None:
+        return f"- (no logged step at or before {point.step} with 'seconds' in {METRICS_FILE})"
+    if point.logged_step == point.step:
+        return f"{point.minutes:.2f}"
+    return f"{point.minutes:.2f} (logged step {point.logged_step}, the nearest before {point.step})"
+
+
+def _learning_curve_section(curves, run_dir: Path, settings: dict, drawn: bool) -> list[str]:
+    from mathtune.learning_curve import group_label
+
+    root = run_dir.resolve()
+    lines = []
+    if drawn:
+        lines += [f"![learning curve]({PLOTS_DIR}/{PLOT_FILES['learning_curve']})", ""]
+    else:
+        task = settings.get("task", "TASK")
+        data = " --eval-file DEV.jsonl" if settings.get("eval_file") or task != "unit-conversion" else ""
+        common = f"--task {task}{data} --all --output {run_dir}/{RunDir.EVAL}/curve"
+        checkpoints = [p.name for p in RunDir(run_dir).checkpoints()]
+        lines += [
+            "No learning curve: it needs two or more greedy evals of this run (checkpoints, final model) on the "
+            "same items and settings, with a training time in metrics.jsonl. Evaluate them into one folder and "
+            "run the report again:", "",
+            _fence("\n".join([
+                f"mathtune eval --model {run_dir}/checkpoint-N {common}   # each checkpoint",
+                f"mathtune eval --model {run_dir} {common}   # the final model",
+                f"mathtune eval --model {settings.get('model', 'BASE')} {common}   # the base model: 0 minutes",
+                f"mathtune report {run_dir}"]), "bash"), "",
+            f"Checkpoints in this run dir: {', '.join(checkpoints)}." if checkpoints else
+            "This run dir has no checkpoint-N: train with --save-steps N (`save_total_limit: null` in the YAML "
+            "keeps them all).", "",
+        ]
+    for group in curves.groups:
+        lines += [f"### {group_label(group, curves.groups)}", "",
+                  "| step | training minutes | accuracy | answer_rate | n | summary file |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for point in group.points:
+            lines.append(f"| {_cell(_curve_step(point))} | {_cell(_curve_minutes(point))} | {100 * point.accuracy:.1f}% "
+                         f"| {100 * point.answer_rate:.1f}% | {point.n} | `{point.summary.relative_to(root)}` |")
+        lines.append("")
+        for point, why in group.left_out:
+            lines.append(f"- not drawn: `{point.summary.relative_to(root)}`: {why}")
+        if group.left_out:
+            lines.append("")
+    if curves.groups:
+        lines += [f"Training minutes: `seconds` of {METRICS_FILE} (wall seconds since training started, a resumed "
+                  "run continuing the count) at the checkpoint's step; the final model at the last logged step.", ""]
+    if curves.ignored:
+        lines.append(f"Not on the curve ({len(curves.ignored)} of the summaries under `{RunDir.EVAL}/`):")
+        for path, why in curves.ignored[:IGNORED_SHOWN]:
+            lines.append(f"- `{path.relative_to(root)}`: {why}")
+        if len(curves.ignored) > IGNORED_SHOWN:
+            lines.append(f"- ... and {len(curves.ignored) - IGNORED_SHOWN} more")
+        lines.append("")
+    return lines
+
+
 def _clip(text: str) -> str:
     text = str(text)
     if len(text) <= SAMPLE_CHARS:
@@ -354,11 +456,15 @@ def _samples_section(samples: list[dict]) -> list[str]:
 
 def write_report(run_dir) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; return the report's path."""
+    from mathtune import learning_curve
+
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     config = read_config(run_dir / CONFIG_FILE)
     comparison = read_comparison(run_dir / COMPARISON_FILE)
     samples = read_samples(run_dir / SAMPLES_FILE)
+    settings = config[0] if config else {}
+    curves = learning_curve.collect(run_dir, metrics, settings)
 
     plots_dir = run_dir / PLOTS_DIR
     plots_dir.mkdir(exist_ok=True)
@@ -367,6 +473,7 @@ def write_report(run_dir) -> Path:
         "grad_norm": plot_curve(metrics, "grad_norm", "gradient norm (before clipping)",
                                 plots_dir / PLOT_FILES["grad_norm"], log_scale_ratio=100.0),
         "accuracy": False,
+        "learning_curve": plot_learning_curve(curves, plots_dir / PLOT_FILES["learning_curve"]),
     }
     if comparison is not None:
         plot_accuracy(comparison, plots_dir / PLOT_FILES["accuracy"])
@@ -376,7 +483,6 @@ def write_report(run_dir) -> Path:
         if not done:
             (plots_dir / PLOT_FILES[name]).unlink(missing_ok=True)
 
-    settings = config[0] if config else {}
     lines = [f"# Training report: {run_dir.resolve().name}", ""]
     headline = [f"{key} `{settings[key]}`" for key in ("model", "task", "method") if key in settings]
     if headline:
@@ -386,9 +492,9 @@ def write_report(run_dir) -> Path:
     lines += ["", "## Plots", ""]
     titles = {"loss": "training loss", "grad_norm": "gradient norm", "accuracy": "base vs trained accuracy"}
     for name, done in made.items():
-        if done:
+        if done and name in titles:  # the learning curve goes in its own section
             lines += [f"![{titles[name]}]({PLOTS_DIR}/{PLOT_FILES[name]})", ""]
-    if not any(made.values()):
+    if not any(made[name] for name in titles):
         lines += [f"No plots: {METRICS_FILE} has no loss or grad_norm values and there is no {COMPARISON_FILE}.", ""]
 
     lines += ["## Base vs trained", ""]
@@ -399,6 +505,7 @@ def write_report(run_dir) -> Path:
                      f"{settings.get('model', 'BASE')} --trained-model {run_dir} --task {settings.get('task', 'TASK')} "
                      f"--output {run_dir / COMPARISON_FILE}` (or train with --eval-samples N).")
     lines.append("")
+    lines += ["## Learning curve", ""] + _learning_curve_section(curves, run_dir, settings, made["learning_curve"])
     if samples:
         lines += ["## Samples", ""] + _samples_section(samples) + [""]
 

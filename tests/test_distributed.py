@@ -314,6 +314,13 @@ def test_start_summary_states_the_global_batch(tiny_model_dir, tmp_path, monkeyp
     summary = training.start_summary(session)
     assert "4 batch × 2 accumulation × 2 processes" in summary
     assert "global batch 4 × 2 × 2 = 16 rows per step" in summary
+    assert "checkpoints: final model only" in summary  # save_steps 0
+    # save_total_limit null in a YAML (Trainer: never delete) reads "keep all", not "keep None"
+    resolved = session.config  # setup resolved the LoRA target modules
+    session.config = dict_replace(resolved, save_steps=60, save_total_limit=None)
+    assert "checkpoints: every 60 steps (keep all)" in training.start_summary(session)
+    session.config = dict_replace(resolved, save_steps=60, save_total_limit=2)
+    assert "checkpoints: every 60 steps (keep the last 2)" in training.start_summary(session)
     # 16 rows, batch 4 -> 4 micro-batches, 2 per rank, 1 step per epoch at accumulation 2
     assert recipe._planned_steps(dict_replace(config, max_steps=-1, num_epochs=1), 16, 2) == 1
     assert recipe._planned_steps(dict_replace(config, max_steps=-1, num_epochs=1), 16, 1) == 2

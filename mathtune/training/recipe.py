@@ -635,7 +635,9 @@ def start_summary(session: TrainingSession) -> str:
         lines.append(f"time budget: --max-time {c.max_time:g} s: the {c.lr_scheduler} schedule runs over whichever "
                      f"ends first, {session.planned_steps} steps or {c.max_time:g} s; the steps it buys are "
                      f"estimated after step {ESTIMATE_AFTER_STEPS}")
-    checkpoints = f"every {c.save_steps} steps (keep {c.save_total_limit})" if c.save_steps else "final model only"
+    # save_total_limit None is Trainer's "never delete a checkpoint"
+    keep = "all" if c.save_total_limit is None else f"the last {c.save_total_limit}"
+    checkpoints = f"every {c.save_steps} steps (keep {keep})" if c.save_steps else "final model only"
     lines.append(f"run dir: {session.run_dir}; checkpoints: {checkpoints}")
     lines.append(f"guards: {'on' if c.guards else 'OFF (--no-guards)'}; collapse prompts from "
                  f"{session.data.sample_source}")
