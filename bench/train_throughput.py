@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py                    # 64 GSM8K rows, batch 8
     .venv/bin/python bench/train_throughput.py --rows 128 --precision fp32
+    .venv/bin/python bench/train_throughput.py --skip-recipe --set compile=on   # then compile=off: the A/B
 
 Everything is measured in this one run, on the same N rows of ../shared/data/gsm8k/train.jsonl (read
 at run time, never copied into the repo), the bundled SmolLM2-135M and LoRA r16 (alpha 32) on every
@@ -52,7 +53,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 # the same machine kind and peak measurements as the eval bench
 from bench.eval_throughput import machine_kind, measure_peaks, peaks_line  # noqa: E402
-from mathtune.config import TrainConfig  # noqa: E402
+from mathtune.config import TrainConfig, yaml_switch  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.hardware import choose_precision  # noqa: E402
 from mathtune.models.load import DEFAULT_LORA_TARGETS  # noqa: E402
@@ -154,10 +155,10 @@ class CpuClock(TrainerCallback):
 
 
 def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int, precision: str,
-                  compile_layers: bool = False, settings: dict | None = None) -> Side:
-    """``mathtune train``'s own path (setup + run), defaults for this machine. ``compile_layers``: a
-    lever measured, not kept: ``torch.compile`` each decoder layer (regional compilation) first.
-    ``settings``: TrainConfig fields to change from their defaults (``--set``: one lever at a time)."""
+                  settings: dict | None = None) -> Side:
+    """``mathtune train``'s own path (setup + run), defaults for this machine. ``settings``: TrainConfig
+    fields to change from their defaults (``--set``: one lever at a time; ``compile=on`` compiles the
+    decoder layers, whose compile time lands in the first steps and so in the side's seconds)."""
     from mathtune import training
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,11 +168,7 @@ def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int,
                              num_epochs=1, precision=precision, output_dir=str(Path(tmp) / "run"), seed=seed,
                              logging_steps=1, **(settings or {})).validate()
         session = training.setup(config)
-        if compile_layers:
-            model = session.trainer.model
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            for layer in base.model.layers:
-                layer.compile()  # compiles lazily, on its first call inside trainer.train()
+        print(session.compile.summary_line())
         params = session.total_params - session.trainable_params
         real = sum(len(r.input_ids) for r in session.rows)
         supervised = sum(r.supervised_tokens for r in session.rows)
@@ -196,7 +193,8 @@ def parse_settings(items: list[str]) -> dict:
         name, sep, value = item.partition("=")
         if not sep or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
             raise MathtuneError(f"--set {item}: use FIELD=VALUE with a TrainConfig field name")
-        settings[name] = yaml.safe_load(value)
+        field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+        settings[name] = yaml_switch(field, yaml.safe_load(value))  # compile=on: YAML reads on as true
     return settings
 
 
@@ -209,8 +207,6 @@ def main(argv=None) -> int:
                         help="mathtune side (auto: what `mathtune train` picks on this machine)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile-layers", action="store_true",
-                        help="mathtune side: torch.compile each decoder layer (a lever measured; off in mathtune train)")
     parser.add_argument("--skip-recipe", action="store_true",
                         help="only the mathtune side (to compare levers across runs; no speed-up ratio)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -224,12 +220,12 @@ def main(argv=None) -> int:
     print(f"model {args.model}; {args.rows} GSM8K train rows, batch {args.batch_size}, 1 epoch, LoRA r16 on "
           f"{len(DEFAULT_LORA_TARGETS)} linear kinds; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; mathtune precision {precision} ({reason}); settings {settings or 'defaults'}"
-          f"{'; compiled layers' if args.compile_layers else ''}; load avg {os.getloadavg()[0]:.2f}")
+          f"; load avg {os.getloadavg()[0]:.2f}")
     peaks = measure_peaks(2048)
     print(peaks_line(machine_kind(), peaks))
 
     base = None if args.skip_recipe else recipe(rows, args.model, args.batch_size, args.seed)
-    ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision, args.compile_layers, settings)
+    ours = mathtune_side(rows, args.model, args.batch_size, args.seed, precision, settings)
     print(ours.line(peaks[precision]))
     if base is None:
         return 0

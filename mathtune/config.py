@@ -38,6 +38,7 @@ _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # transformers schedulers that step on an evaluation metric, which mathtune does not compute while training
 _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 METHODS = ("lora", "full")
+COMPILE_SETTINGS = ("auto", "on", "off")  # --compile (mathtune/compilation.py)
 # Fields that are never written to the saved run config (secrets or where to find them).
 SECRET_FIELDS = ("wandb_key_file",)
 # The names a Hugging Face Trainer / TRL script uses for a mathtune field: alias -> field. Flags and
@@ -166,6 +167,9 @@ class TrainConfig(ModelSettings):
     shared_prefix: bool = setting(True, "run the leading tokens every row of a batch shares (the system turn) once per batch, when that saves 15 percent or more of its positions (same loss; one process, no checkpointing)")
     bf16_frozen_base: bool = setting(True, "with bf16 precision and LoRA, store the frozen base weights in bf16 (autocast then makes no per-step bf16 copy of them; the LoRA weights stay fp32 master weights)")
     cpu_eager_attention: bool = setting(True, "on CPU, train with plain matmul+softmax attention (faster than torch's CPU flash kernel in bf16)")
+    compile: str = setting(
+        "auto", "torch.compile the decoder layers for training: on, off, or auto (on only for a run long enough to "
+        "earn back the compile time; the start summary says which and why)", choices=COMPILE_SETTINGS)
     resume: str | None = setting(None, "resume from 'auto' (newest complete checkpoint in --output-dir) or a checkpoint dir", nargs="?", const="auto")
     eval_samples: int = setting(0, "after training, compare base vs trained on N held-out items (0: skip)")
     eval_batch_size: int = setting(EVAL_BATCH_SIZE, "generation batch size for --eval-samples")
@@ -387,6 +391,7 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 problems.append(f"{yaml_path}: unknown setting '{key}'{hint}")
                 continue
+            value = yaml_switch(names[key], value)
             problem = _type_problem(names[key], value)
             if problem:
                 problems.append(f"{yaml_path}: {key}: {problem}")
@@ -411,6 +416,15 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
         from_yaml = {f"--{_flag(k)}" for k in values if yaml_path is not None and (overrides or {}).get(k) is None}
         located = [f"{yaml_path}: {p}" if p.split(" ")[0] in from_yaml else p for p in err.problems]
         raise ConfigError(located) from None
+
+
+def yaml_switch(f: dataclasses.Field, value: Any) -> Any:
+    """YAML 1.1 reads an unquoted on/off as true/false: for a setting whose choices are the words
+    "on" and "off" (``compile: on``, ``--set compile=on``), take the boolean back as the word."""
+    choices = f.metadata.get("choices") or ()
+    if isinstance(value, bool) and "on" in choices and "off" in choices:
+        return "on" if value else "off"
+    return value
 
 
 def _type_problem(f: dataclasses.Field, value: Any) -> str | None:

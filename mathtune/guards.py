@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from mathtune import compilation
 from mathtune.data import IGNORE_INDEX, encode_prompt, end_of_turn_token_id, format_prompt
 from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.hardware import dtype_of
@@ -234,7 +235,8 @@ def check_forward_backward(trainer, precision: str) -> list[CheckResult]:
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     params = _trainable(model)
     was_training = model.training
-    with _rng_preserved():
+    # eager even with --compile: a check of the model, so compiling (and its seconds) stays in the training steps
+    with _rng_preserved(), compilation.eager():
         model.train()
         try:
             # Before train() the model is not yet wrapped by accelerate, so autocast is entered here
@@ -525,7 +527,9 @@ class CollapseDetector(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            with _rng_preserved():
+            # eager with --compile: generating (eval mode, no gradients, new lengths) would recompile
+            # the training graph of every compiled layer
+            with _rng_preserved(), compilation.eager():
                 outputs = self.generate(model)
         finally:
             model.train(was_training)

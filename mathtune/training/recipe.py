@@ -4,7 +4,8 @@ Named phases, one direction (as in torchtune's single-device recipes):
 
   setup   named ``_setup_*`` steps: device and precision policy, run-dir checks (resume, lock),
           model (fp32 master weights) + LoRA, task rows -> prepared rows, run-dir preparation,
-          time budget, callbacks (training/callbacks.py), ``MathtuneTrainer`` (training/trainer.py)
+          time budget, callbacks (training/callbacks.py), ``MathtuneTrainer`` (training/trainer.py),
+          --compile resolved (mathtune/compilation.py: decoder layers compiled in place when on)
   run     preflight, ``trainer.train()``, final save (model, tokenizer, trainer_state.json)
   train   setup + run + (with ``--eval-samples N``) base-vs-trained comparison and report
 
@@ -35,8 +36,9 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from mathtune import distributed
+from mathtune import compilation, distributed
 from mathtune.budget import TimeBudget
+from mathtune.compilation import CompileDecision
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, prepare_examples, take
 from mathtune.errors import MathtuneError, TrainingHalted
@@ -105,6 +107,7 @@ class TrainingSession:
     planned_steps: int
     callbacks: TrainingCallbacks
     trainer: MathtuneTrainer
+    compile: CompileDecision  # --compile resolved: whether the decoder layers are compiled, and why
     # preflight checks that passed, in order, filled by ``run`` (mathtune doctor shows them)
     preflight: list = field(default_factory=list)
 
@@ -160,6 +163,8 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     dir is written only once model and data have loaded (a failed load leaves no half-prepared dir).
     """
     placement = _setup_placement(config, placement)
+    if config.compile == "on":
+        compilation.check_on(placement.device)  # a missing compiler fails before the model loads
     run, resume_from = _setup_run_dir_checks(config)
     model, tokenizer = _setup_model(config, placement)
     data = _setup_data(config, tokenizer)
@@ -172,9 +177,10 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     planned_steps, budget = _setup_time_budget(config, len(data.rows))
     callbacks = _setup_callbacks(config, placement, run, tokenizer, data, budget, seconds_offset)
     trainer = _setup_trainer(config, placement, run, model, tokenizer, data, callbacks, budget, report_to)
+    compile_decision = _setup_compile(config, placement, model, planned_steps)
     return TrainingSession(config=config, placement=placement, run_dir=run.root, resume_from=resume_from,
                            model=model, tokenizer=tokenizer, data=data, planned_steps=planned_steps,
-                           callbacks=callbacks, trainer=trainer)
+                           callbacks=callbacks, trainer=trainer, compile=compile_decision)
 
 
 def _setup_placement(config: TrainConfig, placement: Placement | None) -> Placement:
@@ -310,6 +316,17 @@ def _setup_run_dir(config: TrainConfig, run: RunDir, resume_from: str | None) ->
         return offset
 
     return distributed.on_main(prepare)
+
+
+def _setup_compile(config: TrainConfig, placement: Placement, model, planned_steps: int) -> CompileDecision:
+    """--compile resolved (mathtune/compilation.py); when on, the decoder layers compiled in place (lazily:
+    the compiling happens in the first training step, inside trainer.train())."""
+    decision = compilation.decide(config.compile, device=placement.device, precision=placement.precision,
+                                  planned_steps=planned_steps, rows_per_step=config.rows_per_step,
+                                  world_size=distributed.world_size(), max_time=config.max_time)
+    if decision.enabled:
+        compilation.compile_decoder_layers(model)
+    return decision
 
 
 def _setup_report_to(config: TrainConfig) -> list[str]:
@@ -629,6 +646,7 @@ def start_summary(session: TrainingSession) -> str:
     else:
         lines.append(f"steps: {session.planned_steps} ({c.num_epochs:g} epochs × ceil({s.kept} rows / "
                      f"{rows_per_step} rows per step))")
+    lines.append(session.compile.summary_line())
     lines.append(f"optimizer: AdamW lr {c.learning_rate:g}, {c.lr_scheduler} schedule, warmup {c.warmup_ratio:g} "
                  f"of steps, seed {c.seed}")
     if c.max_time is not None:
