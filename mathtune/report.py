@@ -240,7 +240,7 @@ def plot_learning_curve(curves, path: Path) -> bool:
         top = max(top, *ys)
     # room above the highest point for its step label; accuracies near 0 still get a readable axis
     ax.set_ylim(0, min(100.0, max(5.0, top * 1.2)) if top < 100 else 105.0)
-    ax.set_xlabel("training minutes (metrics.jsonl 'seconds' at the checkpoint's step)")
+    ax.set_xlabel(f"training minutes ({METRICS_FILE} 'seconds' at the checkpoint's step)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("learning curve: eval accuracy against training time (points: step)", fontsize=11)
     ax.grid(alpha=0.3)
@@ -381,15 +381,15 @@ def _learning_curve_section(curves, run_dir: Path, settings: dict, drawn: bool) 
         checkpoints = [p.name for p in RunDir(run_dir).checkpoints()]
         lines += [
             "No learning curve: it needs two or more greedy evals of this run (checkpoints, final model) on the "
-            "same items and settings, with a training time in metrics.jsonl. Evaluate them into one folder and "
+            f"same items and settings, with a training time in {METRICS_FILE}. Evaluate them into one folder and "
             "run the report again:", "",
             _fence("\n".join([
-                f"mathtune eval --model {run_dir}/checkpoint-N {common}   # each checkpoint",
+                f"mathtune eval --model {run_dir}/{RunDir.CHECKPOINT_PREFIX}N {common}   # each checkpoint",
                 f"mathtune eval --model {run_dir} {common}   # the final model",
                 f"mathtune eval --model {settings.get('model', 'BASE')} {common}   # the base model: 0 minutes",
                 f"mathtune report {run_dir}"]), "bash"), "",
             f"Checkpoints in this run dir: {', '.join(checkpoints)}." if checkpoints else
-            "This run dir has no checkpoint-N: train with --save-steps N (`save_total_limit: null` in the YAML "
+            f"This run dir has no {RunDir.CHECKPOINT_PREFIX}N: train with --save-steps N (`save_total_limit: null` in the YAML "
             "keeps them all).", "",
         ]
     for group in curves.groups:
