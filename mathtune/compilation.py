@@ -48,6 +48,12 @@ SECONDS_SAVED_PER_ROW = (4.01 - 3.38) / 8  # 0.079 s
 # was measured once, so a run must be long enough that a compile twice as slow and a saving half as
 # large would still pay (2 x 2 = 4).
 AUTO_MARGIN = 4
+# A budget (--max-time) caps the steps before the step count does on a CPU. The saving is a share of
+# wall time, 0.63 / 4.01 = 15.7% of a step, so 35 s of compiling is earned back after 35 / 0.157 = 223 s
+# of training; auto asks a budget of AUTO_MARGIN x that (892 s): a 6-minute demo stays eager, an
+# hour's recipe compiles.
+SAVED_SHARE_OF_STEP = (4.01 - 3.38) / 4.01
+AUTO_MIN_MAX_TIME = AUTO_MARGIN * COMPILE_SECONDS / SAVED_SHARE_OF_STEP
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,11 @@ def decide(setting: str, *, device: str, precision: str, planned_steps: int, row
     planned = f"{planned_steps:,} planned steps{' (the step cap; --max-time may stop sooner)' if max_time else ''}"
     payback = (f"to earn back ~{COMPILE_SECONDS:.0f} s of compiling at ~{SECONDS_SAVED_PER_ROW * rows_per_step:.2f} s "
                f"saved per step of {rows_per_step} rows")
+    if max_time and max_time < AUTO_MIN_MAX_TIME:
+        return CompileDecision(False, f"auto: --max-time {max_time:,.0f} s < {AUTO_MIN_MAX_TIME:,.0f} s, {AUTO_MARGIN}x the "
+                                      f"~{COMPILE_SECONDS / SAVED_SHARE_OF_STEP:,.0f} s of training that earn back "
+                                      f"~{COMPILE_SECONDS:.0f} s of compiling at ~{100 * SAVED_SHARE_OF_STEP:.0f}% "
+                                      f"saved per step")
     if planned_steps >= needed:
         return CompileDecision(True, f"auto: {planned} ≥ {needed:,} {payback}")
     return CompileDecision(False, f"auto: {planned} < {needed:,} {payback}")

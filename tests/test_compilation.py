@@ -50,9 +50,19 @@ def test_auto_stays_off_below_the_threshold_and_at_its_edge():
 
 
 def test_auto_with_max_time_decides_on_the_step_cap_and_says_so():
-    decision = decide(planned_steps=1308, max_time=600)
+    decision = decide(planned_steps=1308, max_time=3300)
     assert decision.enabled
     assert "1,308 planned steps (the step cap; --max-time may stop sooner)" in decision.reason
+
+
+def test_auto_stays_off_for_a_budget_too_short_to_earn_the_compile_back():
+    # 35 s / 15.7% saved = 223 s of training to break even; auto asks 4x: 892 s
+    assert compilation.AUTO_MIN_MAX_TIME == pytest.approx(891.1, abs=0.1)
+    decision = decide(planned_steps=1308, max_time=360)
+    assert not decision.enabled
+    assert decision.reason.startswith("auto: --max-time 360 s < 891 s")
+    assert not decide(planned_steps=1308, max_time=891).enabled
+    assert decide(planned_steps=1308, max_time=892).enabled
 
 
 @pytest.mark.parametrize("overrides, why", [
