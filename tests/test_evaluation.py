@@ -15,6 +15,7 @@ from mathtune.evaluation import (
     default_output_dir,
     evaluate_items,
     evaluate_model,
+    format_summary,
     items_sha,
     log_paths,
     majority_value,
@@ -167,7 +168,7 @@ def test_pass_at_k_and_maj_at_k_on_a_fake_sampler():
     assert by_id["d"]["majority"] == 8.0
     assert by_id["a"]["output"] == "#### 5" and by_id["a"]["outputs"] == samples["a"]
     assert by_id["a"]["output_tokens"] == 12  # all three samples
-    assert set(by_id["a"]) == ITEM_FIELDS | {"sample_correct", "majority_correct", "sample_loop", "sample_calculator_calls"}
+    assert set(by_id["a"]) == ITEM_FIELDS | {"sample_correct", "sample_extracted", "majority_correct", "sample_loop", "sample_calculator_calls"}
     # the per-item majority verdicts add up to maj@k (what compare --score majority pairs)
     assert [by_id[i]["majority_correct"] for i in "abcd"] == [False, True, False, False]
     assert result["k"] == 3
@@ -175,6 +176,21 @@ def test_pass_at_k_and_maj_at_k_on_a_fake_sampler():
     assert result["pass_at_k"] == pytest.approx(3 / 4)  # a, b, d
     assert result["maj_at_k"] == pytest.approx(1 / 4)  # b
     assert result["sample_accuracy"] == pytest.approx(4 / 12)
+    assert by_id["c"]["sample_extracted"] == [None, 3.0, None]
+    # k = 3: maj@2 and pass@2 over the first two samples come with it
+    assert result["maj_at"] == {"2": pytest.approx(1 / 4)}  # a: 5 (tie 5/6, earliest); b: 1 wins the tie
+    assert result["pass_at"] == {"2": pytest.approx(3 / 4)}  # a, b, d
+    assert "maj@2 " in format_summary(dict(result, n=4, model="m", task="t", judge_rule="exact"))
+
+
+def test_maj_at_prefixes_are_the_majority_of_the_first_j_samples():
+    # 8 samples: the first 4 vote 1,1,2,2 (tie: 1 first) and all 8 vote 2 five times
+    examples = [Example("x", "qx", "#### 2", 2.0)]
+    votes = ["#### 1", "#### 1", "#### 2", "#### 2", "#### 2", "#### 2", "#### 3", "#### 2"]
+    _, result = evaluate_items(examples, fake_generator({"qx": votes}, tokens=2), "exact", num_samples=8)
+    assert result["maj_at"] == {"2": 0.0, "4": 0.0}  # 1,1 then 1,1,2,2 (tie, earliest = 1)
+    assert result["pass_at"] == {"2": 0.0, "4": 1.0}
+    assert result["maj_at_k"] == 1.0 and result["pass_at_k"] == 1.0
 
 
 def test_majority_value_ignores_missing_answers():
