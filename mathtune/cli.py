@@ -130,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     # signal.signal works in the main thread only (an embedding program may call main elsewhere)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
+        # Installed inside the try: a signal can land the instant the handler is in place (Python
+        # raises it right after the signal.signal call returns), and it must exit 130/143 like one
+        # that lands later, not escape main as a traceback.
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         return int(args._run(args) or 0)
     except MathtuneError as exc:
         if getattr(exc, "echo", True):  # False: another rank's failure, which rank 0 prints
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated", file=sys.stderr)
         return EXIT_SIGTERM
     finally:
-        if in_main_thread:
+        if in_main_thread:  # getsignal gives None for a handler not set from Python: the default then
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 

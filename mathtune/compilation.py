@@ -95,21 +95,27 @@ def inductor_compiler_missing(device: str) -> str | None:
     return f"torch.compile's inductor backend does not train on {kind}"
 
 
-def check_on(device: str, compiler_missing=inductor_compiler_missing) -> None:
-    """``--compile on`` where compiling cannot work: a one-line MathtuneError naming the flag and the fix."""
-    missing = compiler_missing(device)
-    if missing is not None:
+def check_compiler(setting: str, device: str) -> str | None:
+    """The compiler lookup ``--compile setting`` needs on ``device``, done once, before the model loads:
+    ``on`` where compiling cannot work is a one-line MathtuneError naming the flag and the fix; else why
+    inductor cannot build kernels here (``decide`` keeps auto off with it), or None. ``off`` looks nothing up."""
+    if setting == "off":
+        return None
+    missing = inductor_compiler_missing(device)
+    if setting == "on" and missing is not None:
         raise MathtuneError(f"--compile on: {missing}; or use --compile off")
+    return missing
 
 
 def decide(setting: str, *, device: str, precision: str, planned_steps: int, rows_per_step: int, world_size: int,
-           max_time: float | None, compiler_missing=inductor_compiler_missing) -> CompileDecision:
-    """The --compile setting resolved for this run. ``on`` where it cannot work is a MathtuneError;
-    ``auto`` says which condition kept it off."""
+           max_time: float | None, compiler_missing: str | None) -> CompileDecision:
+    """The --compile setting resolved for this run; ``compiler_missing`` is ``check_compiler``'s answer for
+    this setting and device (the lookup is not repeated here). ``auto`` says which condition kept it off."""
     if setting == "off":
         return CompileDecision(False, "--compile off")
     if setting == "on":
-        check_on(device, compiler_missing)
+        if compiler_missing is not None:  # check_compiler raised this already where it was called first
+            raise MathtuneError(f"--compile on: {compiler_missing}; or use --compile off")
         return CompileDecision(True, "--compile on")
     if setting != "auto":
         raise MathtuneError(f"--compile {setting!r} is not one of {', '.join(COMPILE_SETTINGS)}")
@@ -120,9 +126,8 @@ def decide(setting: str, *, device: str, precision: str, planned_steps: int, row
                                       f"{kind}; --compile on to try it")
     if world_size > 1:
         return CompileDecision(False, f"auto: {world_size} processes (measured in one); --compile on to try it")
-    missing = compiler_missing(device)
-    if missing is not None:
-        return CompileDecision(False, f"auto: {missing}")
+    if compiler_missing is not None:
+        return CompileDecision(False, f"auto: {compiler_missing}")
     needed = auto_threshold_steps(rows_per_step)
     # with --max-time the steps the budget buys are known only after a few steps: decide on the step cap
     planned = f"{planned_steps:,} planned steps{' (the step cap; --max-time may stop sooner)' if max_time else ''}"

@@ -7,8 +7,8 @@ named in the run's ``mathtune_config.yaml``. Training time comes from ``metrics.
 ``training.callbacks.StepCallback.on_log``), so the x axis is what a checkpoint cost to reach.
 
 Only comparable points share a line (a ``CurveGroup``): the same task, the same items
-(``items_sha``), the same protocol, calculator and ``max_new_tokens``, greedy decoding (temperature
-0, one sample). Every summary that is not on a line is listed with the reason, so a moved run dir or
+(``items_sha``), the same protocol, calculator, ``max_new_tokens`` and precision (bf16 and fp32
+weights give different greedy outputs), greedy decoding (temperature 0, one sample). Every summary that is not on a line is listed with the reason, so a moved run dir or
 a sampled eval is visible rather than silently missing.
 
 report.py draws and prints what this module collects; nothing here writes files.
@@ -39,6 +39,7 @@ class CurveKey:
     protocol: str
     calculator: bool
     max_new_tokens: int | None
+    precision: str | None  # the weights' dtype the eval ran in (fp32, bf16, fp16); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,8 @@ def _key(summary: dict) -> CurveKey:
     generation = summary["generation"]
     return CurveKey(task=str(summary["task"]), items_sha=str(summary["items_sha"]),
                     protocol=str(summary.get("protocol", "chat")),  # summaries before protocols: chat
-                    calculator=bool(generation["calculator"]), max_new_tokens=generation.get("max_new_tokens"))
+                    calculator=bool(generation["calculator"]), max_new_tokens=generation.get("max_new_tokens"),
+                    precision=summary.get("precision"))  # evaluation.evaluate_model records it
 
 
 def collect(run_dir, metrics: list[dict], settings: dict) -> LearningCurves:
@@ -239,6 +241,9 @@ def group_label(group: CurveGroup, groups: list[CurveGroup]) -> str:
         label += f", protocol {key.protocol}"
     if len({g.key.max_new_tokens for g in groups}) > 1:
         label += f", max {key.max_new_tokens} new tokens"
-    if len({(g.key.task, g.n, g.key.calculator, g.key.protocol, g.key.max_new_tokens) for g in groups}) < len(groups):
+    if len({g.key.precision for g in groups}) > 1:
+        label += f", {key.precision or 'precision not recorded'}"
+    if len({(g.key.task, g.n, g.key.calculator, g.key.protocol, g.key.max_new_tokens, g.key.precision)
+            for g in groups}) < len(groups):
         label += f", items {key.items_sha[:8]}"  # same size, different items: the hash tells them apart
     return label

@@ -7,7 +7,7 @@ Phases: sample ``num_samples`` completions per training question (temperature 0.
 same batched Generator as eval, calculator and loop stop included) -> judge each with the task's
 rule (flexible extraction, as ``accuracy`` scores) -> turn each correct one into a training target
 in the task's format (``--target-format``/``--strip-calculator`` applied exactly as to the gold rows:
-``tasks.gsm8k.format_target``) -> keep the distinct ones -> append each question's gold row and kept ones to
+the task's ``training_target``) -> keep the distinct ones -> append each question's gold row and kept ones to
 ``--output`` as soon as its group of questions is sampled (JSONL, ``{"question", "answer"}``,
 readable by the gsm8k and file tasks; flushed to disk, so an interrupted run keeps what it sampled
 and ``--resume`` samples only the rest, drawing exactly what an uninterrupted run would) -> print
@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 from mathtune.config import ModelSettings, setting
 from mathtune.errors import ConfigError, MathtuneError
-
+from mathtune.tasks import Task
 
 
 @dataclass
@@ -111,12 +111,9 @@ class Selection:
 
 
 def select_solutions(examples: Sequence, samples: Sequence[Sequence[str]], loops: Sequence[Sequence[bool]] | None,
-                     is_correct: Callable[[str, object], bool], *, target_format: str = "full",
-                     strip_calc: bool = False) -> Selection:
-    """The distinct correct samples of each example, as targets in the task's format (see the module
-    docstring); ``examples`` hold their gold targets in that format already (the task made them)."""
-    from mathtune.tasks.gsm8k import format_target
-
+                     is_correct: Callable[[str, object], bool], task: Task) -> Selection:
+    """The distinct correct samples of each example, as targets in the task's format (``task.training_target``,
+    see the module docstring); ``examples`` hold their gold targets in that format already (the task made them)."""
     kept: list[list[str]] = []
     rejected: Counter = Counter()
     for i, (example, texts) in enumerate(zip(examples, samples)):
@@ -133,7 +130,7 @@ def select_solutions(examples: Sequence, samples: Sequence[Sequence[str]], loops
             if target is None:
                 rejected["not a valid target"] += 1
                 continue
-            target = format_target(target, strip_calc=strip_calc, target_format=target_format)
+            target = task.training_target(target)
             if target is None:
                 rejected["no <<calculation>> (equations-drop)"] += 1
                 continue
@@ -340,9 +337,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
                     if index < done:
                         continue
                     selection = select_solutions([example], [outputs[offset]],
-                                                 None if loops is None else [loops[offset]], judge_fn,
-                                                 target_format=config.target_format,
-                                                 strip_calc=config.strip_calculator)
+                                                 None if loops is None else [loops[offset]], judge_fn, task)
                     mine = _question_rows(index, example, selection.kept[0], selection.rejected,
                                           recorded if index == 0 else None)
                     finished.append(mine)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,12 +100,20 @@ def test_version_and_exit_codes(tmp_path):
     assert "exit status: 0 success, 1" in help_text and "143" in help_text
 
 
-def _catches_sigterm(pid: int) -> bool:
-    """Has the process installed a SIGTERM handler (mathtune.cli.main has started)? Linux /proc."""
+def _catches(pid: int, signum: int) -> bool:
+    """Has the process installed a handler for ``signum``? Linux /proc/PID/status, SigCgt bit signum - 1."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
     return False
+
+
+def _default_sigint():
+    # A shell that starts the suite in the background (`make test &` in a script) hands it SIGINT
+    # ignored, an ignored signal stays ignored across exec, and Python then installs no Ctrl-C
+    # handler: the child would sit out the SIGINT and fail on the empty stdin (exit 1). A terminal's
+    # Ctrl-C reaches a process whose SIGINT is at its default, so give the child that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waits on /proc/PID/status")
@@ -113,10 +122,13 @@ def test_signals_exit_128_plus_the_signal(signum, code):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
     # `ask` with no questions reads stdin: it blocks there, inside main, until the signal
     proc = subprocess.Popen([sys.executable, "-m", "mathtune", "ask", "no-such-model"], cwd=REPO_ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
+        # Ready: main has installed its SIGTERM handler (inside its try, so even a signal that lands
+        # at once is answered with 128 + N), and the signal about to be sent is caught, not ignored.
         deadline = time.monotonic() + 60
-        while not _catches_sigterm(proc.pid):
+        while not (_catches(proc.pid, signal.SIGTERM) and _catches(proc.pid, signum)):
             assert proc.poll() is None and time.monotonic() < deadline, "mathtune never reached main()"
             time.sleep(0.05)
         proc.send_signal(signum)
@@ -125,3 +137,21 @@ def test_signals_exit_128_plus_the_signal(signum, code):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == code and "Traceback" not in err
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signal handlers: main thread")
+def test_a_signal_landing_as_main_installs_its_handler_still_exits_143(tmp_path, monkeypatch):
+    """The SIGTERM the test above sends may arrive the instant main's handler is in place: Python runs
+    the handler right after signal.signal returns, and that must be inside main's try (143, no traceback)."""
+    install = signal.signal
+
+    def install_then_signal(signum, handler):
+        previous = install(signum, handler)
+        if signum == signal.SIGTERM and handler is cli._raise_terminated:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, delivered to this process
+        return previous
+
+    monkeypatch.setattr(signal, "signal", install_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["report", str(tmp_path)]) == cli.EXIT_SIGTERM  # never reaches report: 1 if it did
+    assert signal.getsignal(signal.SIGTERM) == before  # main put the previous handler back

@@ -15,13 +15,10 @@ from mathtune.errors import ConfigError, MathtuneError
 
 from conftest import tiny_train_config
 
-# a cheap stand-in for the compiler lookup where the test is about the rule, not the machine
-COMPILER_FOUND = lambda device: None  # noqa: E731
-
-
 def decide(setting="auto", **overrides):
+    # compiler_missing=None: check_compiler found one (the test is about the rule, not the machine)
     settings = dict(device="cpu", precision="bf16", planned_steps=1308, rows_per_step=8, world_size=1,
-                    max_time=None, compiler_missing=COMPILER_FOUND)
+                    max_time=None, compiler_missing=None)
     settings.update(overrides)
     return compilation.decide(setting, **settings)
 
@@ -70,7 +67,7 @@ def test_auto_stays_off_for_a_budget_too_short_to_earn_the_compile_back():
     (dict(device="cuda:0"), "this run is bf16 on cuda"),
     (dict(device="mps", precision="fp32"), "this run is fp32 on mps"),
     (dict(world_size=2), "2 processes"),
-    (dict(compiler_missing=lambda device: "no C++ compiler 'g++'"), "no C++ compiler 'g++'"),
+    (dict(compiler_missing="no C++ compiler 'g++'"), "no C++ compiler 'g++'"),
 ])
 def test_auto_stays_off_where_the_gain_is_unmeasured_or_compiling_cannot_work(overrides, why):
     decision = decide(**overrides)
@@ -90,16 +87,20 @@ def test_on_without_a_cpu_compiler_is_a_one_line_error_naming_the_flag(monkeypat
     monkeypatch.setenv("CXX", "no-such-compiler-for-mathtune")
     assert "no-such-compiler-for-mathtune" in compilation.inductor_compiler_missing("cpu")
     with pytest.raises(MathtuneError) as err:
-        decide("on", compiler_missing=compilation.inductor_compiler_missing)
+        compilation.check_compiler("on", "cpu")
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("--compile on: no C++ compiler 'no-such-compiler-for-mathtune'")
     assert "set CXX" in message and "--compile off" in message
+    # auto takes the same answer as a reason to stay off; off looks nothing up
+    missing = compilation.check_compiler("auto", "cpu")
+    assert not decide(compiler_missing=missing).enabled and "no-such-compiler-for-mathtune" in missing
+    assert compilation.check_compiler("off", "cpu") is None
 
 
 def test_on_for_mps_is_refused():
     with pytest.raises(MathtuneError, match="--compile on: .* does not train on mps"):
-        decide("on", device="mps", compiler_missing=compilation.inductor_compiler_missing)
+        compilation.check_compiler("on", "mps")
 
 
 def test_train_setup_refuses_compile_on_without_compiler_before_loading_the_model(monkeypatch, tmp_path):
@@ -149,6 +150,23 @@ def test_start_summary_says_whether_and_why(tiny_model_dir, tmp_path, one_thread
     # nothing was compiled: the layers run as they were built
     assert all(getattr(layer, "_compiled_call_impl", None) is None
                for layer in compilation.decoder_layers(session.model))
+
+
+def test_setup_looks_the_compiler_up_once_and_decides_on_that_answer(tiny_model_dir, tmp_path, one_thread,
+                                                                     monkeypatch):
+    from mathtune import training
+
+    lookups = []
+
+    def found(device):
+        lookups.append(device)
+        return None
+
+    monkeypatch.setattr(compilation, "inductor_compiler_missing", found)
+    session = training.setup(tiny_train_config(tiny_model_dir, tmp_path / "run", compile="on"))
+    session.files.unlock()
+    assert lookups == ["cpu"]  # before the model loaded, and not again when --compile was decided
+    assert session.compile.summary_line() == "compile: on (--compile on)"
 
 
 def _train(tiny_model_dir, out, setting: str):

@@ -169,6 +169,21 @@ def test_only_comparable_evals_share_a_line(curve_run, extra_evals, tiny_model_d
     assert "`eval/extra/sampled/gsm-run-unit-conversion.summary.json`: sampled (temperature 0.8, 2 samples)" in text
 
 
+def test_evals_in_another_precision_draw_their_own_line(curve_run, extra_evals, one_thread):
+    """checkpoint-4 and the final model evaluated again in bf16: the same items and settings as the fp32
+    evals in eval/curve, so precision alone keeps them off the fp32 line (else step 4 would be a duplicate)."""
+    for spec in (curve_run / "checkpoint-4", curve_run):
+        assert run_eval(spec, extra_evals / "bf16", precision="bf16")["precision"] == "bf16"
+    curves = collect(curve_run, read_metrics(curve_run), {})
+    lines = {g.key.precision: [p.step for p in g.points] for g in curves.groups}
+    assert lines == {"fp32": [2, 4, 5], "bf16": [4, 5]}
+    assert all(not g.left_out for g in curves.groups)
+    assert {g.key.items_sha for g in curves.groups} == {curves.groups[0].key.items_sha}  # the same items
+    text = write_report(curve_run).read_text()
+    assert "### unit-conversion, 6 items, calculator on, fp32" in text
+    assert "### unit-conversion, 6 items, calculator on, bf16" in text
+
+
 def test_the_same_step_twice_keeps_the_newest_and_says_so(curve_run, extra_evals, one_thread):
     run_eval(curve_run / "checkpoint-4", extra_evals / "again")
     [group] = [g for g in collect(curve_run, read_metrics(curve_run), {}).groups]

@@ -29,7 +29,7 @@ def test_selection_keeps_distinct_correct_solutions_in_the_task_format():
         "7 7 7 7",  # a loop (flagged below): never kept
     ]]
     loops = [[False] * 7 + [True]]
-    selection = select_solutions([GOLD], samples, loops, task_judge("exact"))
+    selection = select_solutions([GOLD], samples, loops, task_judge("exact"), get_task("gsm8k"))
     assert selection.kept == [[
         "He has 3+4=<<3+4=7>>7 apples.\n#### 7",
         "So the answer is 7.\n#### 7",
@@ -133,6 +133,25 @@ def test_sampled_correct_solutions_from_a_scripted_generator(train_file, tmp_pat
     assert result["rejected"] == {"wrong": 8, "duplicate": 1}
     new = [r["answer"] for r in rows_of(out) if "new_solutions" not in r["rft"]]
     assert new == ["2+3=5\n#### 5", "5\n#### 5", "15 pens\n#### 15"]
+
+
+def test_other_tasks_make_sampled_targets_as_they_make_their_gold_rows(train_file, tmp_path):
+    """Through the task's training_target: task 'file' strips the annotations (--strip-calculator) from
+    the samples as from its gold rows and knows no equation chains; unit-conversion keeps the text."""
+    sample = "So 2+3=<<2+3=5>>5 pens.\n#### 5"
+    stripping = get_task("file", train_file=str(train_file), strip_calculator=True)
+    gold = stripping.examples("train")[0]
+    assert gold.answer_text == "2+3=5\n#### 5"  # the gold row, stripped by the task's reader
+    kept = select_solutions([gold], [[sample]], None, task_judge("exact"), stripping).kept
+    assert kept == [["So 2+3=5 pens.\n#### 5"]]  # not a chain, and stripped like the gold row
+    generated = get_task("unit-conversion")
+    kept = select_solutions([gold], [[sample]], None, task_judge(generated.judge_rule), generated).kept
+    assert kept == [[sample]]
+    stripping.target_format = "equations"  # a format the task cannot make: an error, not full targets
+    with pytest.raises(MathtuneError, match="--target-format equations applies to --task gsm8k"):
+        select_solutions([gold], [[sample]], None, task_judge("exact"), stripping)
+    with pytest.raises(MathtuneError, match="task 'file' takes --target-format full"):
+        get_task("file", train_file=str(train_file), target_format="equations-drop")
 
 
 # ------------------------------------------------------------------ appending as it goes, --resume
@@ -302,7 +321,7 @@ def test_equation_chain_samples_are_judged_and_kept_as_chains():
     """With the task's own judge (flexible extraction) the '#### N' after a chain is the answer; the
     kept targets are chains in the equations format, distinct after that format."""
     selection = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"),
-                                 target_format="equations")
+                                 get_task("gsm8k", target_format="equations"))
     assert selection.kept == [[
         "<<30*0.5=15>> <<15+30=45>> #### 45",
         "<<30-15=15>> <<15*3=45>> #### 45",
@@ -311,11 +330,11 @@ def test_equation_chain_samples_are_judged_and_kept_as_chains():
     ]]
     assert selection.rejected == {"duplicate": 3, "wrong": 1}
     dropping = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"),
-                                target_format="equations-drop")
+                                get_task("gsm8k", target_format="equations-drop"))
     assert dropping.kept == [selection.kept[0][:3]]
     assert dropping.rejected == {"duplicate": 3, "wrong": 1, "no <<calculation>> (equations-drop)": 1}
     # in the full format the worded samples stay worded, so the 2nd worded one is a solution of its own
-    full = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"))
+    full = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"), get_task("gsm8k"))
     assert EQUATION_SAMPLES[6] in full.kept[0] and full.rejected == {"duplicate": 2, "wrong": 1}
 
 
@@ -323,7 +342,7 @@ def test_the_equations_format_is_idempotent_on_its_own_targets():
     from mathtune.tasks.gsm8k import check_row, format_target
 
     selection = select_solutions([CHAIN_GOLD], [EQUATION_SAMPLES], None, task_judge("exact"),
-                                 target_format="equations")
+                                 get_task("gsm8k", target_format="equations"))
     for target in [CHAIN_GOLD.answer_text, *selection.kept[0]]:
         _question, checked, _gold = check_row({"question": "q", "answer": target})
         for fmt in ("equations", "equations-drop"):

@@ -31,9 +31,17 @@ class Task:
     calculator_by_default = False  # targets carry <<a*b=c>> annotations: calculator-assisted decoding on
     hub_dataset: str | None = None  # the Hugging Face dataset id its rows come from (a model card names it)
     supports_rft = True  # rejection-sampling fine-tuning (mathtune rft) can sample answers to its questions
+    target_formats: tuple[str, ...] = ("full",)  # --target-format values it can make ("full": solutions as written)
 
     def __init__(self) -> None:
         self._cache: dict[str, list[Example]] = {}
+
+    def training_target(self, answer_text: str) -> str | None:
+        """A checked solution (ending in ``#### N``) as this task's training target, made the way its
+        gold rows' targets are: ``mathtune rft`` turns each correct sample into one with it, so the
+        file it writes holds gold rows and samples in one format. None: the task's format drops it.
+        A generated task writes its targets itself and has no target settings: the text unchanged."""
+        return answer_text
 
     def examples(self, split: str) -> list[Example]:
         """The full split in a deterministic order; loaded once, then served from memory."""
@@ -56,6 +64,16 @@ class FileBackedTask(Task):
         self.files = {"train": train_file, "eval": eval_file}
         self.strip_calculator = strip_calculator  # drop GSM8K's <<48/2=24>> annotations from answers
         self.target_format = target_format  # full | equations | equations-drop (tasks.gsm8k.TARGET_FORMATS)
+
+    def training_target(self, answer_text: str) -> str | None:
+        """``--target-format`` then ``--strip-calculator``, as the task's reader applies them to every gold
+        row (both file-backed tasks build their rows with ``tasks.gsm8k.make_example``)."""
+        if self.target_format not in self.target_formats:
+            raise MathtuneError(f"--target-format {self.target_format} applies to --task gsm8k (GSM8K-format "
+                                f"files); task {self.name!r} takes --target-format full")
+        from mathtune.tasks.gsm8k import format_target
+
+        return format_target(answer_text, strip_calc=self.strip_calculator, target_format=self.target_format)
 
 
 def task_from_config(config, *, train_file: bool = True) -> Task:
@@ -104,7 +122,7 @@ def get_task(
 
         return GSM8KTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
                          target_format=target_format)
-    if target_format != "full":
+    if target_format not in task_class(name).target_formats:
         # only GSM8K solutions carry the <<expr=result>> chains an equations target is made of
         raise MathtuneError(f"--target-format {target_format} applies to --task gsm8k (GSM8K-format files); "
                             f"task {name!r} takes --target-format full")

@@ -224,6 +224,7 @@ class GSM8KTask(FileBackedTask):
     judge_rule = "exact"
     calculator_by_default = True  # GSM8K solutions carry <<48/2=24>> annotations
     hub_dataset = "openai/gsm8k"
+    target_formats = TARGET_FORMATS
 
     def _load(self, split: str) -> list[Example]:
         path = self.files[split]

@@ -163,8 +163,9 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     dir is written only once model and data have loaded (a failed load leaves no half-prepared dir).
     """
     placement = _setup_placement(config, placement)
-    if config.compile == "on":
-        compilation.check_on(placement.device)  # a missing compiler fails before the model loads
+    # the compiler lookup, once: --compile on without a compiler fails before the model loads, and
+    # _setup_compile decides auto on the same answer
+    compiler_missing = compilation.check_compiler(config.compile, placement.device)
     run, resume_from = _setup_run_dir_checks(config)
     model, tokenizer = _setup_model(config, placement)
     data = _setup_data(config, tokenizer)
@@ -177,7 +178,7 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     planned_steps, budget = _setup_time_budget(config, len(data.rows))
     callbacks = _setup_callbacks(config, placement, run, tokenizer, data, budget, seconds_offset)
     trainer = _setup_trainer(config, placement, run, model, tokenizer, data, callbacks, budget, report_to)
-    compile_decision = _setup_compile(config, placement, model, planned_steps)
+    compile_decision = _setup_compile(config, placement, model, planned_steps, compiler_missing)
     return TrainingSession(config=config, placement=placement, run_dir=run.root, resume_from=resume_from,
                            model=model, tokenizer=tokenizer, data=data, planned_steps=planned_steps,
                            callbacks=callbacks, trainer=trainer, compile=compile_decision)
@@ -318,12 +319,14 @@ def _setup_run_dir(config: TrainConfig, run: RunDir, resume_from: str | None) ->
     return distributed.on_main(prepare)
 
 
-def _setup_compile(config: TrainConfig, placement: Placement, model, planned_steps: int) -> CompileDecision:
-    """--compile resolved (mathtune/compilation.py); when on, the decoder layers compiled in place (lazily:
-    the compiling happens in the first training step, inside trainer.train())."""
+def _setup_compile(config: TrainConfig, placement: Placement, model, planned_steps: int,
+                   compiler_missing: str | None) -> CompileDecision:
+    """--compile resolved (mathtune/compilation.py) on setup's compiler lookup; when on, the decoder layers
+    compiled in place (lazily: the compiling happens in the first training step, inside trainer.train())."""
     decision = compilation.decide(config.compile, device=placement.device, precision=placement.precision,
                                   planned_steps=planned_steps, rows_per_step=config.rows_per_step,
-                                  world_size=distributed.world_size(), max_time=config.max_time)
+                                  world_size=distributed.world_size(), max_time=config.max_time,
+                                  compiler_missing=compiler_missing)
     if decision.enabled:
         compilation.compile_decoder_layers(model)
     return decision
