@@ -15,9 +15,9 @@ runs such code with ``torch.compiler.set_stance("force_eager")``, so the compile
 neither recompiled nor used there.
 
 Compiled layers train the same with gradient checkpointing (transformers checkpoints inside the
-layer's forward, which dynamo traces) and on the shared-prefix path (a batch-1 prefix pass with a KV
-cache: two more graphs, no graph break); both were run compiled against eager in fp32 with equal
-losses, the shared-prefix one in tests/test_compilation.py, so neither turns ``auto`` off.
+layer's forward, which dynamo traces). The shared-prefix pass (a batch-1 prefix pass with a KV cache)
+is turned off when the layers are compiled: dynamo guards on each layer's slot in the cache, so every
+layer recompiled until the recompile limit, and the run was slower than eager (training/recipe.py).
 
 ``auto`` turns compiling on only where it was measured to pay back its cost within the run (the
 rule and its arithmetic are at ``AUTO_MARGIN`` below).

@@ -169,6 +169,19 @@ def test_setup_looks_the_compiler_up_once_and_decides_on_that_answer(tiny_model_
     assert session.compile.summary_line() == "compile: on (--compile on)"
 
 
+def test_compiled_layers_train_without_the_shared_prefix_pass(tiny_model_dir, tmp_path, one_thread, monkeypatch):
+    # its KV cache makes dynamo recompile every layer on its cache slot: compiled runs skip the pass
+    from mathtune import training
+
+    monkeypatch.setattr(compilation, "inductor_compiler_missing", lambda device: None)
+    sessions = {}
+    for setting in ("off", "on"):
+        sessions[setting] = training.setup(tiny_train_config(tiny_model_dir, tmp_path / setting, compile=setting))
+        sessions[setting].files.unlock()
+    assert sessions["off"].trainer.shared_prefix  # the tiny model takes the pass when eager
+    assert not sessions["on"].trainer.shared_prefix
+
+
 def _train(tiny_model_dir, out, setting: str):
     from mathtune import training
     from mathtune.guards import CollapseDetector

@@ -179,6 +179,13 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     callbacks = _setup_callbacks(config, placement, run, tokenizer, data, budget, seconds_offset)
     trainer = _setup_trainer(config, placement, run, model, tokenizer, data, callbacks, budget, report_to)
     compile_decision = _setup_compile(config, placement, model, planned_steps, compiler_missing)
+    if compile_decision.enabled and trainer.shared_prefix:
+        # The shared-prefix pass hands every layer a KV cache, and dynamo guards on the layer's slot
+        # in it (layer_idx): each compiled layer recompiles until dynamo's recompile limit (8), and
+        # the others fall back to eager. On the train bench (256 GSM8K rows, 32 steps, BENCHMARKS.md)
+        # compiled with the pass took 200.8 s, compiled without it 134.4 s, eager 148-153 s either way.
+        trainer.shared_prefix = False
+        print("shared prefix: off (compiled layers would recompile on its KV cache)")
     return TrainingSession(config=config, placement=placement, run_dir=run.root, resume_from=resume_from,
                            model=model, tokenizer=tokenizer, data=data, planned_steps=planned_steps,
                            callbacks=callbacks, trainer=trainer, compile=compile_decision)
