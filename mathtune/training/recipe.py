@@ -177,15 +177,9 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     report_to = _setup_report_to(config)
     planned_steps, budget = _setup_time_budget(config, len(data.rows))
     callbacks = _setup_callbacks(config, placement, run, tokenizer, data, budget, seconds_offset)
-    trainer = _setup_trainer(config, placement, run, model, tokenizer, data, callbacks, budget, report_to)
     compile_decision = _setup_compile(config, placement, model, planned_steps, compiler_missing)
-    if compile_decision.enabled and trainer.shared_prefix:
-        # The shared-prefix pass hands every layer a KV cache, and dynamo guards on the layer's slot
-        # in it (layer_idx): each compiled layer recompiles until dynamo's recompile limit (8), and
-        # the others fall back to eager. On the train bench (256 GSM8K rows, 32 steps, BENCHMARKS.md)
-        # compiled with the pass took 200.8 s, compiled without it 134.4 s, eager 148-153 s either way.
-        trainer.shared_prefix = False
-        print("shared prefix: off (compiled layers would recompile on its KV cache)")
+    trainer = _setup_trainer(config, placement, run, model, tokenizer, data, callbacks, budget, report_to,
+                             compiled=compile_decision.enabled)
     return TrainingSession(config=config, placement=placement, run_dir=run.root, resume_from=resume_from,
                            model=model, tokenizer=tokenizer, data=data, planned_steps=planned_steps,
                            callbacks=callbacks, trainer=trainer, compile=compile_decision)
@@ -400,14 +394,18 @@ def _setup_callbacks(config: TrainConfig, placement: Placement, run: RunDir, tok
 
 
 def _setup_trainer(config: TrainConfig, placement: Placement, run: RunDir, model, tokenizer, data: TrainingData,
-                   callbacks: TrainingCallbacks, budget: TimeBudget | None, report_to: list[str]) -> MathtuneTrainer:
+                   callbacks: TrainingCallbacks, budget: TimeBudget | None, report_to: list[str],
+                   compiled: bool) -> MathtuneTrainer:
     args = _training_arguments(config, run.root, placement.device, placement.precision, report_to)
     # the LM head only at supervised positions, where the model's forward can take that mask
     supervised_logits = config.supervised_logits and takes_logits_mask(model)
     # a second forward pass per micro-batch: kept to one process (DDP/FSDP hook their own forward)
-    # and off with checkpointing (transformers drops the cache inside checkpointed layers)
+    # and off with checkpointing (transformers drops the cache inside checkpointed layers). Off for
+    # compiled layers too: dynamo guards on each layer's slot in the pass's KV cache (layer_idx), so
+    # every compiled layer recompiled until dynamo's limit (8). On the train bench (256 GSM8K rows, 32
+    # steps, BENCHMARKS.md) compiled with the pass took 200.8 s, without it 134.4 s, eager ~150 s either way.
     shared_prefix = (config.shared_prefix and supervised_logits and distributed.world_size() == 1
-                     and not config.gradient_checkpointing and takes_cache(model))
+                     and not config.gradient_checkpointing and not compiled and takes_cache(model))
     # rows per optimizer step: batch x accumulation x processes
     rows_per_step = config.batch_size * config.gradient_accumulation_steps * distributed.world_size()
     trainer = MathtuneTrainer(
