@@ -103,8 +103,13 @@ def check_compiler(setting: str, device: str) -> str | None:
         return None
     missing = inductor_compiler_missing(device)
     if setting == "on" and missing is not None:
-        raise MathtuneError(f"--compile on: {missing}; or use --compile off")
+        raise _on_refused(missing)
     return missing
+
+
+def _on_refused(missing: str) -> MathtuneError:
+    """The one-line error for ``--compile on`` where inductor cannot build kernels."""
+    return MathtuneError(f"--compile on: {missing}; or use --compile off")
 
 
 def decide(setting: str, *, device: str, precision: str, planned_steps: int, rows_per_step: int, world_size: int,
@@ -115,7 +120,7 @@ def decide(setting: str, *, device: str, precision: str, planned_steps: int, row
         return CompileDecision(False, "--compile off")
     if setting == "on":
         if compiler_missing is not None:  # check_compiler raised this already where it was called first
-            raise MathtuneError(f"--compile on: {compiler_missing}; or use --compile off")
+            raise _on_refused(compiler_missing)
         return CompileDecision(True, "--compile on")
     if setting != "auto":
         raise MathtuneError(f"--compile {setting!r} is not one of {', '.join(COMPILE_SETTINGS)}")

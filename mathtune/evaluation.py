@@ -228,7 +228,7 @@ def metrics(records: Sequence[dict], num_samples: int, judge_rule: str) -> dict:
         out["pass_at_k"] = sum(any(r["sample_correct"]) for r in records) / n
         out["maj_at_k"] = sum(r["majority_correct"] for r in records) / n
         prefixes = [j for j in (2 ** p for p in range(1, num_samples.bit_length())) if j < num_samples]
-        if prefixes and all("sample_extracted" in r for r in records):
+        if prefixes:
             out["maj_at"] = {str(j): sum(judge(majority_value(r["sample_extracted"][:j]), r["gold"], judge_rule)
                                          for r in records) / n for j in prefixes}
             out["pass_at"] = {str(j): sum(any(r["sample_correct"][:j]) for r in records) / n for j in prefixes}
