@@ -68,12 +68,19 @@ class FileBackedTask(Task):
     def training_target(self, answer_text: str) -> str | None:
         """``--target-format`` then ``--strip-calculator``, as the task's reader applies them to every gold
         row (both file-backed tasks build their rows with ``tasks.gsm8k.make_example``)."""
-        if self.target_format not in self.target_formats:
-            raise MathtuneError(f"--target-format {self.target_format} applies to --task gsm8k (GSM8K-format "
-                                f"files); task {self.name!r} takes --target-format full")
+        check_target_format(self.name, self.target_formats, self.target_format)
         from mathtune.tasks.gsm8k import format_target
 
         return format_target(answer_text, strip_calc=self.strip_calculator, target_format=self.target_format)
+
+
+def check_target_format(task_name: str, formats: tuple[str, ...], target_format: str) -> None:
+    """Refuse a ``--target-format`` the task cannot make: only GSM8K solutions carry the <<expr=result>>
+    chains an equations target is made of (checked when the task is built and again when ``rft`` asks a
+    task, whose format may have been set after, for a sample's target)."""
+    if target_format not in formats:
+        raise MathtuneError(f"--target-format {target_format} applies to --task gsm8k (GSM8K-format files); "
+                            f"task {task_name!r} takes --target-format full")
 
 
 def task_from_config(config, *, train_file: bool = True) -> Task:
@@ -122,10 +129,7 @@ def get_task(
 
         return GSM8KTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
                          target_format=target_format)
-    if target_format not in task_class(name).target_formats:
-        # only GSM8K solutions carry the <<expr=result>> chains an equations target is made of
-        raise MathtuneError(f"--target-format {target_format} applies to --task gsm8k (GSM8K-format files); "
-                            f"task {name!r} takes --target-format full")
+    check_target_format(name, task_class(name).target_formats, target_format)
     if name == "unit-conversion":
         if train_file is not None or eval_file is not None:
             # silently ignoring the files would train on data the user did not ask for
