@@ -78,6 +78,19 @@ def test_gsm8k_blank_lines_are_skipped_but_counted(tmp_path):
     assert [r.id for r in rows] == ["t.jsonl:2", "t.jsonl:5"]  # ids keep the real line numbers
 
 
+@pytest.mark.parametrize("task", ["gsm8k", "file"])
+def test_jsonl_lines_end_at_newline_only(tmp_path, task):
+    """JSON allows a raw U+2028 (and U+2029, \\x1c-\\x1e) inside a string, and json.dumps(...,
+    ensure_ascii=False) -- how mathtune rft writes its rows -- leaves it raw: a reader splitting lines
+    with str.splitlines() cut such a row in two ("not valid JSON"). CRLF files still read."""
+    odd = dict(ROWS[0], question="Ana has 3 boxes\u2028of 4 pens.\u2029 How many\x1c pens?")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(odd, ensure_ascii=False) + "\r\n" + json.dumps(ROWS[1]) + "\r\n", encoding="utf-8")
+    rows = get_task(task, train_file=path).examples("train")
+    assert [r.question for r in rows] == [odd["question"], ROWS[1]["question"]]
+    assert [r.id for r in rows] == ["rows.jsonl:1", "rows.jsonl:2"] and [r.gold for r in rows] == [12.0, 23.0]
+
+
 def test_strip_calculator_option(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", ROWS)
     kept = get_task("gsm8k", train_file=path).examples("train")

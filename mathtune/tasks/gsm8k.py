@@ -39,7 +39,10 @@ def read_text(path: Path, flag: str) -> str:
 
 def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
     """``(line_number, parsed_value)`` per non-blank line (1-based); broken JSON is an error."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines() would also split inside a string at a raw
+    # U+2028/U+2029 or \x1c-\x1e, which JSON allows unescaped (GSM8K's train split has a question with
+    # U+2028, and json.dumps(..., ensure_ascii=False) -- mathtune rft's output -- writes it raw).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines separate nothing and hold no data: allowed
         try:
