@@ -10,6 +10,7 @@ unreadable to the other users of a shared run or cache dir.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -93,3 +94,24 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# The signals mathtune turns into a clean stop (Ctrl-C, and SIGTERM from a scheduler or `timeout`).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def append_whole(sink, text: str) -> None:
+    """Append ``text`` (whole lines) to the open file ``sink``, flushed and fsynced, with SIGINT and SIGTERM
+    held until it is on disk: Python runs a signal handler inside a write that the signal interrupts
+    (the raw write returns EINTR), so a handler that raises would leave a torn last line, a file no JSON
+    Lines reader takes. Held, the signal is delivered when the lines are whole. Where the OS cannot hold
+    signals (Windows: no pthread_sigmask), the write is plain."""
+    hold = hasattr(signal, "pthread_sigmask")
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if hold else None
+    try:
+        sink.write(text)
+        sink.flush()
+        os.fsync(sink.fileno())
+    finally:
+        if hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)

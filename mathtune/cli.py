@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from mathtune.errors import ConfigError, MathtuneError
+from mathtune.errors import ConfigError, MathtuneError, Terminated
 from mathtune.run_dir import RunDir
 
 # Exit codes a script can act on: argparse already exits 2 on a usage error (unknown flag, bad
@@ -65,11 +65,6 @@ class MathtuneParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(hyphenate_flags(args), namespace)
-
-
-class Terminated(BaseException):
-    """SIGTERM outside training (which saves a checkpoint first, mathtune.interrupt): stop, exit 143.
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
 
 def _raise_terminated(signum, frame):

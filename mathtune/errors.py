@@ -34,6 +34,12 @@ class ConfigError(MathtuneError):
             super().__init__(f"{len(self.problems)} problems: " + "; ".join(self.problems))
 
 
+class Terminated(BaseException):
+    """SIGTERM outside training (which saves a checkpoint first, mathtune.interrupt): stop, exit 143.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it; raised by the
+    handler ``mathtune.cli`` installs, caught by a command that reports what it kept (``mathtune rft``)."""
+
+
 class TrainingHalted(MathtuneError):
     """A guard stopped training; the message names the likely cause and the fix."""
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mathtune.config import ModelSettings, setting
-from mathtune.errors import ConfigError, MathtuneError
+from mathtune.atomic import append_whole
+from mathtune.errors import ConfigError, MathtuneError, Terminated
 from mathtune.tasks import Task
 
 
@@ -275,8 +276,6 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     Generations`` defaults to the batched Generator on ``config.model`` (tests pass their own).
     With ``config.resume`` the questions ``config.output`` already holds are kept and not sampled again.
     """
-    import os
-
     from mathtune.data import take
     from mathtune.generation.settings import GenerationSettings, resolve_calculator
     from mathtune.progress import progress_reporter
@@ -342,15 +341,14 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
                                           recorded if index == 0 else None)
                     finished.append(mine)
                     rows += mine
-                # one write per group, flushed to disk: an interruption loses at most the group in flight
-                sink.write(_jsonl(rows))
-                sink.flush()
-                os.fsync(sink.fileno())
+                # one write per group, on disk whole before a stop signal is let in: an interruption
+                # loses at most the group in flight, and leaves a file the task readers take as it is
+                append_whole(sink, _jsonl(rows))
                 report.update(items=len(members) - max(0, done - first),
                               tokens=getattr(outputs, "tokens_generated", 0))
     except OSError as exc:
         raise MathtuneError(f"--output {output}: cannot write ({exc.strerror}); pick a writable path") from exc
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # Ctrl-C, or SIGTERM (`timeout`, a scheduler)
         report.close()
         print(f"rft: stopped with {len(finished)} of {len(examples)} questions in {output}; run the same command "
               f"with --resume to sample the rest", file=sys.stderr, flush=True)

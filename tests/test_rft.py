@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
-from mathtune.errors import ConfigError, MathtuneError
+from mathtune.cli import _raise_terminated
+from mathtune.errors import ConfigError, MathtuneError, Terminated
 from mathtune.generation.settings import Generations
 from mathtune.rft import RFTConfig, as_target, group_seed, run_rft, select_solutions, task_judge
 from mathtune.tasks import Example, get_task
@@ -227,6 +230,50 @@ def test_interrupted_run_keeps_what_it_sampled_and_resume_equals_an_uninterrupte
     assert part.read_text() == whole.read_text()
     assert resumed == {**expected, "output": str(part)}
     assert "rft: 1/1 questions (100%)" in capsys.readouterr().err
+
+
+class SignalMidWrite:
+    """The output file, with SIGTERM arriving halfway through the first write (as `timeout` or a scheduler
+    sends it): Python runs the handler at the next bytecode, inside the write, unless the signal is held."""
+
+    def __init__(self, handle):
+        self.handle, self.sent = handle, False
+
+    def write(self, text):
+        if self.sent:
+            return self.handle.write(text)
+        self.sent = True
+        self.handle.write(text[: len(text) // 2])
+        self.handle.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return self.handle.write(text[len(text) // 2:])
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_sigterm_during_a_write_leaves_whole_lines_and_says_how_to_resume(
+        tiny_model_dir, tiny_sampler, five_questions, tmp_path, capsys, monkeypatch):
+    """A stop signal is held while a group's rows are written: the file stays one a training run reads
+    (no torn last line), and SIGTERM reports what was kept like Ctrl-C does."""
+    monkeypatch.setattr("mathtune.rft.open", lambda *a, **k: SignalMidWrite(open(*a, **k)), raising=False)
+    out = tmp_path / "rft.jsonl"
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # as mathtune.cli.main installs it
+    try:
+        with pytest.raises(Terminated):
+            run_rft(rft_config(tiny_model_dir, five_questions, out), is_correct=everything_right,
+                    generator=tiny_sampler)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "stopped with 2 of 5 questions" in capsys.readouterr().err  # the first group, written whole
+    assert [r["rft"]["question"] for r in rows_of(out) if "new_solutions" in r["rft"]] == [0, 1]
+    assert len(get_task("gsm8k", train_file=out).examples("train")) == len(rows_of(out))
 
 
 @pytest.mark.parametrize("cut", ["torn last line", "a question's last sample line", "a whole question"])
