@@ -16,7 +16,7 @@ REQUIRED = (
     "smollm2-135m/lora-unit-conversion.yaml",
     "smollm2-135m/lora-gsm8k.yaml",
     "smollm2-135m/full-gsm8k.yaml",
-    "smollm2-135m/full-gsm8k-cpu.yaml",
+    "smollm2-135m/lora-gsm8k-cpu.yaml",
     "qwen2.5-0.5b/lora-gsm8k.yaml",
 )
 
