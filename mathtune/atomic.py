@@ -9,9 +9,11 @@ unreadable to the other users of a shared run or cache dir.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -104,14 +106,36 @@ def append_whole(sink, text: str) -> None:
     """Append ``text`` (whole lines) to the open file ``sink``, flushed and fsynced, with SIGINT and SIGTERM
     held until it is on disk: Python runs a signal handler inside a write that the signal interrupts
     (the raw write returns EINTR), so a handler that raises would leave a torn last line, a file no JSON
-    Lines reader takes. Held, the signal is delivered when the lines are whole. Where the OS cannot hold
-    signals (Windows: no pthread_sigmask), the write is plain."""
-    hold = hasattr(signal, "pthread_sigmask")
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if hold else None
-    try:
+    Lines reader takes. Held, the signal's handler runs once the lines are whole."""
+    with stop_signals_held():
         sink.write(text)
         sink.flush()
         os.fsync(sink.fileno())
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Run the block with SIGINT/SIGTERM's Python handlers deferred to its end.
+
+    Why not ``pthread_sigmask``: the mask is per thread, and a signal sent to the process (``kill``,
+    ``timeout``, a scheduler) goes to any thread that does not block it -- torch's intra-op threads, a
+    tokenizer's -- whose C-level handler flags it for the main thread, which then runs the Python handler
+    mid-write anyway. Swapping the Python handler holds the signal whichever thread the kernel picked.
+    Python handlers run in the main thread only, so elsewhere no handler can interrupt the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is None or handler is signal.SIG_IGN:  # set from C (cannot be put back) or ignored anyway
+            continue
+        previous[signum] = signal.signal(signum, lambda received, frame: caught.append(received))
+    try:
+        yield
     finally:
-        if hold:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):  # each once, in arrival order, to the handler it was meant for
+            signal.raise_signal(signum)

@@ -24,10 +24,11 @@ from contextlib import contextmanager
 from transformers import TrainerCallback
 
 from mathtune import distributed
+from mathtune.atomic import STOP_SIGNALS
 from mathtune.errors import MathtuneError
 
 # The shell's convention for "terminated by signal N": 128 + N (SIGINT 2 -> 130, SIGTERM 15 -> 143).
-EXIT_CODES = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
+EXIT_CODES = {signum: 128 + signum for signum in STOP_SIGNALS}
 
 
 class TrainingInterrupted(MathtuneError):
@@ -76,7 +77,7 @@ class InterruptCallback(TrainerCallback):
 
 
 @contextmanager
-def signals_stop_training(callback: InterruptCallback, signums=(signal.SIGTERM, signal.SIGINT)):
+def signals_stop_training(callback: InterruptCallback, signums=tuple(STOP_SIGNALS)):
     """Route SIGTERM/SIGINT to ``callback.request_stop`` while the block runs; a second one exits at once.
 
     Python only lets the main thread set handlers: elsewhere (mathtune.train() called from a worker

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -232,12 +233,26 @@ def test_interrupted_run_keeps_what_it_sampled_and_resume_equals_an_uninterrupte
     assert "rft: 1/1 questions (100%)" in capsys.readouterr().err
 
 
-class SignalMidWrite:
-    """The output file, with SIGTERM arriving halfway through the first write (as `timeout` or a scheduler
-    sends it): Python runs the handler at the next bytecode, inside the write, unless the signal is held."""
+def send_sigterm_to(thread_kind: str) -> None:
+    """SIGTERM to this (main) thread, or to another thread of the process, where the kernel may deliver a
+    signal sent to the process (`kill`, `timeout`): torch's and the test runner's threads do not block it."""
+    if thread_kind == "main thread":
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        return
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    signal.pthread_kill(other.ident, signal.SIGTERM)
+    release.set()
+    other.join()  # it ran the C-level handler before leaving the kernel: the main thread is flagged now
 
-    def __init__(self, handle):
-        self.handle, self.sent = handle, False
+
+class SignalMidWrite:
+    """The output file, with SIGTERM arriving halfway through the first write: Python runs the handler in
+    the main thread at its next bytecode, inside the write, unless the handler is held."""
+
+    def __init__(self, handle, thread_kind):
+        self.handle, self.thread_kind, self.sent = handle, thread_kind, False
 
     def write(self, text):
         if self.sent:
@@ -245,7 +260,7 @@ class SignalMidWrite:
         self.sent = True
         self.handle.write(text[: len(text) // 2])
         self.handle.flush()
-        os.kill(os.getpid(), signal.SIGTERM)
+        send_sigterm_to(self.thread_kind)
         return self.handle.write(text[len(text) // 2:])
 
     def __getattr__(self, name):
@@ -258,11 +273,13 @@ class SignalMidWrite:
         self.handle.close()
 
 
+@pytest.mark.parametrize("thread_kind", ["main thread", "another thread"])
 def test_sigterm_during_a_write_leaves_whole_lines_and_says_how_to_resume(
-        tiny_model_dir, tiny_sampler, five_questions, tmp_path, capsys, monkeypatch):
+        tiny_model_dir, tiny_sampler, five_questions, tmp_path, capsys, monkeypatch, thread_kind):
     """A stop signal is held while a group's rows are written: the file stays one a training run reads
     (no torn last line), and SIGTERM reports what was kept like Ctrl-C does."""
-    monkeypatch.setattr("mathtune.rft.open", lambda *a, **k: SignalMidWrite(open(*a, **k)), raising=False)
+    monkeypatch.setattr("mathtune.rft.open", lambda *a, **k: SignalMidWrite(open(*a, **k), thread_kind),
+                        raising=False)
     out = tmp_path / "rft.jsonl"
     previous = signal.signal(signal.SIGTERM, _raise_terminated)  # as mathtune.cli.main installs it
     try:
