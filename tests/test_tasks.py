@@ -91,6 +91,23 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, task):
     assert [r.id for r in rows] == ["rows.jsonl:1", "rows.jsonl:2"] and [r.gold for r in rows] == [12.0, 23.0]
 
 
+
+@pytest.mark.parametrize("task", ["gsm8k", "file"])
+def test_a_torn_last_line_says_it_was_cut_short_and_how_to_mend_it(tmp_path, task):
+    """A writer killed mid-line (SIGKILL, a full disk) leaves half a row and no newline after it: the
+    error says so and names the mends, instead of a bare "not valid JSON"; a broken line in the middle
+    of a file keeps the plain message."""
+    whole = json.dumps(ROWS[0]) + "\n"
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(whole + json.dumps(ROWS[1])[:25], encoding="utf-8")
+    with pytest.raises(InputError, match="the last line is cut short .*--resume") as info:
+        get_task(task, train_file=torn).examples("train")
+    assert info.value.line == 2
+    ended = tmp_path / "ended.jsonl"  # the same broken row, but a newline after it: not a torn write
+    ended.write_text(whole + json.dumps(ROWS[1])[:25] + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match="not valid JSON"):
+        get_task(task, train_file=ended).examples("train")
+
 def test_strip_calculator_option(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", ROWS)
     kept = get_task("gsm8k", train_file=path).examples("train")

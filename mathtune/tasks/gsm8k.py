@@ -42,13 +42,19 @@ def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
     # Lines end at "\n" only (JSON Lines): str.splitlines() would also split inside a string at a raw
     # U+2028/U+2029 or \x1c-\x1e, which JSON allows unescaped (GSM8K's train split has a question with
     # U+2028, and json.dumps(..., ensure_ascii=False) -- mathtune rft's output -- writes it raw).
-    for number, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue  # blank lines separate nothing and hold no data: allowed
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            reason = f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
+            if number == len(lines):  # broken, and no newline after it: its writer stopped mid-line
+                reason = (f"the last line is cut short ({err.msg} at column {err.colno}, no newline after it: "
+                          f"its writer was stopped mid-line); delete that line, or rerun what wrote the file "
+                          f"(mathtune rft: the same command with --resume)")
+            else:
+                reason = f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
             raise InputError(path, number, reason) from err
         except RecursionError:  # json recurses per nesting level: "[[[[..." thousands deep
             raise InputError(path, number, "JSON nested too deeply; write one flat JSON object per line") from None
