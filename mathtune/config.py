@@ -166,7 +166,7 @@ class TrainConfig(ModelSettings):
     supervised_logits: bool = setting(True, "run the LM head only at answer positions (same loss, fewer FLOPs)")
     shared_prefix: bool = setting(True, "run the leading tokens every row of a batch shares (the system turn) once per batch, when that saves 15 percent or more of its positions (same loss; one process, no checkpointing)")
     bf16_frozen_base: bool = setting(True, "with bf16 precision and LoRA, store the frozen base weights in bf16 (autocast then makes no per-step bf16 copy of them; the LoRA weights stay fp32 master weights)")
-    cpu_eager_attention: bool = setting(True, "on CPU, train with plain matmul+softmax attention (faster than torch's CPU flash kernel in bf16)")
+    cpu_eager_attention: bool = setting(True, "on CPU, train batches shorter than 384 tokens with plain matmul+softmax attention and longer ones with torch's SDPA, each the faster there (false: SDPA for all)")
     compile: str = setting(
         "auto", "torch.compile the decoder layers for training: on, off, or auto (on only for a run long enough to "
         "earn back the compile time; the start summary says which and why)", choices=COMPILE_SETTINGS)

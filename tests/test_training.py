@@ -304,6 +304,58 @@ def test_cpu_training_uses_eager_attention_unless_turned_off(precision, tiny_mod
     assert off.model.get_base_model().config._attn_implementation == "sdpa"
 
 
+
+def _batch(session, positions: int, pad: int) -> dict:
+    """A batch of 2 rows padded to ``positions`` tokens (the first row left-padded by ``pad``), its second
+    half supervised."""
+    generator = torch.Generator().manual_seed(positions)
+    ids = torch.randint(10, 1000, (2, positions), generator=generator)
+    mask = torch.ones(2, positions, dtype=torch.long)
+    mask[0, :pad] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : positions // 2] = -100
+    return session.trainer._prepare_inputs({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_training_switches_long_batches_to_sdpa_with_the_same_loss(precision, tiny_model_dir, tmp_path):
+    """Eager attention below SDPA_FROM_TOKENS, SDPA from there (mathtune/training/attention.py), switched per
+    batch and back; each batch's loss is the one a run on a single kernel computes, padding included."""
+    from mathtune.training.attention import SDPA_FROM_TOKENS
+
+    switching = training.setup(make_config(tiny_model_dir, tmp_path / "switching", precision=precision))
+    sdpa_only = training.setup(make_config(tiny_model_dir, tmp_path / "sdpa", precision=precision,
+                                           cpu_eager_attention=False))
+    assert switching.trainer.attention.switchable and sdpa_only.trainer.attention is None
+    kernel = lambda session: session.model.get_base_model().config._attn_implementation  # noqa: E731
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    for positions, expected in ((SDPA_FROM_TOKENS - 1, "eager"), (SDPA_FROM_TOKENS, "sdpa"), (40, "eager")):
+        losses = []
+        for session in (switching, sdpa_only):
+            batch = _batch(session, positions, pad=7)
+            with torch.no_grad(), session.trainer.accelerator.autocast():
+                losses.append(session.trainer.compute_loss(session.model, batch).item())
+        assert kernel(switching) == expected and kernel(sdpa_only) == "sdpa"
+        assert losses[0] == pytest.approx(losses[1], abs=tolerance), positions
+
+
+def test_a_model_that_cannot_switch_kernels_stays_on_eager(tiny_model, monkeypatch):
+    """A model whose transformers class refuses SDPA (or cannot change kernels at run time) keeps eager for
+    every batch instead of failing or warning per step."""
+    from mathtune.training.attention import AttentionByLength
+
+    tiny_model.set_attn_implementation("eager")
+
+    def refuse_sdpa(implementation, **kwargs):
+        if implementation == "sdpa":
+            raise ValueError("does not support an attention implementation through torch's scaled_dot_product_attention")
+        tiny_model.config._attn_implementation_internal = implementation
+
+    monkeypatch.setattr(tiny_model, "set_attn_implementation", refuse_sdpa)
+    attention = AttentionByLength(tiny_model)
+    assert not attention.switchable
+    assert attention.use_for(4096) == "eager" and tiny_model.config._attn_implementation == "eager"
+
 def test_bf16_lora_keeps_the_frozen_base_in_bf16_trains_like_autocast_and_exports_an_fp32_merge(
         tiny_model_dir, tmp_path):
     """With --precision bf16 the frozen base is stored in bf16 (no per-step autocast copies of it),

@@ -46,6 +46,7 @@ from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_s
 from mathtune.loss import takes_logits_mask, token_normalised_loss
 from mathtune.run_dir import RunDir, check_writable
 from mathtune.shared_prefix import takes_cache
+from mathtune.training.attention import AttentionByLength
 from mathtune.step_stats import StepStats
 from mathtune.training.callbacks import (ESTIMATE_AFTER_STEPS, CheckpointMarker, ConsoleProgress, StepCallback,
                                          TrainingCallbacks)
@@ -259,7 +260,8 @@ def _setup_trainable(config: TrainConfig, placement: Placement, model):
         # length (2 ranks x 4 rows would then differ from 1 x 8 by more than 1e-5), so plain matmul +
         # softmax attention in fp32 too (timings in BENCHMARKS.md). Memory: the attention
         # probabilities are kept for backward, batch x heads x T^2 per layer
-        # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM.
+        # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM. Batches of 384 tokens
+        # and more switch to SDPA, faster there (mathtune/training/attention.py).
         model.set_attn_implementation("eager")
     if config.method == "lora":
         from mathtune.models.load import apply_lora
@@ -408,6 +410,10 @@ def _setup_trainer(config: TrainConfig, placement: Placement, run: RunDir, model
                      and not config.gradient_checkpointing and not compiled and takes_cache(model))
     # rows per optimizer step: batch x accumulation x processes
     rows_per_step = config.batch_size * config.gradient_accumulation_steps * distributed.world_size()
+    # long batches on SDPA, short ones on eager (CPU); compiled layers stay on one kernel (a switch
+    # would trace each layer again)
+    attention = (AttentionByLength(model) if placement.device == "cpu" and config.cpu_eager_attention
+                 and not compiled else None)
     trainer = MathtuneTrainer(
         model=model,
         args=args,
@@ -422,6 +428,7 @@ def _setup_trainer(config: TrainConfig, placement: Placement, run: RunDir, model
         time_budget=budget,
         supervised_logits=supervised_logits,
         shared_prefix=shared_prefix,
+        attention=attention,
     )
     trainer.remove_callback(ProgressCallback)
     if not supervised_logits and not trainer.model_accepts_loss_kwargs:

@@ -2,7 +2,8 @@
 
 Callbacks never see a micro-batch, so the trainer records each one into a shared ``StepStats``
 (what the guards and the metrics logger read), runs the LM head only at supervised positions
-(mathtune/loss.py), runs a batch's shared system turn once (mathtune/shared_prefix.py), lays the
+(mathtune/loss.py), runs a batch's shared system turn once (mathtune/shared_prefix.py), picks the
+attention kernel by batch length on CPU (mathtune/training/attention.py), lays the
 learning-rate schedule over a time budget (mathtune/budget.py) and saves LoRA adapters without a
 hub lookup. Forward, backward, optimizer, scheduler and checkpoints stay Trainer's.
 """
@@ -22,6 +23,7 @@ from mathtune.budget import TimeBudget
 from mathtune.loss import supervised_mask, supervised_only_loss
 from mathtune.shared_prefix import shared_prefix_length, split_off_prefix, worth_sharing
 from mathtune.step_stats import StepStats
+from mathtune.training.attention import AttentionByLength
 
 
 class MathtuneTrainer(Trainer):
@@ -30,8 +32,10 @@ class MathtuneTrainer(Trainer):
     saves adapters offline."""
 
     def __init__(self, *args, step_stats: StepStats, time_budget: TimeBudget | None = None,
-                 supervised_logits: bool = False, shared_prefix: bool = False, **kwargs):
+                 supervised_logits: bool = False, shared_prefix: bool = False,
+                 attention: AttentionByLength | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.attention = attention  # None: the model's attention kernel stays as it is
         self.step_stats = step_stats
         self.time_budget = time_budget
         self.supervised_logits = supervised_logits
@@ -40,6 +44,8 @@ class MathtuneTrainer(Trainer):
             self.compute_loss_func = supervised_only_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.attention is not None and "input_ids" in inputs:
+            self.attention.use_for(inputs["input_ids"].shape[1])  # eager for short batches, SDPA for long
         if self.shared_prefix and "labels" in inputs and not return_outputs:
             rows, positions = inputs["input_ids"].shape
             prefix = shared_prefix_length(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
