@@ -1,19 +1,15 @@
 """Which attention kernel a CPU training batch runs: plain matmul + softmax for short batches, torch's
 SDPA for long ones.
 
-Plain ("eager") attention materialises the batch x heads x T x T scores, and memory traffic grows with
-T^2; torch's CPU SDPA kernel works in blocks and never holds them, but costs more per block. Forward +
-backward of one SmolLM2-135M attention (9 query heads, 3 kv heads, batch 8, padding mask, 2-core
-AVX512-BF16 CPU; BENCHMARKS.md, "Attention by batch length"):
+Plain ("eager") attention materialises the batch x heads x T x T scores, and its cost grows faster
+than T^2 once they outgrow the caches; torch's CPU SDPA kernel works in blocks and never holds them,
+but costs more per block. In mathtune's own training step the two cross near 300 tokens (two runs
+disagree on which wins there), in bf16 and fp32; from 384 tokens SDPA is 1.3-2.0x faster, and eager at 800 (fp32) or 934 (bf16) tokens,
+batch 8, needs more than 24 GiB; below, eager wins (GSM8K's usual ~230-token batches: 1.2x). Figures and commands:
+BENCHMARKS.md, "Attention by batch length" (``bench/attention_kernels.py``).
 
-    T        230     300     384     467     640    1024
-    bf16   0.68x   0.72x   1.00x   1.31x   1.60x   2.29x    SDPA's speed over eager
-    fp32   1.03x   1.04x   1.11x   1.85x   1.88x   2.16x
-
-So eager below ``SDPA_FROM_TOKENS`` (GSM8K's batches: eager is 1.4x faster in bf16 at ~230 tokens) and
-SDPA from there (at 1,024 tokens it saves ~15 s of a batch-8 step's 30 layers). The kernel is switched
-per batch through the model's public ``set_attn_implementation``; length-grouped batches change sides
-rarely, so the switch costs nothing measurable.
+So eager below ``SDPA_FROM_TOKENS`` and SDPA from there. The kernel is switched per batch through
+the model's public ``set_attn_implementation``; length-grouped batches change sides rarely.
 """
 
 from __future__ import annotations
