@@ -6,7 +6,8 @@
 
 The threshold in mathtune/training/attention.py (SDPA_FROM_TOKENS) comes from these tables.
 
-Layer mode (default): one layer of SmolLM2-135M's attention (9 query heads, 3 key/value heads of 64 dims, as transformers' Llama runs it:
+Layer mode (default): one layer of SmolLM2-135M's attention (9 query heads, 3 key/value heads of 64
+dims, as transformers' Llama runs it:
 ``repeat_kv``, an additive float mask, the softmax in fp32), a batch of 8 rows padded to T tokens (one
 row left-padded by a third), both kernels on the same tensors, best of a few repeats. Printed per T:
 both times, SDPA's speed-up over eager, the time 30 layers would save per step, and the largest
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         for length in args.lengths:
             generator = torch.Generator().manual_seed(length)
-            shapes = ((args.rows, HEADS, length, DIM), (args.rows, KV_HEADS, length, DIM), (args.rows, KV_HEADS, length, DIM))
+            shapes = [(args.rows, heads, length, DIM) for heads in (HEADS, KV_HEADS, KV_HEADS)]  # query, key, value
             tensors = [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_() for shape in shapes]
             tensors.append(padded_causal_mask(args.rows, length, dtype))
             repeats = 3 if length > 600 else 5
@@ -152,8 +153,8 @@ def main(argv=None) -> int:
                        (("eager", eager), ("sdpa", sdpa))}
             with torch.no_grad():
                 difference = (eager(*tensors).float() - sdpa(*tensors).float()).abs().max().item()
-            print(f"{precision:5s} T {length:5d}: eager {seconds['eager'] * 1e3:7.1f} ms, sdpa {seconds['sdpa'] * 1e3:7.1f} ms "
-                  f"per layer; sdpa {seconds['eager'] / seconds['sdpa']:.2f}x; {LAYERS} layers: "
+            print(f"{precision:5s} T {length:5d}: eager {seconds['eager'] * 1e3:7.1f} ms, "
+                  f"sdpa {seconds['sdpa'] * 1e3:7.1f} ms per layer; sdpa {seconds['eager'] / seconds['sdpa']:.2f}x; {LAYERS} layers: "
                   f"{LAYERS * (seconds['eager'] - seconds['sdpa']):+.2f} s per step with sdpa; "
                   f"outputs differ by {difference:.2g}", flush=True)
     return 0

@@ -348,7 +348,7 @@ def test_a_model_that_cannot_switch_kernels_stays_on_eager(tiny_model, monkeypat
 
     def refuse_sdpa(implementation, **kwargs):
         if implementation == "sdpa":
-            raise ValueError("does not support an attention implementation through torch's scaled_dot_product_attention")
+            raise ValueError("does not support an attention implementation through scaled_dot_product_attention")
         tiny_model.config._attn_implementation_internal = implementation
 
     monkeypatch.setattr(tiny_model, "set_attn_implementation", refuse_sdpa)

@@ -4,12 +4,15 @@ SDPA for long ones.
 Plain ("eager") attention materialises the batch x heads x T x T scores, and its cost grows faster
 than T^2 once they outgrow the caches; torch's CPU SDPA kernel works in blocks and never holds them,
 but costs more per block. In mathtune's own training step the two cross near 300 tokens (two runs
-disagree on which wins there), in bf16 and fp32; from 384 tokens SDPA is 1.3-2.0x faster, and eager at 800 (fp32) or 934 (bf16) tokens,
-batch 8, needs more than 24 GiB; below, eager wins (GSM8K's usual ~230-token batches: 1.2x). Figures and commands:
-BENCHMARKS.md, "Attention by batch length" (``bench/attention_kernels.py``).
+disagree on which wins there), in bf16 and fp32; from 384 tokens SDPA is 1.3-2.0x faster, and eager
+at 800 (fp32) or 934 (bf16) tokens, batch 8, needs more than 24 GiB; below, eager wins (GSM8K's
+usual ~230-token batches: 1.2x). Figures and commands: BENCHMARKS.md, "Attention by batch length"
+(``bench/attention_kernels.py``).
 
 So eager below ``SDPA_FROM_TOKENS`` and SDPA from there. The kernel is switched per batch through
-the model's public ``set_attn_implementation``; length-grouped batches change sides rarely.
+the model's public ``set_attn_implementation``; length-grouped batches change sides rarely. The price,
+for long batches only: SDPA's blockwise softmax rounds per padded length, so such a batch split over
+processes matches one process to ~1e-5 rather than closer (training/recipe.py's reason for eager).
 """
 
 from __future__ import annotations

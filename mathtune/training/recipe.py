@@ -46,8 +46,8 @@ from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_s
 from mathtune.loss import takes_logits_mask, token_normalised_loss
 from mathtune.run_dir import RunDir, check_writable
 from mathtune.shared_prefix import takes_cache
-from mathtune.training.attention import AttentionByLength
 from mathtune.step_stats import StepStats
+from mathtune.training.attention import AttentionByLength
 from mathtune.training.callbacks import (ESTIMATE_AFTER_STEPS, CheckpointMarker, ConsoleProgress, StepCallback,
                                          TrainingCallbacks)
 from mathtune.training.trainer import MathtuneTrainer
