@@ -103,7 +103,7 @@ def training_step_seconds(precision: str, lengths: list[int], rows: int) -> None
         trainer, base = session.trainer, session.model.get_base_model()
         if trainer.attention is not None:
             trainer.attention.switchable = False  # the kernel set below stays for the step
-        batches = [trainer._prepare_inputs(batch) for batch in trainer.get_train_dataloader()]
+        batches = list(trainer.get_train_dataloader())  # CPU tensors, where the model is
         longest = max(batches, key=lambda batch: batch["input_ids"].shape[1])
         width = longest["input_ids"].shape[1]
         print(f"{precision}: {rows} rows padded to {width} tokens ({int(longest['attention_mask'].sum())} real)")

@@ -77,7 +77,7 @@ class InterruptCallback(TrainerCallback):
 
 
 @contextmanager
-def signals_stop_training(callback: InterruptCallback, signums=tuple(STOP_SIGNALS)):
+def signals_stop_training(callback: InterruptCallback):
     """Route SIGTERM/SIGINT to ``callback.request_stop`` while the block runs; a second one exits at once.
 
     Python only lets the main thread set handlers: elsewhere (mathtune.train() called from a worker
@@ -97,7 +97,7 @@ def signals_stop_training(callback: InterruptCallback, signums=tuple(STOP_SIGNAL
         os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
                     f"(send it again to exit at once)\n".encode())
 
-    previous = {signum: signal.signal(signum, handle) for signum in signums}
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -305,7 +305,7 @@ def test_cpu_training_uses_eager_attention_unless_turned_off(precision, tiny_mod
 
 
 
-def _batch(session, positions: int, pad: int) -> dict:
+def _batch(positions: int, pad: int) -> dict:
     """A batch of 2 rows padded to ``positions`` tokens (the first row left-padded by ``pad``), its second
     half supervised."""
     generator = torch.Generator().manual_seed(positions)
@@ -314,7 +314,7 @@ def _batch(session, positions: int, pad: int) -> dict:
     mask[0, :pad] = 0
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, : positions // 2] = -100
-    return session.trainer._prepare_inputs({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}  # CPU tensors: where the model is
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -332,7 +332,7 @@ def test_cpu_training_switches_long_batches_to_sdpa_with_the_same_loss(precision
     for positions, expected in ((SDPA_FROM_TOKENS - 1, "eager"), (SDPA_FROM_TOKENS, "sdpa"), (40, "eager")):
         losses = []
         for session in (switching, sdpa_only):
-            batch = _batch(session, positions, pad=7)
+            batch = _batch(positions, pad=7)
             with torch.no_grad(), session.trainer.accelerator.autocast():
                 losses.append(session.trainer.compute_loss(session.model, batch).item())
         assert kernel(switching) == expected and kernel(sdpa_only) == "sdpa"
