@@ -221,35 +221,81 @@ def test_eval_path_raises_no_deprecation_warning(tiny_model_dir, tmp_path, monke
     assert len(records) == 2 and all("loop" in r and "calculator_calls" in r for r in records)
 
 
-def test_decode_attention_reads_only_the_filled_slots_in_place():
-    """The decode attention gets slot-sliced views of buffers whose unused slots hold garbage: it must
-    give SDPA's result over the filled slots, read the buffer itself (no copy), and apply a padding mask."""
-    from mathtune.generation.cpu import _decode_attention
+def test_buffer_attention_masks_the_unwritten_slots_of_whole_buffers():
+    """The decode loop passes whole buffers (contiguous: bmm reads them in place) whose slots past
+    `filled` are not written yet: with the mask hiding those, the result is SDPA's over the filled
+    slots, and a padding mask applies on top."""
+    from mathtune.generation.cpu import _buffer_attention
 
     torch.manual_seed(0)
     batch, heads, kv_heads, dim, capacity, filled = 3, 4, 2, 8, 20, 11
     keys_t = torch.randn(batch, kv_heads, dim, capacity) * 100  # garbage past `filled`
     values = torch.randn(batch, kv_heads, capacity, dim) * 100
-    key_view, value_view = keys_t[:, :, :, :filled], values[:, :, :filled]
     query = torch.randn(batch, heads, 1, dim)
-    # merging rows and kv heads of the views copies nothing
-    assert key_view.reshape(batch * kv_heads, dim, filled).data_ptr() == keys_t.data_ptr()
-    assert value_view.reshape(batch * kv_heads, filled, dim).data_ptr() == values.data_ptr()
+    # merging rows and kv heads of the whole buffers copies nothing
+    assert keys_t.reshape(batch * kv_heads, dim, capacity).data_ptr() == keys_t.data_ptr()
+    assert values.reshape(batch * kv_heads, capacity, dim).data_ptr() == values.data_ptr()
     rep = heads // kv_heads
-    k_full = key_view.transpose(2, 3).repeat_interleave(rep, dim=1)
-    v_full = value_view.repeat_interleave(rep, dim=1)
+    k_full = keys_t[:, :, :, :filled].transpose(2, 3).repeat_interleave(rep, dim=1)
+    v_full = values[:, :, :filled].repeat_interleave(rep, dim=1)
     # values are ~1e1 (garbage x100): bmm and SDPA round differently per CPU, while covering the
     # garbage slots would be off by ~1e1
     close = dict(rtol=1e-5, atol=1e-4)
-    out, _ = _decode_attention(query, key_view, value_view, None, dim**-0.5)
+    written = torch.arange(capacity) < filled
+    out, _ = _buffer_attention(query, keys_t, values, written.expand(batch, 1, 1, capacity), dim**-0.5)
     expected = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full).transpose(1, 2)
     torch.testing.assert_close(out, expected, **close)
-    mask = torch.ones(batch, 1, 1, filled, dtype=torch.bool)
+    mask = written.repeat(batch, 1, 1, 1)
     mask[0, :, :, 0] = False  # row 0 may not see slot 0
-    masked, _ = _decode_attention(query, key_view, value_view, mask, dim**-0.5)
-    expected_masked = torch.nn.functional.scaled_dot_product_attention(query, k_full, v_full, attn_mask=mask).transpose(1, 2)
+    masked, _ = _buffer_attention(query, keys_t, values, mask, dim**-0.5)
+    expected_masked = torch.nn.functional.scaled_dot_product_attention(
+        query, k_full, v_full, attn_mask=mask[..., :filled]).transpose(1, 2)
     torch.testing.assert_close(masked, expected_masked, **close)
     assert not torch.allclose(masked[0], out[0])
+
+
+def test_decoder_reserves_tight_buffers_per_chunk_and_cuts_selected_rows(varied_model, smol_tokenizer):
+    """Before each chunk the KV buffers are laid out anew: the filled slots plus the chunk's steps,
+    contiguous, holding only the rows kept by select; within a chunk they are not copied again."""
+    from mathtune.generation.cpu import FastDecoder, greedy_tokens, register_attention
+
+    ids = [encode_prompt(smol_tokenizer, format_prompt(smol_tokenizer, q)) for q in QUESTIONS[:3]]
+    original = varied_model.config._attn_implementation
+    varied_model.set_attn_implementation(register_attention())
+    try:
+        with torch.no_grad():
+            decoder = FastDecoder(varied_model, ids, 8, smol_tokenizer.pad_token_id, {}, torch.device("cpu"))
+            decoder.prefill()
+            prompt_slots, state = decoder.filled, decoder.state
+            assert state.capacity == prompt_slots == state.keys[0].shape[-1]
+            written = state.keys[0][..., :prompt_slots].clone()
+
+            def feed():
+                tokens = greedy_tokens(decoder.step(decoder.sequences[:, -1]))
+                decoder.sequences = torch.cat([decoder.sequences, tokens[:, None]], dim=1)
+
+            decoder.reserve(3)
+            buffers = [state.keys[0], state.values[0]]
+            assert state.capacity == prompt_slots + 3 and all(b.is_contiguous() for b in buffers)
+            assert buffers[0].shape[-1] == buffers[1].shape[-2] == prompt_slots + 3
+            for _ in range(3):
+                feed()
+            assert state.keys[0] is buffers[0] and state.values[0] is buffers[1]  # written in place
+            assert torch.equal(state.keys[0][..., :prompt_slots], written)
+            assert state.keys[0][..., prompt_slots:].abs().sum(dim=(1, 2)).gt(0).all()  # 3 slots written
+            filled = decoder.filled
+            decoder.select([0, 2])
+            decoder.reserve(2)
+            assert state.rows == 2 and state.keys[0].shape[0] == 2 and state.capacity == filled + 2
+            assert torch.equal(state.keys[0][..., :filled], buffers[0][[0, 2]])
+            assert torch.equal(state.values[0][:, :, :filled], buffers[1][[0, 2]])
+            assert not state.keys[0][..., filled:].any()  # room for the chunk, zero-filled
+            feed()
+            feed()
+            feed()  # past the reserved room: the decoder makes room itself
+            assert decoder.filled == filled + 3 == state.capacity
+    finally:
+        varied_model.set_attn_implementation(original)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -270,6 +316,8 @@ def test_greedy_tokens_is_argmax_with_its_ties_and_nan(vocab, dtype):
     expected = scores.argmax(dim=-1)
     assert expected[1] == 7 and expected[2] == 10 and expected[4] == vocab // 2  # the cases are what they say
     assert torch.equal(greedy_tokens(scores), expected)
+    # the decode loop argmaxes bf16 logits without generate()'s float32 copy: the same index
+    assert torch.equal(greedy_tokens(scores), scores.float().argmax(dim=-1))
     assert torch.equal(greedy_tokens(scores[:, : vocab - 1].contiguous()), scores[:, : vocab - 1].argmax(dim=-1))
 
 

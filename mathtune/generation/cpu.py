@@ -21,9 +21,12 @@ Per batch (rows are sorted by prompt length, so neighbours have similar lengths)
                  rest ends at the same slot, so one decode step writes one slot column for all rows.
                  Padding slots are masked; positions count real tokens only, as ``generate()`` does.
   decode         one token per row per step; keys are stored transposed ([dim, slots]) so the query x
-                 keys bmm reads each row's keys as one plain matrix, and both bmm's read only the
-                 filled slots, in place (the timings behind each choice are in BENCHMARKS.md).
-  finished rows  leave the buffers every ``chunk_tokens`` steps (the engine calls ``select``).
+                 keys bmm reads each row's keys as one plain matrix. Before each chunk of steps the
+                 buffers are laid out anew with exactly the filled slots plus the chunk's steps
+                 (``reserve``), so both bmm's read whole contiguous buffers, unwritten slots masked
+                 (the timings behind each choice are in BENCHMARKS.md).
+  finished rows  leave the buffers every ``chunk_tokens`` steps (the engine calls ``select``; the
+                 rows are cut at the next ``reserve``, in the same copy).
 """
 
 from __future__ import annotations
@@ -89,11 +92,16 @@ class ForwardState:
     Per layer: keys ``[rows, kv_heads, dim, capacity]`` (transposed) and values ``[rows, kv_heads,
     capacity, dim]``, zero-filled: a padding slot may never be written, and a masked slot's
     probability 0 times NaN garbage would still be NaN.
+
+    ``capacity`` is what the buffers hold now: the prompt's slots for the prefill, then the filled
+    slots plus the next chunk's steps (``relayout``), so a decode step reads whole contiguous buffers.
+    ``total_slots`` is what the batch may use in all (prompt + max_new_tokens).
     """
 
-    def __init__(self, rows: int, capacity: int):
+    def __init__(self, rows: int, capacity: int, total_slots: int):
         self.rows = rows
         self.capacity = capacity
+        self.total_slots = total_slots
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         # set per forward by FastDecoder
@@ -108,10 +116,22 @@ class ForwardState:
             self.values[layer] = value.new_zeros((self.rows, kv_heads, self.capacity, value.shape[-1]))
         return self.keys[layer], self.values[layer]
 
-    def select(self, keep: torch.Tensor) -> None:
+    def relayout(self, keep: torch.Tensor | None, filled: int, capacity: int) -> None:
+        """New zero-filled buffers of ``capacity`` slots holding the first ``filled`` slots of the
+        rows ``keep`` (None: all rows) of the old ones: one copy per chunk, not one per step."""
         for layer in self.keys:
-            self.keys[layer], self.values[layer] = self.keys[layer][keep], self.values[layer][keep]
-        self.rows = len(keep)
+            old_keys, old_values = self.keys[layer], self.values[layer]
+            if keep is not None:
+                old_keys, old_values = old_keys[keep], old_values[keep]
+            rows, kv_heads, dim = old_keys.shape[:3]
+            keys = old_keys.new_zeros((rows, kv_heads, dim, capacity))
+            values = old_values.new_zeros((rows, kv_heads, capacity, old_values.shape[-1]))
+            keys[..., :filled] = old_keys[..., :filled]
+            values[:, :, :filled] = old_values[:, :, :filled]
+            self.keys[layer], self.values[layer] = keys, values
+        if keep is not None:
+            self.rows = len(keep)
+        self.capacity = capacity
 
     def attend(self, module, query, key, value, scaling, dropout, kwargs):
         layer = getattr(module, "layer_idx", None)
@@ -120,8 +140,8 @@ class ForwardState:
         if kwargs.get("softcap") is not None:
             raise FastPathUnsupported("attention logit soft-capping")
         window = kwargs.get("sliding_window")
-        if window is not None and window < self.capacity:
-            raise FastPathUnsupported(f"a sliding window ({window}) shorter than the batch ({self.capacity} tokens)")
+        if window is not None and window < self.total_slots:
+            raise FastPathUnsupported(f"a sliding window ({window}) shorter than the batch ({self.total_slots} tokens)")
         for name in ("s_aux", "sinks", "position_bias"):
             if kwargs.get(name) is not None:
                 raise FastPathUnsupported(f"attention argument {name}")
@@ -136,31 +156,36 @@ class ForwardState:
         values[rows, :, self.start:end] = value
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if q_len == 1 and self.row_index is None and key.shape[0] == self.rows:
-            return _decode_attention(query, keys[:, :, :, :end], values[:, :, :end], self.mask, scale)
-        # prompt tokens: SDPA over the rows' filled slots (a copy; prefill runs once per row)
+            # the whole buffers, unfilled slots masked: a slice [..., :end] would not be contiguous,
+            # and a bf16 bmm (oneDNN) copies such an operand first: 2 copies of a layer's cache per step
+            return _buffer_attention(query, keys, values, self.mask, scale)
+        # prompt tokens: over the rows' filled slots (a gather copy; prefill runs once per row)
         read = slice(0, key.shape[0]) if self.row_index is None else self.row_index
-        k = keys[read, :, :, :end].transpose(2, 3)
-        v = values[read, :, :end]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, k, v, attn_mask=self.mask, scale=scale, enable_gqa=query.shape[1] != k.shape[1])
-        return out.transpose(1, 2).contiguous(), None
+        return _buffer_attention(query, keys[read, :, :, :end], values[read, :, :end], self.mask, scale)
 
 
-def _decode_attention(query, keys_t, values, mask, scale):
-    """One query token per row, over ``[rows, kv_heads, dim, filled]`` keys / ``[rows, kv_heads,
-    filled, dim]`` values (views of the buffers): two bmm's, grouped-query heads packed, no
-    ``repeat_kv`` copy. Merging rows and kv heads of a slot-sliced view is still a view (the row
-    stride is kv_heads x the head stride), and bmm takes strided batches without a copy."""
-    batch, heads, _, dim = query.shape
-    kv_heads, filled = keys_t.shape[1], keys_t.shape[-1]
+def _buffer_attention(query, keys_t, values, mask, scale):
+    """Attention of ``query`` ``[rows, heads, q, dim]`` over ``[rows, kv_heads, dim, slots]`` keys /
+    ``[rows, kv_heads, slots, dim]`` values, ``mask`` bool ``[rows, 1, q, slots]`` (True: may attend)
+    or None: two bmm's, each kv head's query heads and tokens packed into one matrix, so no
+    ``repeat_kv`` copy. Returns ``[rows, q, heads, dim]``.
+
+    Decode (q = 1): pass whole contiguous buffers: merging rows and kv heads is then a view, and bmm
+    reads them in place (a slot-sliced view is one for fp32's BLAS too, but a bf16 bmm goes to oneDNN,
+    which copies any operand that is not contiguous: measured, 2 copies of the layer's cache per step).
+    Prefill (q > 1): SDPA's CPU kernel with a boolean mask and grouped heads took the math path
+    (repeat_kv copies, per-row all-masked checks); these two bmm's do the same arithmetic."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, slots = keys_t.shape[1], keys_t.shape[-1]
     rep = heads // kv_heads  # query heads per key/value head (grouped-query attention)
-    scores = torch.bmm(query.reshape(batch * kv_heads, rep, dim), keys_t.reshape(batch * kv_heads, dim, filled))
-    scores = scores.view(batch, kv_heads, rep, filled) * scale
+    packed = query.reshape(batch * kv_heads, rep * q_len, dim)
+    scores = torch.bmm(packed, keys_t.reshape(batch * kv_heads, dim, slots))
+    scores = scores.view(batch, kv_heads, rep, q_len, slots) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-    out = torch.bmm(probs.view(batch * kv_heads, rep, filled), values.reshape(batch * kv_heads, filled, dim))
-    return out.view(batch, 1, heads, dim), None
+    out = torch.bmm(probs.view(batch * kv_heads, rep * q_len, slots), values.reshape(batch * kv_heads, slots, dim))
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
@@ -197,18 +222,20 @@ class FastDecoder:
         self.rests = [list(ids[p:]) for ids in batch_ids]  # each >= 1 token
         self.width = max(len(r) for r in self.rests)  # every rest ends at slot p + width
         rows = len(batch_ids)
-        self.state = ForwardState(rows, p + self.width + max_new_tokens)
+        # the prefill fills p + width slots; decode_chunk makes room for each chunk's steps (reserve)
+        self.state = ForwardState(rows, p + self.width, p + self.width + max_new_tokens)
         self.sequences = torch.tensor(
             [list(ids[:p]) + [pad_id] * (self.width - len(r)) + r for ids, r in zip(batch_ids, self.rests)],
             device=device)
         # slots a row may attend to: all but its padding (generated slots are read only once written)
-        slots = torch.arange(self.state.capacity, device=device)
+        slots = torch.arange(self.state.total_slots, device=device)
+        self.slots = slots
         starts = torch.tensor([p + self.width - len(r) for r in self.rests], device=device)
         self.valid = (slots[None, :] < p) | (slots[None, :] >= starts[:, None])
-        self.padded = bool((~self.valid[:, : p + self.width]).any())
         self.next_position = torch.tensor([p + len(r) for r in self.rests], device=device)
         self.filled = 0
         self.pending: torch.Tensor | None = None  # next-token logits not yet used (after prefill)
+        self.keep: torch.Tensor | None = None  # rows selected since the last reserve (buffers not yet cut)
 
     def _forward(self, input_ids, position_ids, row_index, start: int, mask):
         self.state.row_index, self.state.start, self.state.mask = row_index, start, mask
@@ -242,9 +269,20 @@ class FastDecoder:
         self.filled = p + w
         self.pending = torch.cat(logits)
 
+    def reserve(self, steps: int) -> None:
+        """Buffers of exactly the filled slots plus ``steps`` more (and only the rows kept by
+        ``select``), so the next ``steps`` decode steps read whole buffers: a bf16 decode attention
+        over a tight buffer takes half the time of one over a slice of a larger buffer (BENCHMARKS.md)."""
+        self.state.relayout(self.keep, self.filled, min(self.filled + steps, self.state.total_slots))
+        self.keep = None
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (at slot ``filled``) and return the logits after it."""
-        mask = self.valid[:, None, None, : self.filled + 1] if self.padded else None
+        if self.keep is not None or self.filled >= self.state.capacity:
+            self.reserve(1)  # a caller that did not reserve: correct, one copy per step
+        # the slots this row may read: its own (not padding) and only those written so far
+        capacity = self.state.capacity
+        mask = (self.valid[:, :capacity] & (self.slots[:capacity] <= self.filled))[:, None, None]
         logits = self._forward(tokens[:, None], self.next_position[:, None], None, self.filled, mask)
         self.filled += 1
         self.next_position = self.next_position + 1
@@ -252,11 +290,10 @@ class FastDecoder:
 
     def select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.device)
-        self.state.select(index)
+        self.keep = index if self.keep is None else self.keep[index]
         self.sequences = self.sequences[index]
         self.valid = self.valid[index]
         self.next_position = self.next_position[index]
-        self.padded = bool((~self.valid[:, : self.filled]).any())
         if self.pending is not None:
             self.pending = self.pending[index]
 
@@ -299,16 +336,23 @@ def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, pro
     ``pad_id`` afterwards; stops early when every row has ended. Returns the new tokens ``[rows, n]``;
     the last one is fed at the start of the next chunk (after finished rows have left)."""
     start = decoder.sequences.shape[1]
+    decoder.reserve(steps)
     unfinished = torch.ones(decoder.sequences.shape[0], dtype=torch.bool, device=decoder.device)
     for _ in range(steps):
         logits, decoder.pending = decoder.pending, None
         if logits is None:
             logits = decoder.step(decoder.sequences[:, -1])
-        # float32 copy, as generate() takes it, so processors never write into the model's output (and
-        # torch's reductions over bf16 rows are ~3x slower than over fp32 ones)
-        scores = logits.to(copy=True, dtype=torch.float32)
-        for processor in processors:
-            scores = processor(decoder.sequences, scores)
+        if greedy and not processors:
+            # Nothing reads or writes the scores but the argmax: take it on the model's own logits.
+            # generate() argmaxes a float32 copy, but widening bf16/fp16 to fp32 is exact and keeps the
+            # order, so the index is the same, ties and NaN included; the copy (128 x 49152 fp32 =
+            # 25 MB, a fresh page-faulted allocation every step) took ~32 ms of a ~236 ms bf16 step.
+            scores = logits
+        else:
+            # float32 copy, as generate() takes it, so processors never write into the model's output
+            scores = logits.to(copy=True, dtype=torch.float32)
+            for processor in processors:
+                scores = processor(decoder.sequences, scores)
         if greedy:
             tokens = greedy_tokens(scores)
         else:
