@@ -252,6 +252,19 @@ def test_buffer_attention_masks_the_unwritten_slots_of_whole_buffers():
         query, k_full, v_full, attn_mask=mask[..., :filled]).transpose(1, 2)
     torch.testing.assert_close(masked, expected_masked, **close)
     assert not torch.allclose(masked[0], out[0])
+    # prompt tokens (q > 1, the prefill) under a causal mask with a padding slot in one row
+    q_len = 4
+    prompt_query = torch.randn(batch, heads, q_len, dim)
+    query_slots = filled - q_len + torch.arange(q_len)
+    causal = (torch.arange(filled)[None, :] <= query_slots[:, None]).repeat(batch, 1, 1, 1)
+    causal[1, :, :, 2] = False
+    prompt_out, _ = _buffer_attention(prompt_query, keys_t[..., :filled], values[:, :, :filled], causal, dim**-0.5)
+    expected_prompt = torch.nn.functional.scaled_dot_product_attention(
+        prompt_query, k_full, v_full, attn_mask=causal).transpose(1, 2)
+    assert prompt_out.shape == (batch, q_len, heads, dim)
+    # scores here reach ~1e2 (keys x100): SDPA's blockwise
+    # softmax rounds ~4e-5 apart; covering a masked slot would be off by ~1e1
+    torch.testing.assert_close(prompt_out, expected_prompt, rtol=1e-4, atol=1e-3)
 
 
 def test_decoder_reserves_tight_buffers_per_chunk_and_cuts_selected_rows(varied_model, smol_tokenizer):
