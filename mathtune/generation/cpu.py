@@ -228,8 +228,7 @@ class FastDecoder:
             [list(ids[:p]) + [pad_id] * (self.width - len(r)) + r for ids, r in zip(batch_ids, self.rests)],
             device=device)
         # slots a row may attend to: all but its padding (generated slots are read only once written)
-        slots = torch.arange(self.state.total_slots, device=device)
-        self.slots = slots
+        slots = self.slots = torch.arange(self.state.total_slots, device=device)
         starts = torch.tensor([p + self.width - len(r) for r in self.rests], device=device)
         self.valid = (slots[None, :] < p) | (slots[None, :] >= starts[:, None])
         self.next_position = torch.tensor([p + len(r) for r in self.rests], device=device)
@@ -343,7 +342,8 @@ def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, pro
         if logits is None:
             logits = decoder.step(decoder.sequences[:, -1])
         if greedy and not processors:
-            # Nothing reads or writes the scores but the argmax: take it on the model's own logits.
+            # Nothing but the argmax uses the scores (the stopping criteria read the tokens): take it
+            # on the model's own logits.
             # generate() argmaxes a float32 copy, but widening bf16/fp16 to fp32 is exact and keeps the
             # order, so the index is the same, ties and NaN included; the copy (128 x 49152 fp32 =
             # 25 MB, a fresh page-faulted allocation every step) took ~32 ms of a ~236 ms bf16 step.
