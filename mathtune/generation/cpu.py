@@ -107,7 +107,7 @@ class ForwardState:
         # set per forward by FastDecoder
         self.row_index: torch.Tensor | None = None  # rows this forward covers (None: all)
         self.start = 0  # slot of the forward's first token
-        self.mask: torch.Tensor | None = None  # bool [rows, 1, q, start + q]; None: attend to all
+        self.mask: torch.Tensor | None = None  # bool [rows, 1, q, slots read]; None: attend to all
 
     def _buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         if layer not in self.keys:
@@ -120,14 +120,15 @@ class ForwardState:
         """New zero-filled buffers of ``capacity`` slots holding the first ``filled`` slots of the
         rows ``keep`` (None: all rows) of the old ones: one copy per chunk, not one per step."""
         for layer in self.keys:
-            old_keys, old_values = self.keys[layer], self.values[layer]
+            # the filled slots only: the old buffers' unwritten room is not gathered
+            old_keys, old_values = self.keys[layer][..., :filled], self.values[layer][:, :, :filled]
             if keep is not None:
                 old_keys, old_values = old_keys[keep], old_values[keep]
             rows, kv_heads, dim = old_keys.shape[:3]
             keys = old_keys.new_zeros((rows, kv_heads, dim, capacity))
             values = old_values.new_zeros((rows, kv_heads, capacity, old_values.shape[-1]))
-            keys[..., :filled] = old_keys[..., :filled]
-            values[:, :, :filled] = old_values[:, :, :filled]
+            keys[..., :filled] = old_keys
+            values[:, :, :filled] = old_values
             self.keys[layer], self.values[layer] = keys, values
         if keep is not None:
             self.rows = len(keep)
