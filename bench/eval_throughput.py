@@ -47,7 +47,7 @@ from mathtune.config import EVAL_BATCH_SIZE  # noqa: E402
 from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.generation.engine import CHUNK_TOKENS, Generator  # noqa: E402
-from mathtune.generation.settings import GenerationSettings  # noqa: E402
+from mathtune.config import GenerationArgs  # noqa: E402
 from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
 from mathtune.models.load import load_model  # noqa: E402
 from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 
     # ---- mathtune eval path
     model = model.to(dtype_of(precision))
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    settings = GenerationArgs(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     generator = Generator(model, tokenizer, settings, progress=False, chunk_tokens=args.chunk_tokens)
     cpu = time.process_time()
     out = generator(questions)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mathtune.data import encode_prompt, end_of_turn_token_id, format_prompt
     from mathtune.generation.engine import generate
-    from mathtune.generation.settings import GenerationSettings
+    from mathtune.config import GenerationArgs
     from mathtune.models.load import load_for_inference
 
     loaded = load_for_inference(args.model, device=args.device, precision=args.precision)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy, max_new_tokens {args.max_new_tokens}", flush=True)
 
     # mathtune: what `mathtune eval` runs (calculator and loop stop off: the same work as the other side)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, calculator=False, loop_stop=False)
+    settings = GenerationArgs(max_new_tokens=args.max_new_tokens, calculator=False, loop_stop=False)
     if args.batch_size:
         settings = settings.replace(batch_size=args.batch_size)
     synchronize(args.device)

@@ -157,9 +157,9 @@ def training_session(args, task: str, tmp: str):
         data = {"train_file": str(train_file)}
     else:
         data = {"max_samples": args.rows}
-    config = TrainConfig(model=args.model, task=task, batch_size=args.batch_size, num_epochs=1,
-                         precision=args.precision, output_dir=str(Path(tmp) / "run"), logging_steps=1,
-                         **data, **parse_settings(args.set)).validate()
+    config = TrainConfig.from_flat(model=args.model, task=task, batch_size=args.batch_size, num_epochs=1,
+                                   precision=args.precision, output_dir=str(Path(tmp) / "run"), logging_steps=1,
+                                   **data, **parse_settings(args.set)).validate()
     session = training.setup(config)
     batches = [b for b, _ in zip(session.trainer.get_train_dataloader(), range(args.steps + 1))]
     if len(batches) < args.steps + 1:
@@ -205,13 +205,13 @@ def train(args) -> None:
 def decode(args) -> None:
     from mathtune.config import EVAL_BATCH_SIZE
     from mathtune.generation.engine import Generator
-    from mathtune.generation.settings import GenerationSettings
+    from mathtune.config import GenerationArgs
     from mathtune.models.load import load_model
 
     questions, where = load_questions("auto", args.questions)
     precision, _ = choose_precision(args.precision, "cpu")
     loaded = load_model(args.model, dtype=dtype_of(precision))
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or EVAL_BATCH_SIZE)
+    settings = GenerationArgs(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or EVAL_BATCH_SIZE)
     generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
     generator(questions[:2], max_new_tokens=2)  # warm-up
     print(f"{where}, {args.max_new_tokens} new tokens, batch {settings.batch_size}, {precision}")

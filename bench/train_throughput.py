@@ -35,7 +35,6 @@ seconds (``time.process_time``), which swing less than wall time when other jobs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -53,7 +52,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 # the same machine kind and peak measurements as the eval bench
 from bench.eval_throughput import machine_kind, measure_peaks, peaks_line  # noqa: E402
-from mathtune.config import TrainConfig, yaml_switch  # noqa: E402
+from mathtune.config import TrainConfig, exposed_fields, yaml_switch  # noqa: E402
 from mathtune.errors import MathtuneError  # noqa: E402
 from mathtune.hardware import choose_precision  # noqa: E402
 from mathtune.models.load import DEFAULT_LORA_TARGETS  # noqa: E402
@@ -164,9 +163,9 @@ def mathtune_side(rows: list[dict], model_spec: str, batch_size: int, seed: int,
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "rows.jsonl"
         train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config = TrainConfig(model=model_spec, task="gsm8k", train_file=str(train_file), batch_size=batch_size,
-                             num_epochs=1, precision=precision, output_dir=str(Path(tmp) / "run"), seed=seed,
-                             logging_steps=1, **(settings or {})).validate()
+        config = TrainConfig.from_flat(model=model_spec, task="gsm8k", train_file=str(train_file), batch_size=batch_size,
+                                       num_epochs=1, precision=precision, output_dir=str(Path(tmp) / "run"), seed=seed,
+                                       logging_steps=1, **(settings or {})).validate()
         session = training.setup(config)
         print(session.compile.summary_line())
         params = session.total_params - session.trainable_params
@@ -191,10 +190,10 @@ def parse_settings(items: list[str]) -> dict:
     settings = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
-            raise MathtuneError(f"--set {item}: use FIELD=VALUE with a TrainConfig field name")
-        field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-        settings[name] = yaml_switch(field, yaml.safe_load(value))  # compile=on: YAML reads on as true
+        fields = exposed_fields(TrainConfig)  # flag names, nested settings included
+        if not sep or name not in fields:
+            raise MathtuneError(f"--set {item}: use FIELD=VALUE with a TrainConfig setting name")
+        settings[name] = yaml_switch(fields[name].field, yaml.safe_load(value))  # compile=on: YAML reads on as true
     return settings
 
 

@@ -14,24 +14,26 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from mathtune.config import GenerationArgs
 from mathtune.errors import MathtuneError
 from mathtune.generation.engine import Generator
-from mathtune.generation.settings import GenerationSettings, Generations
+from mathtune.generation.settings import Generations
+from mathtune.hardware import Placement
 
 
 class MathModel:
     """A loaded model plus its tokenizer and default generation settings (greedy)."""
 
-    def __init__(self, loaded, *, device: str, precision: str, settings: GenerationSettings | None = None):
+    def __init__(self, loaded, *, device: str, precision: str, settings: GenerationArgs | None = None, seed: int = 0):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.spec = loaded.spec
         self.device = device
         self.precision = precision
-        self.settings = (settings or GenerationSettings()).validate()
+        self.settings = (settings or GenerationArgs()).resolved(None).validate()
         # progress=False: an API call should not draw bars into the caller's output
-        self._generator = Generator(self.model, self.tokenizer, self.settings, progress=False)
+        self._generator = Generator(self.model, self.tokenizer, self.settings, seed=seed, progress=False)
 
     def __repr__(self) -> str:
         return f"MathModel({self.spec!r}, device={self.device!r}, precision={self.precision!r})"
@@ -40,10 +42,12 @@ class MathModel:
         for i, q in enumerate(questions):
             if not isinstance(q, str) or not q.strip():
                 raise MathtuneError(f"question {i} is {q!r}: pass non-empty strings")
-        return self._generator(list(questions), **settings)
+        settings = dict(settings)
+        seed = settings.pop("seed", None)  # the sampling seed is the Generator's, beside the settings
+        return self._generator(list(questions), seed=seed, **settings)
 
     def batched_generate(self, prompts: Sequence[str], **settings) -> list[str]:
-        """One completion per question; ``settings`` override ``GenerationSettings`` fields
+        """One completion per question; ``settings`` override ``GenerationArgs`` fields (and the seed)
         (max_new_tokens, temperature, top_p, stop, batch_size, seed, calculator, loop_stop).
         ``calculator=True`` computes GSM8K ``<<EXPR=`` annotations while generating (off by default
         here: the API does not know the task; ``mathtune eval`` turns it on for gsm8k)."""
@@ -79,13 +83,14 @@ class MathModel:
 def load(spec_or_run_dir: str = "smollm2-135m", device: str = "auto", precision: str = "auto", *,
          trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> MathModel:
     """Load a model for inference. ``device``/``precision`` follow the CLI policy (``auto``: best
-    available); extra keyword arguments set default ``GenerationSettings`` (e.g. max_new_tokens=128)."""
-    from mathtune.hardware import choose_device, choose_precision
+    available); extra keyword arguments set default ``GenerationArgs`` (e.g. max_new_tokens=128) and
+    the sampling ``seed``."""
     from mathtune.models.load import load_for_inference
 
-    dev, _ = choose_device(device)
-    prec, _ = choose_precision(precision, dev)
+    placement = Placement.choose(device, precision)
+    seed = settings.pop("seed", 0)
     # the loading policy of `mathtune eval` (adapter merged): the same spec answers the same here
-    loaded = load_for_inference(str(spec_or_run_dir), device=dev, precision=prec,
+    loaded = load_for_inference(str(spec_or_run_dir), device=placement.device, precision=placement.precision,
                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    return MathModel(loaded, device=dev, precision=prec, settings=GenerationSettings().replace(**settings))
+    return MathModel(loaded, device=placement.device, precision=placement.precision,
+                     settings=GenerationArgs().replace(**settings), seed=seed)

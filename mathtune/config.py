@@ -33,7 +33,6 @@ from mathtune.run_dir import RunDir
 EVAL_BATCH_SIZE = 128
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N (checked in _common_problems, not by argparse choices)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # transformers schedulers that step on an evaluation metric, which mathtune does not compute while training
 _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
@@ -69,6 +68,160 @@ def setting(default, help: str, **flag_options):
     return field(default=default, **kwargs)
 
 
+def nested(factory, help: str, rename: dict[str, str] | None = None, flags: tuple[str, ...] | None = None):
+    """A field holding a settings dataclass (``GenerationArgs``, ``EvalArgs``) whose own fields stay flat
+    flags and YAML keys of the command: ``--temperature``, not ``--generation.temperature``, so every
+    flag and YAML file written before the nesting keeps working.
+
+    ``rename`` maps an inner field's dotted path (relative to this field) to the flag name it takes
+    here (train's end-of-run eval: ``generation.batch_size`` -> ``eval_batch_size``, since
+    ``batch_size`` is the training batch); ``flags`` lists the inner paths this command exposes (None:
+    all). An unexposed field keeps its default and is neither a flag nor a YAML key of the command."""
+    return field(default_factory=factory, metadata={"help": help, "nested": True, "rename": dict(rename or {}),
+                                                    "flags": flags})
+
+
+@dataclass(frozen=True)
+class FlatField:
+    """One leaf setting of a (possibly nested) config: its flag/YAML name and where it lives."""
+
+    name: str  # flag and YAML key, with underscores (``eval_batch_size``)
+    path: tuple[str, ...]  # attribute path in the config (``("eval", "generation", "batch_size")``)
+    field: dataclasses.Field
+    exposed: bool  # a flag and YAML key of this command
+
+
+def flat_fields(cls) -> list[FlatField]:
+    """Every leaf setting of config class ``cls``, nested ones flattened under their flag names."""
+    result = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("nested"):
+            result.append(FlatField(f.name, (f.name,), f, True))
+            continue
+        rename, exposed = f.metadata["rename"], f.metadata["flags"]
+        for leaf in flat_fields(type(f.default_factory())):
+            relative = ".".join(leaf.path)
+            result.append(FlatField(rename.get(relative, leaf.name), (f.name, *leaf.path), leaf.field,
+                                    leaf.exposed and (exposed is None or relative in exposed)))
+    return result
+
+
+def exposed_fields(cls) -> dict[str, FlatField]:
+    """The flag/YAML names of ``cls`` -> their fields (nested ones included)."""
+    return {ff.name: ff for ff in flat_fields(cls) if ff.exposed}
+
+
+def get_path(config, path: tuple[str, ...]):
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def set_path(config, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        config = getattr(config, name)
+    setattr(config, path[-1], value)
+
+
+def max_samples_problem(value: int) -> str | None:
+    """The one rule for ``--max-samples`` (train, eval, compare, rft, grpo)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
+        return f"--max-samples must be a positive count or -1 for all (got {value!r})"
+    return None
+
+
+PROTOCOLS = ("chat", "lm-eval")
+
+
+@dataclass
+class GenerationArgs:
+    """How to decode: the one declaration of the generation settings, nested in every command that
+    generates (eval, compare, ask, rft, train's end-of-run comparison, grpo's sampler). Saved in every
+    eval summary and part of the eval cache key. ``problems`` holds every rule about them."""
+
+    max_new_tokens: int = setting(256, "longest answer generated, in tokens (the end-of-turn token counts)")
+    temperature: float = setting(0.0, "0 = greedy; > 0 samples")
+    top_p: float = setting(1.0, "nucleus sampling threshold (with --temperature > 0)")
+    num_samples: int = setting(1, "samples per question for pass@k and maj@k (needs --temperature > 0 when > 1)")
+    batch_size: int = setting(EVAL_BATCH_SIZE, "rows (prompt x sample) generated together")
+    stop: list[str] = setting([], "extra stop strings (generation also stops at end-of-turn)", nargs="*")
+    calculator: bool | None = setting(None, "calculator-assisted decoding: compute <<EXPR= results while generating "
+                                            "(unset: on for tasks whose targets carry them, e.g. gsm8k)")
+    loop_stop: bool = setting(True, "stop an output that repeats a line, an 8+ token span or one <<calculation>> 3 "
+                                    "times (flagged 'loop' either way)")
+    protocol: str = setting(
+        "chat", "how prompts are built and answers scored: chat (zero-shot, chat template, mathtune's extraction) or "
+        "lm-eval (lm-evaluation-harness' gsm8k: 5 shots from the train split, plain 'Question:/Answer:' text, its "
+        "filters and exact_match, no calculator or loop stop; comparable with published lm-eval GSM8K numbers)",
+        choices=PROTOCOLS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def problems(self, flag=None, require_sampling: bool = False) -> list[str]:
+        """Every rule about generation settings, in one place. ``flag(name)`` gives the flag a field
+        has in the calling command (train's ``--eval-batch-size``); ``require_sampling``: the command
+        needs different samples (rft, grpo)."""
+        flag = flag or (lambda name: f"--{_flag(name)}")
+        problems = []
+        for name in ("max_new_tokens", "num_samples", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{flag(name)} must be a positive integer (got {value!r})")
+        numeric = isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+        if not numeric or self.temperature < 0:
+            problems.append(f"{flag('temperature')} must be >= 0 (got {self.temperature!r})")
+        elif require_sampling and self.temperature == 0:
+            problems.append(f"{flag('temperature')} must be > 0: this command needs different samples (got 0)")
+        elif self.greedy and isinstance(self.num_samples, int) and self.num_samples > 1:
+            problems.append(f"{flag('num_samples')} > 1 needs {flag('temperature')} > 0 (greedy samples are all identical)")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            problems.append(f"{flag('top_p')} must be in (0, 1] (got {self.top_p!r})")
+        if not isinstance(self.loop_stop, bool):
+            problems.append(f"{flag('loop_stop')} takes true/false (got {self.loop_stop!r})")
+        if self.calculator is not None and not isinstance(self.calculator, bool):
+            problems.append(f"{flag('calculator')} takes true/false (got {self.calculator!r})")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            problems.append(f"{flag('stop')} takes a list of non-empty strings (got {self.stop!r})")
+        if self.protocol == "lm-eval" and self.calculator:
+            problems.append(f"{flag('calculator')} with --protocol lm-eval: lm-evaluation-harness decodes without a "
+                            f"calculator, so the numbers would not be comparable; drop {flag('calculator')}")
+        return problems
+
+    def validate(self) -> "GenerationArgs":
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def resolved(self, task: str | None) -> "GenerationArgs":
+        """A copy with ``calculator`` decided: as given, else on for tasks whose targets carry
+        calculator annotations (``Task.calculator_by_default``), off otherwise."""
+        from mathtune.tasks import calculator_default
+
+        calculator = bool(self.calculator) if self.calculator is not None else calculator_default(task)
+        return dataclasses.replace(self, stop=list(self.stop), calculator=calculator)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "GenerationArgs":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            names = ", ".join(f.name for f in dataclasses.fields(self))
+            raise MathtuneError(f"unknown generation setting(s) {', '.join(unknown)}: use {names}")
+        return dataclasses.replace(self, **changes).validate()
+
+
+@dataclass
+class EvalArgs:
+    """Train's end-of-run comparison: how many held-out items, decoded how."""
+
+    samples: int = setting(0, "after training, compare base vs trained on N held-out items (0: skip)")
+    generation: GenerationArgs = nested(GenerationArgs, "how the comparison decodes")
+
+
 @dataclass
 class ModelSettings:
     """Settings shared by every command that loads a model and a task."""
@@ -95,33 +248,51 @@ class ModelSettings:
     precision: str = setting("auto", "auto picks bf16/fp16/fp32 from the hardware", choices=PRECISIONS)
     trust_remote_code: bool = setting(False, "allow model repos to run their own Python code (off by default)")
     allow_pickle: bool = setting(False, "allow loading pickle (.bin) checkpoints; safetensors is used otherwise")
-    # Here (not in EvalConfig) so that eval, compare and train's --eval-samples comparison all see it.
-    calculator: bool | None = setting(None, "calculator-assisted decoding: compute <<EXPR= results while generating "
-                                            "(eval, compare, --eval-samples; unset: on for gsm8k, off elsewhere)")
+
+    @classmethod
+    def from_flat(cls, **values):
+        """A config from flag names (``max_new_tokens=16``, ``eval_batch_size=4``), nested where they
+        live, not validated (``build_config`` validates); for code and tests that build configs."""
+        fields_by_name = exposed_fields(cls)
+        unknown = sorted(set(values) - set(fields_by_name))
+        if unknown:
+            raise MathtuneError(f"unknown setting(s) of {cls.__name__}: {', '.join(unknown)}")
+        config = cls()
+        for name, value in values.items():
+            set_path(config, fields_by_name[name].path, value)
+        return config
 
     def _common_problems(self) -> list[str]:
         problems = []
         # YAML values bypass argparse's choices and types: check both here, for YAML and flags alike
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
+        for ff in flat_fields(type(self)):
+            value, choices, name = get_path(self, ff.path), ff.field.metadata.get("choices"), _flag(ff.name)
             if choices is not None and value not in choices:
-                problems.append(f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}")
+                problems.append(f"--{name} {value!r} is not one of {', '.join(choices)}")
             if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"--{_flag(f.name)} must be a finite number (got {value})")
+                problems.append(f"--{name} must be a finite number (got {value})")
             if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-                problems.append(f"--{_flag(f.name)} must be a list of strings (got {value!r})")
+                problems.append(f"--{name} must be a list of strings (got {value!r})")
         if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             problems.append(f"--device {self.device!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
         for flag, path in (("--train-file", self.train_file), ("--eval-file", self.eval_file)):
             if path is not None and not Path(path).exists():
                 problems.append(f"{flag} {path}: no such file or directory")
-        if self.dataset is not None:
-            if self.train_file is not None or self.eval_file is not None:
-                problems.append("--dataset and --train-file/--eval-file name two data sources: keep one")
-            if self.task != "file":
-                problems.append(f"--dataset is read by --task file (got --task {self.task}): add --task file")
-        if self.task == "file" and self.train_file is None and self.eval_file is None and self.dataset is None:
-            problems.append("--task file needs --train-file and/or --eval-file, or --dataset")
+        if self.dataset is not None and (self.train_file is not None or self.eval_file is not None):
+            problems.append("--dataset and --train-file/--eval-file name two data sources: keep one")
+        from mathtune.tasks import source_problems  # which task reads what is the task's policy
+
+        return problems + source_problems(self)
+
+    def _generation_problems(self, require_sampling: bool = False) -> list[str]:
+        """``GenerationArgs.problems`` for every nested GenerationArgs, naming this command's flags."""
+        leaves = flat_fields(type(self))
+        problems = []
+        for f_path in {ff.path[:-1] for ff in leaves if len(ff.path) > 1}:
+            args = get_path(self, f_path)
+            if isinstance(args, GenerationArgs):
+                names = {ff.path[-1]: ff.name for ff in leaves if ff.path[:-1] == f_path}
+                problems += args.problems(lambda name: f"--{_flag(names[name])}", require_sampling)
         return problems
 
 
@@ -171,9 +342,10 @@ class TrainConfig(ModelSettings):
         "auto", "torch.compile the decoder layers for training: on, off, or auto (on only for a run long enough to "
         "earn back the compile time; the start summary says which and why)", choices=COMPILE_SETTINGS)
     resume: str | None = setting(None, "resume from 'auto' (newest complete checkpoint in --output-dir) or a checkpoint dir", nargs="?", const="auto")
-    eval_samples: int = setting(0, "after training, compare base vs trained on N held-out items (0: skip)")
-    eval_batch_size: int = setting(EVAL_BATCH_SIZE, "generation batch size for --eval-samples")
-    max_new_tokens: int = setting(256, "generation limit for --eval-samples and collapse samples")
+    eval: EvalArgs = nested(EvalArgs, "the base-vs-trained comparison after training (--eval-samples)",
+                            rename={"samples": "eval_samples", "generation.batch_size": "eval_batch_size"},
+                            flags=("samples", "generation.batch_size", "generation.max_new_tokens",
+                                   "generation.calculator"))
     sample_every: int = setting(50, "collapse check: generate from fixed prompts every N steps (0: only at the end)")
     guards: bool = setting(True, "run the preflight and in-training guards (--no-guards only to measure their cost)")
     wandb: bool = setting(False, "log to Weights & Biases (key from WANDB_API_KEY or --wandb-key-file)")
@@ -181,13 +353,12 @@ class TrainConfig(ModelSettings):
     wandb_key_file: str | None = setting(None, "file holding the W&B API key (never printed or saved)")
 
     def validate(self) -> "TrainConfig":
-        problems = self._common_problems()
-        positive = ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "lora_alpha", "logging_steps", "eval_batch_size", "max_new_tokens")
+        problems = self._common_problems() + self._generation_problems()
+        positive = ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "lora_alpha", "logging_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
-        if self.max_samples == 0 or self.max_samples < -1:
-            problems.append(f"--max-samples must be a positive count or -1 for all (got {self.max_samples})")
+        problems += [p for p in [max_samples_problem(self.max_samples)] if p]
         if self.max_steps <= 0 and self.max_steps != -1:
             problems.append(f"--max-steps must be > 0, or -1 to use --num-epochs (got {self.max_steps})")
         if self.max_steps == -1 and self.num_epochs <= 0:
@@ -210,9 +381,10 @@ class TrainConfig(ModelSettings):
         if self.max_time is not None and self.lr_scheduler not in BUDGET_SCHEDULES:
             problems.append(f"--lr-scheduler {self.lr_scheduler} cannot be laid over --max-time: use one of "
                             f"{', '.join(BUDGET_SCHEDULES)}, or drop --max-time")
-        for name in ("save_steps", "eval_samples", "sample_every"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        for name, value in (("save_steps", self.save_steps), ("eval_samples", self.eval.samples),
+                            ("sample_every", self.sample_every)):
+            if value < 0:
+                problems.append(f"--{_flag(name)} must be >= 0 (got {value})")
         if self.method == "lora" and self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules needs at least one module name")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
@@ -220,7 +392,7 @@ class TrainConfig(ModelSettings):
                             f"{RunDir.CHECKPOINT_PREFIX}N dir)")
         if self.wandb_key_file is not None and not Path(self.wandb_key_file).is_file():
             problems.append(f"--wandb-key-file {self.wandb_key_file}: no such file")
-        if self.eval_samples > 0 and self.task == "file" and self.eval_file is None and self.dataset is None:
+        if self.eval.samples > 0 and self.task == "file" and self.eval_file is None and self.dataset is None:
             problems.append("--eval-samples with --task file needs --eval-file")
         if self.report_to is not None:
             # Trainer's spelling "a,b" as well as "a b"
@@ -244,47 +416,23 @@ class TrainConfig(ModelSettings):
 
 @dataclass
 class EvalConfig(ModelSettings):
-    """Everything ``mathtune eval`` / ``compare`` need."""
+    """Everything ``mathtune eval`` / ``compare`` / ``ask`` need."""
 
     max_samples: int = setting(200, "held-out items to evaluate from the start of the eval split (-1: all)")
     all: bool = setting(False, "evaluate the whole eval split (same as --max-samples -1)")
-    batch_size: int = setting(EVAL_BATCH_SIZE, "prompts generated together")
-    max_new_tokens: int = setting(256, "longest answer generated")
-    temperature: float = setting(0.0, "0 = greedy; > 0 samples")
-    top_p: float = setting(1.0, "nucleus sampling threshold (with --temperature > 0)")
-    num_samples: int = setting(1, "samples per question for pass@k and maj@k (needs --temperature > 0 when > 1)")
-    stop: list[str] = setting([], "extra stop strings (generation also stops at end-of-turn)", nargs="*")
+    generation: GenerationArgs = nested(GenerationArgs, "how to decode")
     output: str | None = setting(None, "directory for per-item JSONL and summary JSON (default: eval/ in the model's run dir or ./eval)")
     no_cache: bool = setting(False, "ignore cached per-item results and evaluate again")
-    loop_stop: bool = setting(True, "stop an output that repeats a line, an 8+ token span or one <<calculation>> 3 times "
-                                    "(flagged 'loop' either way)")
-    protocol: str = setting(
-        "chat", "how prompts are built and answers scored: chat (zero-shot, chat template, mathtune's extraction) or "
-        "lm-eval (lm-evaluation-harness' gsm8k: 5 shots from the train split, plain 'Question:/Answer:' text, its "
-        "filters and exact_match, no calculator or loop stop; comparable with published lm-eval GSM8K numbers)",
-        choices=("chat", "lm-eval"))
 
     def validate(self) -> "EvalConfig":
-        problems = self._common_problems()
-        if self.protocol == "lm-eval" and self.calculator:
-            problems.append("--calculator with --protocol lm-eval: lm-evaluation-harness decodes without a calculator, "
-                            "so the numbers would not be comparable; drop --calculator")
-        if self.protocol == "lm-eval" and self.task == "gsm8k" and self.eval_file is not None and self.train_file is None:
-            problems.append("--protocol lm-eval takes its 5 shots from the train split: pass --train-file "
-                            "(GSM8K train JSONL) with --eval-file")
+        problems = self._common_problems() + self._generation_problems()
+        if self.generation.protocol == "lm-eval":
+            from mathtune.tasks import lm_eval_problems
+
+            problems += lm_eval_problems(self)
         if self.all:
             self.max_samples = -1
-        if self.max_samples == 0 or self.max_samples < -1:
-            problems.append(f"--max-samples must be a positive count or -1 for all (got {self.max_samples})")
-        for name in ("batch_size", "max_new_tokens", "num_samples"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.num_samples > 1 and self.temperature == 0:
-            problems.append("--num-samples > 1 needs --temperature > 0 (greedy samples are all identical)")
+        problems += [p for p in [max_samples_problem(self.max_samples)] if p]
         if problems:
             raise ConfigError(problems)
         return self
@@ -311,26 +459,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
     aliases: dict[str, list[str]] = {}
     for alias, name in FIELD_ALIASES.items():
         aliases.setdefault(name, []).append(f"--{_flag(alias)}")
-    for f in dataclasses.fields(cls):
-        if (only is not None and f.name not in only) or f.name in skip:
+    defaults = cls()
+    for ff in exposed_fields(cls).values():
+        f, name = ff.field, ff.name
+        if (only is not None and name not in only) or name in skip:
             continue
-        names = [f"--{_flag(f.name)}", *aliases.get(f.name, [])]
-        meta = dict(f.metadata)
+        names = [f"--{_flag(name)}", *aliases.get(name, [])]
+        meta = {k: v for k, v in f.metadata.items() if k not in ("nested", "rename", "flags")}
         help_text = meta.pop("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = get_path(defaults, ff.path)
         if str(f.type) == "bool | None":
             # tri-state: --x / --no-x, or neither (None: the command decides, e.g. by task)
-            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(f"--{_flag(name)}", action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text}")
             continue
-        if (isinstance(default, bool) or f.type in ("bool", bool)) and f.name.startswith("no_"):
+        if (isinstance(default, bool) or f.type in ("bool", bool)) and name.startswith("no_"):
             # A field already named as a negation: BooleanOptionalAction would read its "--no-..." flag
             # as the negation of "--cache" (False), switching the behaviour off. A plain switch instead.
-            parser.add_argument(f"--{_flag(f.name)}", action="store_true", default=None,
+            parser.add_argument(f"--{_flag(name)}", action="store_true", default=None,
                                 help=f"{help_text} (default: {default})")
             continue
         if isinstance(default, bool) or f.type in ("bool", bool):
-            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(f"--{_flag(name)}", action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {default})")
             continue
         kind = _field_type(f)
@@ -338,7 +488,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
             meta["type"] = kind
         if "nargs" in meta and kind is not None and kind is not str and "type" not in meta:
             meta["type"] = kind
-        parser.add_argument(*names, dest=f.name, default=None, help=f"{help_text} (default: {default})", **meta)
+        parser.add_argument(*names, dest=name, default=None, help=f"{help_text} (default: {default})", **meta)
 
 
 def _field_type(f: dataclasses.Field):
@@ -372,12 +522,16 @@ RECORD_KEYS = ("base_model",)
 
 
 def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults < YAML < typed flags, then validate(). Unknown YAML keys are errors with a suggestion."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    """Defaults < YAML < typed flags, then validate(). Unknown YAML keys are errors with a suggestion.
+
+    Keys and ``overrides`` use the flat flag names (``eval_batch_size``, ``temperature``); a YAML file
+    may also write a nested section as a mapping (``generation: {temperature: 0.7}``)."""
+    fields_by_name = exposed_fields(cls)
+    names = {name: ff.field for name, ff in fields_by_name.items()}
     values: dict[str, Any] = {}
     problems = []
     if yaml_path is not None:
-        data = load_yaml(yaml_path)
+        data = _flatten_sections(cls, load_yaml(yaml_path))
         for alias, name in FIELD_ALIASES.items():
             if alias in data and name in data:
                 problems.append(f"{yaml_path}: '{alias}' and '{name}' are the same setting: keep one")
@@ -408,7 +562,9 @@ def build_config(cls, yaml_path: str | Path | None = None, overrides: dict[str, 
         values["report_to"] = [values["report_to"]]
     if isinstance(values.get("stop"), str):
         values["stop"] = [values["stop"]]
-    config = cls(**values)
+    config = cls()
+    for name, value in values.items():
+        set_path(config, fields_by_name[name].path, value)
     try:
         return config.validate()
     except ConfigError as err:
@@ -445,18 +601,46 @@ def _type_problem(f: dataclasses.Field, value: Any) -> str | None:
     return None
 
 
+def _flatten_sections(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """A YAML mapping under a nested field's name (``generation:``) -> its flat keys; other keys as they are."""
+    leaves = flat_fields(cls)
+    nested_names = {ff.path[0] for ff in leaves if len(ff.path) > 1}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in nested_names and isinstance(value, dict):
+            for inner_key, inner_value in _dotted(value):
+                path = (key, *inner_key.split("."))
+                match = next((ff.name for ff in leaves if ff.path == path and ff.exposed), None)
+                flat[match or f"{key}.{inner_key}"] = inner_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _dotted(mapping: dict, prefix: str = ""):
+    for key, value in mapping.items():
+        key = f"{prefix}{str(key).replace('-', '_')}"
+        if isinstance(value, dict):
+            yield from _dotted(value, key + ".")
+        else:
+            yield key, value
+
+
 def config_from_args(cls, args: argparse.Namespace):
     """Build a validated config from parsed flags (and ``--config`` YAML when the parser has it)."""
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    overrides = {name: getattr(args, name, None) for name in exposed_fields(cls)}
     return build_config(cls, getattr(args, "config", None), overrides)
 
 
 def to_yaml_dict(config) -> dict[str, Any]:
-    """The resolved config as plain data, without secrets (for mathtune_config.yaml)."""
-    data = dataclasses.asdict(config)
-    for name in SECRET_FIELDS:
-        data.pop(name, None)
-    return data
+    """The resolved config as plain data under its flag names (flat: a run's mathtune_config.yaml
+    reads back as ``--config`` and in every mathtune version), without secrets."""
+    return {name: _plain(get_path(config, ff.path)) for name, ff in exposed_fields(type(config)).items()
+            if name not in SECRET_FIELDS}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def save_config(config, path: str | Path, **records: Any) -> None:

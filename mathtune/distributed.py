@@ -73,6 +73,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def is_collective() -> bool:
+    """Launched with more than one process and the process group joined: collectives will run."""
+    return launched() and _dist() is not None
+
+
 def launched() -> bool:
     return world_size() > 1
 
@@ -294,56 +299,6 @@ class CollectiveCallback:
 
             setattr(wrapper, event, call)
         return wrapper
-
-
-def unwrap_callback(callback):
-    """The guard inside a ``CollectiveCallback`` (itself when not wrapped)."""
-    return getattr(callback, "inner", callback)
-
-
-# --------------------------------------------------------------------------- sharded evaluation
-
-
-def shard_plan(lengths: Sequence[int], batch_size: int, ranks: int) -> list[list[int]]:
-    """Item indices per rank: the single-process batches, dealt out whole and round-robin.
-
-    ``Generator`` sorts prompts by token length (stable) and cuts the sorted list into batches of
-    ``batch_size``; the plan makes exactly those batches and gives batch b to rank b % ranks. A
-    rank's items, concatenated, are still sorted, so its own Generator call re-forms the same
-    batches: every row is decoded in the same batch, with the same padding and the same numerics as
-    in one process (bf16 outputs depend on the batch's shapes; contiguous slices would change them).
-    Fewer batches than ranks leaves ranks idle: lower --batch-size to spread the work.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches = [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
-    return [[i for batch in batches[r::ranks] for i in batch] for r in range(ranks)]
-
-
-def generate_sharded(generator, tokenizer, questions: Sequence[str], settings):
-    """``generator(questions)``, split across the ranks and merged in item order (collective).
-
-    Every rank returns the whole merged ``Generations``; ``seconds`` is the slowest rank's. Sampled
-    generation (``temperature > 0`` or several samples) draws from one random stream in batch order,
-    which no split reproduces, so it runs on rank 0 alone (the others wait).
-    """
-    from mathtune.data import encode_prompt, format_prompt
-    from mathtune.generation.settings import Generations
-
-    questions = list(questions)
-    if not launched() or _dist() is None:
-        return generator(questions)
-    world, me = world_size(), rank()
-    if settings.greedy and settings.num_samples == 1:
-        lengths = [len(encode_prompt(tokenizer, format_prompt(tokenizer, q))) for q in questions]
-        plan = shard_plan(lengths, settings.batch_size, world)
-    else:
-        plan = [list(range(len(questions)))] + [[] for _ in range(world - 1)]
-    mine = plan[me]
-    out = generator([questions[i] for i in mine]) if mine else Generations([], [], 0.0)
-    # every per-item field travels (texts, token counts, loop flags, calculator calls, stop reasons)
-    shards = gather_objects(out.to_dict())
-    return Generations.merge([(indices, Generations.from_dict(shard)) for indices, shard in zip(plan, shards)],
-                             len(questions))
 
 
 def describe() -> str:

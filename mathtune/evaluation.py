@@ -42,6 +42,7 @@ import math
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,14 +51,16 @@ from mathtune.answers import (LM_EVAL_FALLBACK, extract, extract_strict, judge, 
                               lm_eval_extract_flexible, lm_eval_extract_strict, parse_number)
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
-from mathtune.generation.settings import GenerationSettings
+from mathtune.config import GenerationArgs
+from mathtune.hardware import Placement
 
 # Bumped when the cached payload (generations) changes meaning; part of every cache key.
 # 2: adapters are merged into their base before generating (slightly different bf16 numerics).
 # 3: entries also hold loop flags and calculator calls per output.
 # 4: entries hold the whole Generations record (stop reasons too); keys add threads, processes, peft.
 # 5: the loop stop also stops one <<calculation>> repeated 3 times (equation-only outputs stop sooner).
-CACHE_VERSION = 5
+# 6: generation settings are GenerationArgs (protocol inside, seed beside); entries hold token ids.
+CACHE_VERSION = 6
 
 # Files in a model dir that decide what it generates: weights, architecture, tokenizer, template.
 # Other files in a run dir (metrics.jsonl, eval/, checkpoints) change without changing the model.
@@ -83,7 +86,6 @@ _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".gguf", ".safetensors.index.json"
 #   lm-eval  lm-evaluation-harness' gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml): 5 shots from the
 #            train split, plain "Question: ...\nAnswer:" text, no chat template, stop at "Question:",
 #            its regex filters and string exact_match. What published 5-shot GSM8K numbers use.
-PROTOCOLS = ("chat", "lm-eval")
 LM_EVAL_NUM_FEWSHOT = 5  # gsm8k.yaml num_fewshot
 LM_EVAL_FEWSHOT_SEED = 1234  # lm_eval.defaults.DEFAULT_OTHER_SEED: simple_evaluate's fewshot_random_seed
 LM_EVAL_UNTIL = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml generation_kwargs.until (+ the EOS text)
@@ -378,8 +380,8 @@ def model_identity(spec: str) -> dict | None:
     return identity
 
 
-def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings, precision: str, device: str,
-              protocol: str = "chat") -> str:
+def cache_key(identity: dict, task: str, sha: str, settings: GenerationArgs, precision: str, device: str,
+              seed: int = 0) -> str:
     # Everything that can change an output: precision, device, library versions and the torch thread
     # count change the float rounding (a near-tie in fp32 flipped between 2 threads and 1), and the
     # number of processes changes the thread count each one gets.
@@ -395,12 +397,11 @@ def cache_key(identity: dict, task: str, sha: str, settings: GenerationSettings,
         "model": identity,
         "task": task,
         "items_sha": sha,
-        "generation": settings.to_dict(),
+        "generation": settings.to_dict(),  # the protocol too: prompts differ between protocols
+        "seed": seed,
         "precision": precision,
         "device": device.split(":")[0],
     }
-    if protocol != "chat":  # the prompts differ; chat keys stay as they were before protocols existed
-        material["protocol"] = protocol
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -457,6 +458,133 @@ def model_dir_of(spec: str) -> str | None:
     return source if kind in ("local-dir", "adapter") else None
 
 
+@dataclass
+class EvalPlan:
+    """What one evaluation will do, decided before any model loads (``plan_eval``)."""
+
+    spec: str
+    config: Any  # EvalConfig
+    settings: GenerationArgs  # resolved: calculator decided, lm-eval's stop strings added
+    placement: Placement
+    task: Any  # tasks.Task
+    examples: list
+    prompts: list[str] | None  # --protocol lm-eval's few-shot prompts; None: the chat template
+    sha: str
+    tag: str
+    output_dir: Path
+    verbose: bool
+    progress: bool | None
+
+    @property
+    def protocol(self) -> str:
+        return self.settings.protocol
+
+    def key(self) -> str | None:
+        """The eval cache key (None while the model's weights are not on disk: a hub model not downloaded)."""
+        identity = model_identity(self.spec)
+        if identity is None:
+            return None
+        return cache_key(identity, self.config.task, self.sha, self.settings, self.placement.precision,
+                         self.placement.device, self.config.seed)
+
+
+def eval_settings(config) -> GenerationArgs:
+    """The config's generation settings, resolved for its task and protocol."""
+    settings = config.generation.resolved(config.task)
+    if settings.protocol == "lm-eval":
+        # lm-eval decodes with neither a calculator nor a loop stop (either would change which number
+        # its last-match filter reads); it stops at its `until` strings, which the settings record
+        settings = settings.replace(calculator=False, loop_stop=False,
+                                    stop=list(dict.fromkeys([*LM_EVAL_UNTIL, *settings.stop])))
+    return settings
+
+
+def plan_eval(spec: str, config, output_dir: str | Path | None, verbose: bool, progress: bool | None) -> EvalPlan:
+    """Settings, placement (and, under a launcher, this rank's device), items and prompts."""
+    from mathtune.data import take
+    from mathtune.models.spec import model_tag
+    from mathtune.tasks import task_from_config
+
+    config.validate()
+    settings = eval_settings(config)
+    placement = Placement.choose(config.device, config.precision)
+    # under a launcher: join the process group; each rank generates a share, rank 0 alone prints and writes
+    distributed.init(placement.device)
+    placement = placement.on(distributed.local_device(placement.device))
+    lm_eval = settings.protocol == "lm-eval"
+    task = task_from_config(config, train_file=lm_eval)  # the train split only feeds lm-eval's few shots
+    examples = take(task.examples("eval"), config.max_samples, "eval")
+    if not examples:
+        raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")
+    if lm_eval and distributed.launched():
+        raise MathtuneError("--protocol lm-eval runs in one process: start mathtune eval without torchrun/accelerate")
+    prompts = lm_eval_prompts(examples, task.examples("train")) if lm_eval else None
+    main = distributed.is_main_process()
+    return EvalPlan(spec, config, settings, placement, task, examples, prompts, items_sha(examples), model_tag(spec),
+                    Path(output_dir) if output_dir is not None else default_output_dir(spec),
+                    verbose and main, progress if main else False)
+
+
+def cached_generations(plan: EvalPlan, key: str | None):
+    """Rank 0 reads the cache and shares what it found: every rank then generates, or none does."""
+    if key is None or plan.config.no_cache:
+        return None
+    return distributed.on_main(lambda: _load_cached(key))
+
+
+def generate_for(plan: EvalPlan):
+    """Load the model on the plan's placement and generate: one process, or whole batches per rank."""
+    from mathtune.generation.engine import Generator
+    from mathtune.models.load import load_for_inference
+
+    config = plan.config
+    loaded = load_for_inference(plan.spec, device=plan.placement.device, precision=plan.placement.precision,
+                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+    generator = Generator(loaded.model, loaded.tokenizer, plan.settings, seed=config.seed, progress=plan.progress)
+    if plan.prompts is not None:
+        # plain text encoded with the tokenizer's defaults, as lm-eval's hf model does
+        return generator.generate_ids([loaded.tokenizer(p)["input_ids"] for p in plan.prompts])
+    return generator.generate_sharded([e.question for e in plan.examples])
+
+
+def judge_plan(plan: EvalPlan, outputs, cached: bool, key: str | None) -> tuple[list[dict], dict]:
+    """Per-item records and the summary."""
+    records, result = judge_generations(plan.examples, outputs, plan.task.judge_rule,
+                                        num_samples=plan.settings.num_samples, protocol=plan.protocol)
+    summary = {
+        "model": str(plan.spec),
+        "model_tag": plan.tag,
+        # the absolute dir a local model/run/checkpoint spec named: ``model`` is as typed (relative to
+        # the eval's working dir); mathtune report matches a run's checkpoints by this path
+        "model_dir": model_dir_of(plan.spec),
+        "task": plan.config.task,
+        "judge_rule": plan.task.judge_rule if plan.protocol == "chat" else "lm-eval exact_match",
+        **result,
+        "generation": plan.settings.to_dict(),
+        "seed": plan.config.seed,
+        "precision": plan.placement.precision,
+        "device": plan.placement.device,
+        "items_sha": plan.sha,
+        "cached": cached,
+        "cache_key": key,
+    }
+    return records, summary
+
+
+def _announce(plan: EvalPlan, cached: bool) -> None:
+    if not plan.verbose:
+        return
+    placement = plan.placement
+    # the precision reason's first clause (the rest describes training's autocast)
+    where = ("cached generations (pass --no-cache to generate again)" if cached
+             else f"{placement.device} ({placement.device_reason}), {placement.precision} weights "
+                  f"({placement.precision_reason.split(':')[0]})")
+    from mathtune.models.spec import describe_model
+
+    print(f"evaluating {describe_model(plan.spec)} on {plan.config.task}: {len(plan.examples)} items, {where}",
+          file=sys.stderr, flush=True)
+
+
 def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, verbose: bool = True,
                    progress: bool | None = None) -> tuple[dict, list[dict]]:
     """Evaluate model ``spec`` on ``config.task``'s eval split: ``(summary, per-item records)``.
@@ -465,93 +593,24 @@ def evaluate_model(spec: str, config, output_dir: str | Path | None = None, *, v
     ``output_dir`` (default ``default_output_dir(spec)``). Generations are cached under
     ``models.spec.cache_dir()/eval`` keyed by model identity, task, items, settings and precision, so
     evaluating an unchanged model again only re-judges (``config.no_cache`` forces generation).
+    Steps: plan -> (cache | load + generate) -> judge -> write.
     """
-    from mathtune.data import take
-    from mathtune.hardware import choose_device, choose_precision
-    from mathtune.models.load import load_for_inference
-    from mathtune.models.spec import describe_model, model_tag
-    from mathtune.tasks import task_from_config
-
-    config.validate()
-    protocol = getattr(config, "protocol", "chat")
-    settings = GenerationSettings.from_config(config)
-    if protocol == "lm-eval":
-        # lm-eval decodes with neither a calculator nor a loop stop (either would change which number
-        # its last-match filter reads); it stops at its `until` strings, which the settings record
-        settings = settings.replace(calculator=False, loop_stop=False,
-                                    stop=list(dict.fromkeys([*LM_EVAL_UNTIL, *settings.stop])))
-    device, device_reason = choose_device(config.device)
-    precision, precision_reason = choose_precision(config.precision, device)
-    # under a launcher: join the process group; each rank generates a share, rank 0 alone prints and writes
-    distributed.init(device)
-    device = distributed.local_device(device)
-    verbose = verbose and distributed.is_main_process()
-    progress = progress if distributed.is_main_process() else False
-    # the train split only feeds --protocol lm-eval's few-shot examples
-    task = task_from_config(config, train_file=protocol == "lm-eval")
-    examples = take(task.examples("eval"), config.max_samples, "eval")
-    if not examples:
-        raise MathtuneError("no items to evaluate: the eval split is empty (check --eval-file / --max-samples)")
-    prompts = None
-    if protocol == "lm-eval":
-        if distributed.launched():
-            raise MathtuneError("--protocol lm-eval runs in one process: start mathtune eval without torchrun/accelerate")
-        prompts = lm_eval_prompts(examples, task.examples("train"))
-    sha = items_sha(examples)
-    tag = model_tag(spec)
-    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(spec)
-
-    identity = model_identity(spec)
-    key = cache_key(identity, config.task, sha, settings, precision, device, protocol) if identity is not None else None
-    key = distributed.broadcast_object(key)  # rank 0's files decide (another machine's copy may differ)
-    # rank 0 reads the cache and shares what it found: every rank then generates, or none does
-    outputs = None if (key is None or config.no_cache) else distributed.on_main(lambda: _load_cached(key))
+    plan = plan_eval(spec, config, output_dir, verbose, progress)
+    key = distributed.broadcast_object(plan.key())  # rank 0's files decide (another machine's copy may differ)
+    outputs = cached_generations(plan, key)
     cached = outputs is not None
-    if verbose:
-        # the precision reason's first clause (the rest describes training's autocast)
-        where = ("cached generations (pass --no-cache to generate again)" if cached
-                 else f"{device} ({device_reason}), {precision} weights ({precision_reason.split(':')[0]})")
-        print(f"evaluating {describe_model(spec)} on {config.task}: {len(examples)} items, {where}", file=sys.stderr, flush=True)
+    _announce(plan, cached)
     if outputs is None:
-        from mathtune.generation.engine import Generator
-
-        loaded = load_for_inference(spec, device=device, precision=precision,
-                                    trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-        generator = Generator(loaded.model, loaded.tokenizer, settings, progress=progress)
-        # one process: generator(questions); under a launcher: whole batches per rank, merged in item order
-        if prompts is not None:
-            # plain text encoded with the tokenizer's defaults, as lm-eval's hf model does
-            outputs = generator.generate_ids([loaded.tokenizer(p)["input_ids"] for p in prompts])
-        else:
-            outputs = distributed.generate_sharded(generator, loaded.tokenizer, [e.question for e in examples], settings)
-        if key is None:  # a hub model downloaded just now: its identity is known from here on
-            identity = model_identity(spec)
-            key = cache_key(identity, config.task, sha, settings, precision, device, protocol) if identity is not None else None
+        outputs = generate_for(plan)
+        key = key or plan.key()  # a hub model downloaded just now: its identity is known from here on
         # written once, by rank 0 (whose key decides)
         distributed.on_main(lambda: key is not None and _store_cached(
-            key, outputs, {"spec": str(spec), "task": config.task, "items_sha": sha}))
-
-    records, result = judge_generations(examples, outputs, task.judge_rule, num_samples=settings.num_samples,
-                                        protocol=protocol)
-    summary = {
-        "model": str(spec),
-        "model_tag": tag,
-        # the absolute dir a local model/run/checkpoint spec named: ``model`` is as typed (relative to
-        # the eval's working dir); mathtune report matches a run's checkpoints by this path
-        "model_dir": model_dir_of(spec),
-        "task": config.task,
-        "judge_rule": task.judge_rule if protocol == "chat" else "lm-eval exact_match",
-        **result,
-        "generation": settings.to_dict(),
-        "precision": precision,
-        "device": device,
-        "items_sha": sha,
-        "cached": cached,
-        "cache_key": key,
-    }
-    items_path, summary_path = distributed.on_main(lambda: write_eval_log(output_dir, tag, config.task, records, summary))
+            key, outputs, {"spec": str(spec), "task": config.task, "items_sha": plan.sha}))
+    records, summary = judge_plan(plan, outputs, cached, key)
+    items_path, summary_path = distributed.on_main(
+        lambda: write_eval_log(plan.output_dir, plan.tag, config.task, records, summary))
     summary["per_item_path"] = str(items_path)
-    if verbose:
+    if plan.verbose:
         print(format_summary(summary))
         print(f"per-item log: {items_path}\nsummary:      {summary_path}")
     return summary, records

@@ -32,7 +32,8 @@ import torch
 from transformers import TrainerCallback
 
 from mathtune import compilation
-from mathtune.data import IGNORE_INDEX, encode_prompt, end_of_turn_token_id, format_prompt
+from mathtune.config import GenerationArgs
+from mathtune.data import IGNORE_INDEX, encode_prompt, format_prompt
 from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.hardware import dtype_of
 from mathtune.run_dir import RunDir
@@ -426,22 +427,6 @@ def output_flags(outputs: list[tuple[str, list[int]]]) -> list[list[str]]:
     return flags
 
 
-def collapse_generation_config(max_new_tokens: int, stop_ids: list[int], pad_id: int):
-    """Plain greedy decoding: the settings that could hide a loop are stated, not inherited.
-
-    generate() fills every setting left unset (None) here from the MODEL's generation_config: a
-    shipped repetition_penalty or no_repeat_ngram_size would break up exactly the "!!!!" and
-    one-token loops this detector looks for.
-    """
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-        encoder_no_repeat_ngram_size=0, eos_token_id=stop_ids, pad_token_id=pad_id,
-    )
-
-
 class CollapseDetector(TrainerCallback):
     """Greedy samples from fixed questions every ``sample_every`` steps and at the end of training.
 
@@ -457,14 +442,14 @@ class CollapseDetector(TrainerCallback):
         self.questions = list(sample_questions)
         self.path = RunDir(run_dir).samples
         self.precision = precision
-        self.max_new_tokens = min(SAMPLE_NEW_TOKENS, config.max_new_tokens)
+        # greedy, no calculator and no loop stop: a collapsed model's one-token loops must show in full
+        self.args = GenerationArgs(max_new_tokens=min(SAMPLE_NEW_TOKENS, config.eval.generation.max_new_tokens),
+                                   batch_size=len(self.questions), calculator=False, loop_stop=False)
         # encode_prompt: the very ids training put in front of each answer
         self.prompt_ids = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in self.questions]
-        stops = {end_of_turn_token_id(tokenizer)}
-        if tokenizer.eos_token_id is not None:
-            stops.add(tokenizer.eos_token_id)
-        self.stop_ids = sorted(stops)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        # the end-of-turn token ends a row; so does EOS (a NaN model's token 0 in SmolLM2 is end-of-text)
+        self.stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
+        self.generator_options: dict = {}  # extra Generator(...) arguments (tests script outputs with them)
         self.flagged_in_a_row = 0
         self.last_checked_step: int | None = None
         self.last_flags: list[list[str]] = []
@@ -490,34 +475,26 @@ class CollapseDetector(TrainerCallback):
         if self.last_checked_step != state.global_step:
             self.check(model, state.global_step)
 
-    @torch.no_grad()
     def generate(self, model) -> list[tuple[str, list[int]]]:
-        """Batched greedy continuations of the fixed prompts (left-padded, as for generation)."""
-        device = next(model.parameters()).device
-        longest = max(len(ids) for ids in self.prompt_ids)
-        input_ids = torch.tensor([[self.pad_id] * (longest - len(ids)) + ids for ids in self.prompt_ids], device=device)
-        mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in self.prompt_ids], device=device)
+        """Greedy continuations of the fixed prompts, (text, token ids before the stop), through the one
+        generation path. Plain ``generate()`` (``fast=False``): mid-training the model may be compiled or
+        wrapped for a launcher, and the fast path would swap its attention kernel under the trainer."""
+        from mathtune.generation.engine import Generator
 
-        gen = collapse_generation_config(self.max_new_tokens, self.stop_ids, self.pad_id)
+        device = next(model.parameters()).device
+        generator = Generator(model, self.tokenizer, self.args, fast=False, progress=False,
+                              stop_token_ids=self.stop_ids, **self.generator_options)
         # Sampled under the training autocast: the numerics training uses, and on CPUs with bf16
         # support it is the fast path (fp32 matmuls as skinny as one decoding step, LoRA's above all,
         # measured several times slower than their bf16 autocast version).
         half = dtype_of(self.precision) if self.precision != "fp32" else None
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
-        # the model's own generation_config set aside (as eval does) for the settings that have no
-        # neutral value to state here (bad_words_ids, suppress_tokens, forced tokens, ...)
-        from mathtune.generation.engine import contiguous_head_input, neutral_generation_config
-
-        with autocast, _one_cpu_thread(device), contiguous_head_input(model), neutral_generation_config(model):
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen)
+        with autocast, _one_cpu_thread(device):
+            out = generator.generate_ids(self.prompt_ids)
         results = []
-        for row in out[:, longest:].tolist():
-            ids = []
-            for token in row:
-                if token in self.stop_ids:
-                    break
-                ids.append(token)
-            results.append((self.tokenizer.decode(ids, skip_special_tokens=True), ids))
+        for texts, ids in zip(out.texts, out.token_ids):
+            ids = ids[0][:-1] if ids[0] and ids[0][-1] in generator.stop_ids else ids[0]
+            results.append((texts[0], ids))
         return results
 
     def check(self, model, step: int) -> list[list[str]]:

@@ -11,8 +11,10 @@ the user: name it in the error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,3 +162,29 @@ def check_training_device(device: str) -> None:
             f"DataParallel ({visible}x the rows per step): pick one with CUDA_VISIBLE_DEVICES=0, or launch one "
             f"process per GPU with torchrun / accelerate launch"
         )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs and in which precision, with the reasons printed at setup: chosen once per
+    command (``Placement.choose``) and passed on to loading, training and generation."""
+
+    device: str
+    device_reason: str
+    precision: str
+    precision_reason: str
+
+    @classmethod
+    def choose(cls, device: str = "auto", precision: str = "auto") -> "Placement":
+        """``--device`` / ``--precision`` as typed -> the concrete choice (``choose_device``, ``choose_precision``)."""
+        chosen_device, device_reason = choose_device(device)
+        chosen_precision, precision_reason = choose_precision(precision, chosen_device)
+        return cls(chosen_device, device_reason, chosen_precision, precision_reason)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_of(self.precision)
+
+    def on(self, device: str) -> "Placement":
+        """The same precision on another device of the same kind (a launched rank's own GPU)."""
+        return dataclasses.replace(self, device=device)

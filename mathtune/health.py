@@ -62,7 +62,7 @@ def examine(config: TrainConfig, steps: int, run_dir: Path, *, rows_given: bool,
     try:
         if not rows_given:
             config = dataclasses.replace(config, max_samples=rows_needed(config, steps)).validate()
-        placement = training.Placement(device, device_reason, precision, precision_reason)
+        placement = hardware.Placement(device, device_reason, precision, precision_reason)
         session = training.setup(config, placement=placement)
     except MathtuneError as exc:
         add("setup", False, "", str(exc))

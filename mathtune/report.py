@@ -376,7 +376,10 @@ def _learning_curve_section(curves, run_dir: Path, settings: dict, drawn: bool) 
         lines += [f"![learning curve]({PLOTS_DIR}/{PLOT_FILES['learning_curve']})", ""]
     else:
         task = settings.get("task", "TASK")
-        data = " --eval-file DEV.jsonl" if settings.get("eval_file") or task != "unit-conversion" else ""
+        from mathtune.tasks import TASK_NAMES, task_class
+
+        generated = task in TASK_NAMES and task_class(task).generated  # its held-out rows need no file
+        data = " --eval-file DEV.jsonl" if settings.get("eval_file") or not generated else ""
         common = f"--task {task}{data} --all --output {run_dir}/{RunDir.EVAL}/curve"
         checkpoints = [p.name for p in RunDir(run_dir).checkpoints()]
         lines += [

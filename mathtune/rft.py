@@ -34,10 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mathtune.config import ModelSettings, setting
+from mathtune.config import GenerationArgs, ModelSettings, max_samples_problem, nested, setting
 from mathtune.atomic import append_whole
 from mathtune.errors import ConfigError, MathtuneError, Terminated
 from mathtune.tasks import Task
+
+
+def _rft_generation():
+    # k = 4 samples at temperature 0.7, 32 rows (8 questions x 4 samples) decoded together
+    return GenerationArgs(num_samples=4, temperature=0.7, batch_size=32)
 
 
 @dataclass
@@ -45,18 +50,14 @@ class RFTConfig(ModelSettings):
     """Everything ``mathtune rft`` needs (model/task settings are shared with train and eval)."""
 
     output: str | None = setting(None, "where to write the training file (.jsonl): gold rows + kept samples")
-    num_samples: int = setting(4, "completions sampled per training question (k)")
-    temperature: float = setting(0.7, "sampling temperature (> 0)")
-    top_p: float = setting(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = setting(256, "longest completion")
-    batch_size: int = setting(32, "rows (question x sample) generated together")
+    generation: GenerationArgs = nested(_rft_generation, "how the samples are drawn (never-kept loops stopped)",
+                                        flags=("num_samples", "temperature", "top_p", "max_new_tokens", "batch_size",
+                                               "calculator", "loop_stop"))
     max_samples: int = setting(-1, "training questions to sample for, from the start of the train split (-1: all)")
-    loop_stop: bool = setting(True, "stop a sample that repeats a line, an 8+ token span or one <<calculation>> "
-                                    "3 times (never kept)")
     resume: bool = setting(False, "continue an interrupted run: keep the questions --output holds, sample the rest")
 
     def validate(self) -> "RFTConfig":
-        problems = self._common_problems()
+        problems = self._common_problems() + self._generation_problems(require_sampling=True)
         from mathtune.tasks import TASK_NAMES, task_class
 
         rft_tasks = [name for name in TASK_NAMES if task_class(name).supports_rft]
@@ -66,15 +67,7 @@ class RFTConfig(ModelSettings):
             problems.append("--output is required: the .jsonl training file to write")
         elif Path(self.output).suffix.lower() != ".jsonl":
             problems.append(f"--output {self.output}: write a .jsonl file (one {{question, answer}} object per line)")
-        for name in ("num_samples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        if not self.temperature > 0:
-            problems.append(f"--temperature must be > 0: rejection sampling needs different samples (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.max_samples == 0 or self.max_samples < -1:
-            problems.append(f"--max-samples must be a positive count or -1 for all (got {self.max_samples})")
+        problems += [p for p in [max_samples_problem(self.max_samples)] if p]
         if problems:
             raise ConfigError(problems)
         return self
@@ -170,7 +163,7 @@ SAMPLING_SETTINGS = ("model", "seed", "num_samples", "temperature", "top_p", "ma
 
 def questions_per_group(config: RFTConfig) -> int:
     """Questions sampled together: as many as fill one batch (32 rows / k=4 -> 8 questions), at least 1."""
-    return max(1, config.batch_size // config.num_samples)
+    return max(1, config.generation.batch_size // config.generation.num_samples)
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -183,7 +176,10 @@ def group_seed(seed: int, group: int) -> int:
 
 
 def _sampling_settings(config: RFTConfig, calculator: bool) -> dict:
-    values = {name: getattr(config, name) for name in SAMPLING_SETTINGS}
+    from mathtune.config import exposed_fields, get_path
+
+    flat = exposed_fields(type(config))
+    values = {name: get_path(config, flat[name].path) for name in SAMPLING_SETTINGS}
     values["calculator"] = calculator
     return values
 
@@ -277,7 +273,6 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     With ``config.resume`` the questions ``config.output`` already holds are kept and not sampled again.
     """
     from mathtune.data import take
-    from mathtune.generation.settings import GenerationSettings, resolve_calculator
     from mathtune.progress import progress_reporter
     from mathtune.tasks import task_from_config
 
@@ -287,11 +282,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     examples = take(task.examples("train"), config.max_samples, "train")
     if not examples:
         raise MathtuneError("no training questions: the train split is empty (check --train-file / --max-samples)")
-    settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens, temperature=float(config.temperature), top_p=float(config.top_p),
-        num_samples=config.num_samples, batch_size=config.batch_size, seed=config.seed,
-        calculator=resolve_calculator(config.calculator, config.task), loop_stop=config.loop_stop,
-    ).validate()
+    settings = config.generation.resolved(config.task)
     recorded = _sampling_settings(config, settings.calculator)
     output = Path(config.output)
     finished: list[list[dict]] = []
@@ -306,8 +297,8 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
     if verbose:
         calc = "on" if settings.calculator else "off"
         resumed = f" ({done} already in {output}: resuming)" if config.resume and done else ""
-        print(f"rft: sampling {config.num_samples} completions for each of {len(examples)} {config.task} training "
-              f"questions from {config.model} (temperature {config.temperature:g}, calculator {calc}){resumed}",
+        print(f"rft: sampling {settings.num_samples} completions for each of {len(examples)} {config.task} training "
+              f"questions from {config.model} (temperature {settings.temperature:g}, calculator {calc}){resumed}",
               file=sys.stderr, flush=True)
     if done < len(examples) and generator is None:
         generator = _model_generator(config, settings)
@@ -354,7 +345,7 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
               f"with --resume to sample the rest", file=sys.stderr, flush=True)
         raise
     report.close()
-    result = summarise(finished, config.num_samples, output)
+    result = summarise(finished, settings.num_samples, output)
     if verbose:
         print(format_result(result, config))
     return result
@@ -389,7 +380,10 @@ def format_result(result: dict, config: RFTConfig) -> str:
         "samples not kept: " + (", ".join(f"{why} {n}" for why, n in sorted(result["rejected"].items())) or "none"),
         f"wrote {result['output']}: {result['gold_rows']} gold rows + {result['new_rows']} sampled solutions",
     ]
-    task = "file" if config.task == "unit-conversion" else config.task  # unit-conversion reads no files
+    from mathtune.tasks import task_class
+
+    # a generated task reads no files: its rft file trains under --task file
+    task = "file" if task_class(config.task).generated else config.task
     # the file's targets are in this format already; training in the same one leaves them as they are
     same_format = f" --target-format {config.target_format}" if config.target_format != "full" else ""
     same_format += " --strip-calculator" if config.strip_calculator else ""
@@ -399,14 +393,12 @@ def format_result(result: dict, config: RFTConfig) -> str:
 
 def _model_generator(config: RFTConfig, settings):
     from mathtune.generation.engine import Generator
-    from mathtune.hardware import choose_device, choose_precision
+    from mathtune.hardware import Placement
     from mathtune.models.load import load_for_inference
 
-    device, _ = choose_device(config.device)
-    precision, _ = choose_precision(config.precision, device)
-    loaded = load_for_inference(config.model, device=device, precision=precision,
+    placement = Placement.choose(config.device, config.precision)
+    loaded = load_for_inference(config.model, device=placement.device, precision=placement.precision,
                                 trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     # progress=False: run_rft reports per question; the Generator's per-group bar would restart every group
     generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
     return lambda questions, seed: generator(questions, seed=seed)
-

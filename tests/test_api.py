@@ -116,12 +116,12 @@ def test_api_answers_equal_eval_per_item_output(lora_run, tmp_path, precision, o
     (merged, same dtype), so each item's text and extracted number are the same."""
     from mathtune.config import EvalConfig, build_config
     from mathtune.evaluation import evaluate_model
-    from mathtune.generation.settings import GenerationSettings
+    from mathtune.config import GenerationArgs
 
     config = build_config(EvalConfig, None, dict(model=str(lora_run), task="unit-conversion", max_samples=6,
                                                  max_new_tokens=12, precision=precision, device="cpu", no_cache=True))
     _summary, records = evaluate_model(str(lora_run), config, tmp_path / "eval", verbose=False, progress=False)
-    settings = GenerationSettings.from_config(config).to_dict()
+    settings = config.generation.resolved(config.task).to_dict()
     model = mathtune.load(lora_run, device="cpu", precision=precision, **settings)
     assert next(model.model.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     questions = [r["question"] for r in records]

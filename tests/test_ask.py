@@ -14,7 +14,7 @@ from mathtune.commands import ask as ask_command
 from mathtune.config import EvalConfig, build_config
 from mathtune.errors import MathtuneError
 from mathtune.generation.engine import Generator
-from mathtune.generation.settings import GenerationSettings
+from mathtune.config import GenerationArgs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 2+3?", "Convert 3 km to m."]
@@ -28,7 +28,7 @@ def test_answers_are_the_eval_generators_outputs(tiny_model_dir, one_thread):
                                              "device": "cpu", "precision": "fp32"})
     answers = ask_command.answer_questions(config, QUESTIONS)
     loaded = load_model(str(tiny_model_dir), device="cpu", merge_adapter=True)
-    expected = Generator(loaded.model, loaded.tokenizer, GenerationSettings.from_config(config), progress=False)(QUESTIONS)
+    expected = Generator(loaded.model, loaded.tokenizer, config.generation.resolved(config.task), progress=False)(QUESTIONS)
     assert [a.text for a in answers] == [samples[0] for samples in expected]
     assert [a.question for a in answers] == QUESTIONS
     # sampling reaches the generator too: temperature > 0 with a fixed seed is reproducible
@@ -46,10 +46,10 @@ def test_extracted_values_and_their_formatting(monkeypatch, tiny_model_dir, caps
         def __init__(self, *args, **kwargs):
             pass
 
-        def __call__(self, questions):
+        def __call__(self, questions, **kwargs):
             return [next(canned) for _ in questions]
 
-    monkeypatch.setattr("mathtune.generation.engine.Generator", FakeGenerator)
+    monkeypatch.setattr("mathtune.api.Generator", FakeGenerator)
     args = _parse(["ask", str(tiny_model_dir), "q1", "q2", "q3", "--device", "cpu", "--precision", "fp32"])
     assert ask_command.run(args) == 0
     out = capsys.readouterr().out
@@ -69,8 +69,9 @@ def test_flags_map_to_generation_settings(tiny_model_dir):
                    "--top-p", "0.9", "--seed", "5"])
     from mathtune.config import config_from_args
 
-    settings = GenerationSettings.from_config(config_from_args(EvalConfig, args))
-    assert (settings.temperature, settings.max_new_tokens, settings.top_p, settings.seed) == (0.7, 12, 0.9, 5)
+    config = config_from_args(EvalConfig, args)
+    settings = config.generation.resolved(config.task)
+    assert (settings.temperature, settings.max_new_tokens, settings.top_p, config.seed) == (0.7, 12, 0.9, 5)
     with pytest.raises(SystemExit):
         _parse(["ask", str(tiny_model_dir), "q", "--eval-file", "x"])  # eval-item flags are not ask's
 

@@ -10,7 +10,7 @@ import torch
 from mathtune.calculator import (MAX_CHARS, CalculatorForcing, calculate, evaluate, format_result, is_call,
                                  trigger_table)
 from mathtune.generation.engine import Generator
-from mathtune.generation.settings import GenerationSettings, resolve_calculator
+from mathtune.config import GenerationArgs
 
 CASES = [
     # precedence and grouping
@@ -121,11 +121,11 @@ def test_what_counts_as_a_call():
 
 
 def test_calculator_default_follows_the_task():
-    assert resolve_calculator(None, "gsm8k") is True
-    assert resolve_calculator(None, "unit-conversion") is True  # its targets carry annotations too
-    assert resolve_calculator(None, "file") is False
-    assert resolve_calculator(False, "gsm8k") is False
-    assert resolve_calculator(True, "file") is True
+    assert GenerationArgs(calculator=None).resolved("gsm8k").calculator is True
+    assert GenerationArgs(calculator=None).resolved("unit-conversion").calculator is True  # its targets carry annotations too
+    assert GenerationArgs(calculator=None).resolved("file").calculator is False
+    assert GenerationArgs(calculator=False).resolved("gsm8k").calculator is False
+    assert GenerationArgs(calculator=True).resolved("file").calculator is True
 
 
 # --------------------------------------------------------------------------- forcing
@@ -186,10 +186,10 @@ def test_forced_result_in_a_batch_of_rows_at_different_positions(smol_tokenizer,
     # longer question -> later in the length-sorted batch: question i stays tensor row i
     questions = ["What is this? " * (i + 1) for i in range(len(cases))]
     # the script first, then mathtune's processors (the calculator), on either decoding path
-    gen = Generator(model, tok, GenerationSettings(max_new_tokens=30, batch_size=8, calculator=True),
+    gen = Generator(model, tok, GenerationArgs(max_new_tokens=30, batch_size=8, calculator=True),
                     progress=False, fast=fast, chunk_tokens=64, logits_processors=[_Script(tok, scripts)])
     outs = gen(questions)
-    plain = Generator(model, tok, GenerationSettings(max_new_tokens=30, batch_size=8, calculator=False),
+    plain = Generator(model, tok, GenerationArgs(max_new_tokens=30, batch_size=8, calculator=False),
                       progress=False, fast=fast, chunk_tokens=64)
     for (expr, result), prefix, text, calls in zip(cases, scripts, outs, outs.calculator_calls):
         assert text[0].startswith(prefix), text[0]

@@ -304,7 +304,7 @@ def fake_evaluate(monkeypatch, tmp_path):
 
 
 def test_run_compare_json_equals_recomputation_from_the_logs(fake_evaluate, tmp_path, capsys):
-    config = EvalConfig(task="gsm8k", max_samples=60).validate()
+    config = EvalConfig.from_flat(task="gsm8k", max_samples=60).validate()
     out = tmp_path / "run" / "model_comparison.json"
     returned = run_compare("base-model", "trained-model", config, output_path=out, output_dir=tmp_path / "run" / "eval")
 
@@ -359,7 +359,7 @@ def test_run_compare_refuses_a_stale_summary(monkeypatch, tmp_path):
 
     patch_evaluate(monkeypatch, evaluate_model)
     with pytest.raises(MathtuneError, match="summary disagrees.*--no-cache"):
-        run_compare("a", "b", EvalConfig(task="gsm8k").validate(), tmp_path / "c.json", tmp_path / "eval")
+        run_compare("a", "b", EvalConfig.from_flat(task="gsm8k").validate(), tmp_path / "c.json", tmp_path / "eval")
     assert not (tmp_path / "c.json").exists()
 
 
@@ -377,7 +377,7 @@ def test_run_compare_keeps_same_named_models_apart(monkeypatch, tmp_path, explic
         return _write_log(Path(output_dir), "m", config.task, base_items if spec == "org1/m" else trained_items, spec)
 
     patch_evaluate(monkeypatch, evaluate_model)
-    result = run_compare("org1/m", "org2/m", EvalConfig(task="gsm8k").validate(), tmp_path / "c.json",
+    result = run_compare("org1/m", "org2/m", EvalConfig.from_flat(task="gsm8k").validate(), tmp_path / "c.json",
                          tmp_path / "eval" if explicit_dir else None, quiet=True)
     assert seen_dirs == [tmp_path / "eval" / "base", tmp_path / "eval" / "trained"]
     assert result["base_log"] == "eval/base/m-gsm8k.jsonl"
@@ -400,7 +400,7 @@ def test_run_compare_default_dirs_are_evaluations(monkeypatch, tmp_path):
 
     patch_evaluate(monkeypatch, evaluate_model)
     out = tmp_path / "b-run" / "model_comparison.json"
-    result = run_compare("a", "b", EvalConfig(task="gsm8k").validate(), out, quiet=True)
+    result = run_compare("a", "b", EvalConfig.from_flat(task="gsm8k").validate(), out, quiet=True)
     assert seen == [dirs["a"], dirs["b"]]
     assert result["trained_log"] == "eval/b-gsm8k.jsonl"  # inside the JSON's folder: relative
     assert Path(result["base_log"]).is_absolute()  # outside it: absolute, still resolvable

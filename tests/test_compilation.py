@@ -122,7 +122,7 @@ def test_config_takes_compile_from_yaml_and_flags_and_rejects_other_values(tmp_p
     path.write_text("compile: 'on'\n")
     assert build_config(TrainConfig, path).compile == "on"
     assert build_config(TrainConfig, path, {"compile": "off"}).compile == "off"
-    assert TrainConfig().compile == "auto"
+    assert TrainConfig.from_flat().compile == "auto"
     with pytest.raises(ConfigError, match="--compile 'yes' is not one of auto, on, off"):
         build_config(TrainConfig, None, {"compile": "yes"})
 

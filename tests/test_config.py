@@ -32,7 +32,7 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert config.learning_rate == 0.001  # from YAML
     assert config.batch_size == 2  # flag wins
     assert config.lora_r == 8
-    assert config.lora_alpha == TrainConfig().lora_alpha  # default
+    assert config.lora_alpha == TrainConfig.from_flat().lora_alpha  # default
     assert config.wandb is False
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mathtune import distributed, training
+from mathtune.generation.sharding import shard_plan
 from mathtune.run_dir import RunDir
 from mathtune.training import recipe
 from mathtune.config import EvalConfig, TrainConfig, build_config
@@ -217,7 +218,7 @@ def test_sharded_eval_equals_single_process_on_every_per_item_field(varied_model
     config = build_config(EvalConfig, None, dict(model=str(model_dir), task="unit-conversion", max_samples=n))
     examples = take(task_from_config(config).examples("eval"), n, "eval")
     lengths = [len(encode_prompt(smol_tokenizer, format_prompt(smol_tokenizer, e.question))) for e in examples]
-    plan = distributed.shard_plan(lengths, batch, 2)
+    plan = shard_plan(lengths, batch, 2)
     assert all(len(shard) >= 3 for shard in plan)
     kinds, entries = scripted_rows(smol_tokenizer, examples, plan)
     script = tmp_path / "script.json"
@@ -276,12 +277,12 @@ def test_sharded_eval_equals_single_process_on_every_per_item_field(varied_model
 
 def test_shard_plan_deals_whole_sorted_batches_round_robin():
     lengths = [5, 1, 4, 2, 3, 9, 7]
-    plan = distributed.shard_plan(lengths, batch_size=2, ranks=2)
+    plan = shard_plan(lengths, batch_size=2, ranks=2)
     # sorted by length: items 1,3 | 4,2 | 0,6 | 5  -> rank 0 gets batches 0 and 2, rank 1 batches 1 and 3
     assert plan == [[1, 3, 0, 6], [4, 2, 5]]
     assert sorted(i for shard in plan for i in shard) == list(range(len(lengths)))
     # more ranks than batches: the extra ranks are idle, nothing is lost
-    assert distributed.shard_plan([1, 2, 3], batch_size=4, ranks=3) == [[0, 1, 2], [], []]
+    assert shard_plan([1, 2, 3], batch_size=4, ranks=3) == [[0, 1, 2], [], []]
 
 
 def test_single_process_helpers_are_local():

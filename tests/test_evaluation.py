@@ -21,7 +21,8 @@ from mathtune.evaluation import (
     majority_value,
     write_eval_log,
 )
-from mathtune.generation.settings import GenerationSettings, Generations
+from mathtune.config import GenerationArgs
+from mathtune.generation.settings import Generations
 from mathtune.tasks import Example
 
 ITEM_FIELDS = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted",
@@ -232,7 +233,7 @@ def counting_generator(monkeypatch, tmp_path):
 def eval_config(model_dir, **changes):
     base = dict(model=str(model_dir), task="unit-conversion", max_samples=3, max_new_tokens=4,
                 batch_size=2, device="cpu", precision="fp32")
-    return EvalConfig(**{**base, **changes}).validate()
+    return EvalConfig.from_flat(**{**base, **changes}).validate()
 
 
 def test_evaluate_model_writes_logs_and_caches(tiny_model_dir, counting_generator, tmp_path, capsys):
@@ -297,16 +298,17 @@ def test_default_output_dir(tiny_model_dir):
 
 def test_cache_key_and_summary_record_calculator_and_loop_stop():
     """A calculator run and a plain run are different measurements: different cache keys."""
-    from mathtune.config import EvalConfig
+    from mathtune.config import EvalConfig, build_config
     from mathtune.evaluation import cache_key
 
     identity = {"spec": "m"}
     keys = set()
     for calculator in (None, True, False):
         for loop_stop in (True, False):
-            settings = GenerationSettings.from_config(EvalConfig(task="unit-conversion", calculator=calculator,
-                                                                 loop_stop=loop_stop))
+            config = build_config(EvalConfig, None, dict(task="unit-conversion", calculator=calculator,
+                                                         loop_stop=loop_stop))
+            settings = config.generation.resolved(config.task)
             keys.add(cache_key(identity, "unit-conversion", "sha", settings, "fp32", "cpu"))
             assert settings.to_dict()["calculator"] is (calculator is not False) and settings.loop_stop is loop_stop
     assert len(keys) == 4  # unset = on for unit-conversion (annotated targets), so None and True share keys
-    assert GenerationSettings.from_config(EvalConfig(task="gsm8k")).calculator is True
+    assert EvalConfig.from_flat(task="gsm8k").generation.resolved("gsm8k").calculator is True

@@ -47,7 +47,7 @@ def _config(model_dir: Path, tmp_path: Path, **overrides) -> TrainConfig:
                     save_steps=1, save_total_limit=None, sample_every=0, logging_steps=1, device="cpu",
                     precision="fp32", output_dir=str(tmp_path / "run"))
     settings.update(overrides)
-    return TrainConfig(**settings).validate()
+    return TrainConfig.from_flat(**settings).validate()
 
 
 def _saved_weights(run_dir: Path) -> list[Path]:

@@ -9,7 +9,8 @@ from conftest import build_tiny_model
 from mathtune.data import encode_prompt, format_prompt
 from mathtune.errors import MathtuneError
 from mathtune.generation.engine import Generator
-from mathtune.generation.settings import GenerationSettings, Generations
+from mathtune.config import GenerationArgs
+from mathtune.generation.settings import Generations
 
 # Different lengths, deliberately not sorted: batching sorts by length and must restore this order.
 QUESTIONS = [
@@ -56,7 +57,7 @@ def reference(model, tokenizer, question: str, max_new_tokens: int, eot: int | N
 def test_batched_greedy_matches_one_at_a_time(varied_model, smol_tokenizer):
     refs = [reference(varied_model, smol_tokenizer, q, 12) for q in QUESTIONS]
     assert len({tuple(r) for r in refs}) == len(QUESTIONS)  # the prompts really decode differently
-    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=12, batch_size=3), chunk_tokens=5)
+    gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=12, batch_size=3), chunk_tokens=5)
     out = gen(QUESTIONS)
     assert isinstance(out, Generations) and len(out) == len(QUESTIONS)
     for question, samples, counts, ref in zip(QUESTIONS, out, out.token_counts, refs):
@@ -64,7 +65,7 @@ def test_batched_greedy_matches_one_at_a_time(varied_model, smol_tokenizer):
         assert counts == [12]
     assert out.tokens_generated == 12 * len(QUESTIONS)
     # batch size 1 (no padding at all) gives the same texts
-    assert list(Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=12, batch_size=1))(QUESTIONS)) == list(out)
+    assert list(Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=12, batch_size=1))(QUESTIONS)) == list(out)
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -77,7 +78,7 @@ def test_fast_and_plain_paths_match_the_reference(varied_model, smol_tokenizer, 
     assert len(lengths) == 1
     original = varied_model.config._attn_implementation
     for questions in (same_length, QUESTIONS[:1]):
-        gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=10), fast=fast, chunk_tokens=4)
+        gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=10), fast=fast, chunk_tokens=4)
         expected = [[smol_tokenizer.decode(reference(varied_model, smol_tokenizer, q, 10), skip_special_tokens=True)]
                     for q in questions]
         assert list(gen(questions)) == expected
@@ -86,7 +87,7 @@ def test_fast_and_plain_paths_match_the_reference(varied_model, smol_tokenizer, 
 
 def test_identical_prompts_share_their_whole_prefix(varied_model, smol_tokenizer):
     """Several samples of one prompt in a batch: the prefix is the whole prompt but its last token."""
-    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=6, temperature=1e-4, num_samples=3))
+    gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=6, temperature=1e-4, num_samples=3))
     ref = smol_tokenizer.decode(reference(varied_model, smol_tokenizer, QUESTIONS[1], 6), skip_special_tokens=True)
     assert gen(QUESTIONS[1:2])[0] == [ref] * 3  # a tiny temperature samples the greedy token
 
@@ -98,8 +99,8 @@ def test_rows_stop_at_end_of_turn_at_different_steps(varied_model, smol_tokenize
     stop_token = free[1][2]
     stop_after = [r.index(stop_token) + 1 if stop_token in r else 16 for r in free]
     assert stop_after[1] <= 3 and max(stop_after) == 16  # one row stops early, another runs to the cap
-    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=16, batch_size=5), chunk_tokens=4)
-    gen.eot_id = stop_token
+    gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=16, batch_size=5), chunk_tokens=4)
+    gen.stop_ids = [stop_token]
     out = gen(QUESTIONS)
     assert [c[0] for c in out.token_counts] == stop_after
     for samples, ref, n in zip(out, free, stop_after):
@@ -114,7 +115,7 @@ def test_stop_string_truncates_output(varied_model, smol_tokenizer):
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = full.find(stop)
     assert 0 < cut < len(full) - 3
-    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=20, stop=[stop]))
+    gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=20, stop=[stop]))
     out = gen([question, QUESTIONS[1]])
     assert out[0] == [full[:cut]]
     assert out.token_counts[0][0] < 20  # generation itself stopped, not just the text
@@ -123,7 +124,7 @@ def test_stop_string_truncates_output(varied_model, smol_tokenizer):
 
 
 def test_sampling_is_seeded_and_gives_num_samples(varied_model, smol_tokenizer):
-    gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=8, temperature=1.0, num_samples=3, seed=7))
+    gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=8, temperature=1.0, num_samples=3), seed=7)
     a, b = gen(QUESTIONS[:2]), gen(QUESTIONS[:2])
     assert [len(s) for s in a] == [3, 3]
     assert list(a) == list(b)
@@ -138,8 +139,8 @@ def test_sampling_is_seeded_and_gives_num_samples(varied_model, smol_tokenizer):
 
 
 def test_top_p_near_zero_is_greedy(varied_model, smol_tokenizer):
-    greedy = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=8))(QUESTIONS[:2])
-    nucleus = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1e-6))(QUESTIONS[:2])
+    greedy = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=8))(QUESTIONS[:2])
+    nucleus = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=8, temperature=1.0, top_p=1e-6))(QUESTIONS[:2])
     assert list(nucleus) == list(greedy)
 
 
@@ -153,7 +154,7 @@ def test_top_p_near_zero_is_greedy(varied_model, smol_tokenizer):
 ])
 def test_bad_settings_name_the_flag(changes, flag):
     with pytest.raises(MathtuneError, match=flag):
-        GenerationSettings(**changes).validate()
+        GenerationArgs(**changes).validate()
 
 
 def test_unknown_override_and_string_input_are_errors(tiny_model, smol_tokenizer):
@@ -172,7 +173,7 @@ def test_frozen_head_gets_a_contiguous_input_and_the_hook_is_removed(smol_tokeni
     head = model.get_output_embeddings()
     seen = []
     spy = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
-    plain = Generator(model, smol_tokenizer, GenerationSettings(max_new_tokens=4), fast=False)(QUESTIONS)
+    plain = Generator(model, smol_tokenizer, GenerationArgs(max_new_tokens=4), fast=False)(QUESTIONS)
     spy.remove()
     assert seen and all(seen)
     assert not head._forward_pre_hooks  # nothing left on the caller's model
@@ -191,7 +192,7 @@ def test_generation_raises_no_deprecation_warning(varied_model, smol_tokenizer, 
     DeprecationWarning raised from our calls is an error here."""
     import warnings
 
-    settings = GenerationSettings(max_new_tokens=40, batch_size=2, calculator=True)
+    settings = GenerationArgs(max_new_tokens=40, batch_size=2, calculator=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
@@ -211,7 +212,7 @@ def test_eval_path_raises_no_deprecation_warning(tiny_model_dir, tmp_path, monke
     data = tmp_path / "eval.jsonl"
     data.write_text('{"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\\n#### 5"}\n'
                     '{"question": "What is 10/4?", "answer": "#### 2.5"}\n')
-    config = EvalConfig(model=str(tiny_model_dir), task="gsm8k", eval_file=str(data), max_new_tokens=16, max_samples=-1,
+    config = EvalConfig.from_flat(model=str(tiny_model_dir), task="gsm8k", eval_file=str(data), max_new_tokens=16, max_samples=-1,
                         device="cpu", precision="fp32", no_cache=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
@@ -348,7 +349,7 @@ def test_fast_path_is_active_only_while_generating(varied_model, smol_tokenizer)
     original = varied_model.config._attn_implementation
     try:
         assert not decoding_active()
-        Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=3), fast=True)(QUESTIONS[:2])
+        Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=3), fast=True)(QUESTIONS[:2])
     finally:
         hook.remove()
     assert seen and all(active and name == ATTENTION_NAME for active, name in seen)
@@ -399,7 +400,7 @@ def test_other_families_run_the_fast_path_or_fall_back_with_a_notice(smol_tokeni
     seen = []
     hook = model.model.layers[0].self_attn.register_forward_hook(lambda *a: seen.append(decoding_active()))
     try:
-        out = Generator(model, smol_tokenizer, GenerationSettings(max_new_tokens=10, batch_size=3), fast=True,
+        out = Generator(model, smol_tokenizer, GenerationArgs(max_new_tokens=10, batch_size=3), fast=True,
                         chunk_tokens=4)(QUESTIONS)
     finally:
         hook.remove()
@@ -407,7 +408,7 @@ def test_other_families_run_the_fast_path_or_fall_back_with_a_notice(smol_tokeni
         expected = [[smol_tokenizer.decode(reference(model, smol_tokenizer, q, 10), skip_special_tokens=True)]
                     for q in QUESTIONS]
     else:
-        expected = list(Generator(model, smol_tokenizer, GenerationSettings(max_new_tokens=10, batch_size=3), fast=False,
+        expected = list(Generator(model, smol_tokenizer, GenerationArgs(max_new_tokens=10, batch_size=3), fast=False,
                                   chunk_tokens=4)(QUESTIONS))
     assert list(out) == expected
     notices = [line for line in capsys.readouterr().err.splitlines() if "fast generation path off" in line]
@@ -425,9 +426,9 @@ def test_stop_reasons_say_why_each_row_ended(varied_model, smol_tokenizer):
     text = smol_tokenizer.decode(free[1], skip_special_tokens=True)
     stop = text[len(text) // 2: len(text) // 2 + 3]
     for fast in (True, False):
-        gen = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=12, stop=[stop]), fast=fast,
+        gen = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=12, stop=[stop]), fast=fast,
                         chunk_tokens=5)
-        gen.eot_id = stop_token
+        gen.stop_ids = [stop_token]
         out = gen(QUESTIONS[:3])
         assert out.stop_reasons[0] == ["end_of_turn"]
         assert out.stop_reasons[1] == ["stop_string"]
@@ -440,7 +441,7 @@ def test_model_generation_config_does_not_leak_into_greedy_output(varied_model, 
     """Defect: generate() fills every setting we leave unset from the model's generation_config, so
     a checkpoint recommending a repetition penalty (or min_p, no_repeat_ngram_size, ...) changed
     what eval measures. The same greedy outputs with and without such a config, which is restored."""
-    settings = GenerationSettings(max_new_tokens=24)
+    settings = GenerationArgs(max_new_tokens=24)
     clean = Generator(varied_model, smol_tokenizer, settings)(QUESTIONS)
     original = varied_model.generation_config
     # suppress_tokens: the first greedy token of every question, so raw generate() must differ
@@ -467,7 +468,7 @@ def test_generations_select_and_merge_keep_every_per_item_field(varied_model, sm
     two interleaved shards, round-trip them through plain data, merge: every field equals the run's."""
     import dataclasses
 
-    out = Generator(varied_model, smol_tokenizer, GenerationSettings(max_new_tokens=6, calculator=True))(QUESTIONS)
+    out = Generator(varied_model, smol_tokenizer, GenerationArgs(max_new_tokens=6, calculator=True))(QUESTIONS)
     out.loops[2] = [True]  # a looping row and a calculator call must travel like every other field
     out.calculator_calls[3] = [[{"expr": "2*3", "value": "6"}]]
     plan = [[0, 2, 4], [1, 3]]

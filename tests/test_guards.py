@@ -42,7 +42,7 @@ def _rows(tokenizer, n=16):
 def _config(**overrides):
     base = dict(model="unused", task="unit-conversion", learning_rate=1e-3, sample_every=0, max_new_tokens=16)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def _trainer(model, tokenizer, rows, tmp_path, stats=None, callbacks=(), **args):
@@ -437,7 +437,8 @@ def test_collapse_detector_prompts_its_questions_with_the_ids_training_puts_befo
 
 
 class _CannedModel(torch.nn.Module):
-    """generate() returns fixed continuations: the detector's bookkeeping without a real model."""
+    """A model whose continuations are fixed: the detector's bookkeeping without a real model
+    (``_canned`` stands in for its generation and records the mode it ran in)."""
 
     def __init__(self, continuations):
         super().__init__()
@@ -445,10 +446,27 @@ class _CannedModel(torch.nn.Module):
         self.continuations = continuations
         self.modes_seen = []
 
-    def generate(self, input_ids, attention_mask, generation_config):
-        self.modes_seen.append(self.training)
-        rows = [input_ids[i].tolist() + list(self.continuations[i]) for i in range(len(input_ids))]
-        return torch.tensor(rows)
+
+def _canned(detector):
+    def generate(model):
+        model.modes_seen.append(model.training)
+        return [(detector.tokenizer.decode(ids, skip_special_tokens=True), list(ids)) for ids in model.continuations]
+
+    detector.generate = generate
+    return detector
+
+
+class _Script:
+    """A logits processor that makes the model write ``tokens`` after its prompt, whatever it computes."""
+
+    def __init__(self, tokens, prompt_length):
+        self.tokens, self.prompt_length = tokens, prompt_length
+
+    def __call__(self, input_ids, scores):
+        position = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[min(position, len(self.tokens) - 1)]] = 0.0
+        return forced
 
 
 def _detector(tokenizer, tmp_path, prompts):
@@ -460,7 +478,7 @@ def test_collapse_needs_two_flagged_checks_in_a_row(tokenizer, tmp_path):
     healthy = [tokenizer.encode("3 km × 1000 m/km = 3000 m"), tokenizer.encode("2 kg × 1000 g/kg = 2000 g")]
     bang = tokenizer.convert_tokens_to_ids("!")
     collapsed = [[bang] * 8, [bang] * 8]
-    detector = _detector(tokenizer, tmp_path, prompts)
+    detector = _canned(_detector(tokenizer, tmp_path, prompts))
     good, bad = _CannedModel(healthy).train(), _CannedModel(collapsed).train()
 
     detector.check(bad, 1)  # one bad check: recorded, not fatal
@@ -486,9 +504,10 @@ def test_collapse_generation_stops_at_end_of_turn(tokenizer, tmp_path):
     from mathtune.data import end_of_turn_token_id
 
     answer = tokenizer.encode("#### 3000")
-    model = _CannedModel([answer + [end_of_turn_token_id(tokenizer)] + tokenizer.encode(" junk")])
     detector = _detector(tokenizer, tmp_path, ["Convert 3 km to m."])
-    assert detector.generate(model) == [("#### 3000", answer)]
+    script = answer + [end_of_turn_token_id(tokenizer)] + tokenizer.encode(" junk")
+    detector.generator_options = {"logits_processors": [_Script(script, len(detector.prompt_ids[0]))]}
+    assert detector.generate(build_tiny_model(tokenizer)) == [("#### 3000", answer)]
 
 
 def test_samples_file_is_reset_for_a_fresh_run_and_trimmed_on_resume(tokenizer, tmp_path):
@@ -535,7 +554,7 @@ def test_collapse_detector_ignores_a_models_repetition_penalty_that_would_hide_l
     model.generation_config.suppress_tokens = [bang]
     detector = _detector(tokenizer, tmp_path, ["Convert 3 km to m.", "How many grams are in 2 kg?"])
     flags = detector.check(model, 1)
-    assert detector.last_outputs[0] == "!" * detector.max_new_tokens
+    assert detector.last_outputs[0] == "!" * detector.args.max_new_tokens
     assert all("repeated" in f for f in flags)
     # the model's own settings are back afterwards
     assert model.generation_config.repetition_penalty == 1e6 and model.generation_config.suppress_tokens == [bang]

@@ -9,7 +9,8 @@ import torch
 
 from mathtune.evaluation import format_summary, judge_generations
 from mathtune.generation.engine import Generator
-from mathtune.generation.settings import GenerationSettings, Generations
+from mathtune.config import GenerationArgs
+from mathtune.generation.settings import Generations
 from mathtune.loops import (LoopMonitor, ends_in_loop, repeated_annotation, repeated_line, repeated_span,
                             text_check_table)
 from mathtune.tasks import Example
@@ -119,7 +120,7 @@ def test_looping_row_is_stopped_and_flagged_others_run_on(smol_tokenizer, one_th
     questions = ["Q? " * (i + 1) for i in range(3)]  # longer question -> later row: row i is question i
     results = {}
     for stop in (True, False):
-        settings = GenerationSettings(max_new_tokens=60, batch_size=8, loop_stop=stop)
+        settings = GenerationArgs(max_new_tokens=60, batch_size=8, loop_stop=stop)
         # the script runs before mathtune's own processors, on either decoding path
         gen = Generator(model, tok, settings, progress=False, fast=fast, chunk_tokens=16,
                         logits_processors=[_Script(scripts)])
@@ -230,7 +231,7 @@ def test_equation_chain_runs_on_and_a_repeated_calculation_is_stopped(smol_token
     questions = ["Q? " * (i + 1) for i in range(3)]  # longer question -> later row: row i is question i
     results = {}
     for stop in (True, False):
-        settings = GenerationSettings(max_new_tokens=limit, batch_size=8, calculator=True, loop_stop=stop)
+        settings = GenerationArgs(max_new_tokens=limit, batch_size=8, calculator=True, loop_stop=stop)
         gen = Generator(model, tok, settings, progress=False, fast=fast, chunk_tokens=16,
                         logits_processors=[_Script(scripts)])
         results[stop] = gen(questions)

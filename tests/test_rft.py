@@ -50,11 +50,11 @@ def test_as_target_rejects_what_the_task_would_reject():
 
 def test_config_problems_are_reported_together(tmp_path):
     with pytest.raises(ConfigError) as err:
-        RFTConfig(task="gsm8k", output=str(tmp_path / "x.csv"), temperature=0.0, num_samples=0).validate()
+        RFTConfig.from_flat(task="gsm8k", output=str(tmp_path / "x.csv"), temperature=0.0, num_samples=0).validate()
     text = str(err.value)
     assert "--output" in text and "--temperature" in text and "--num-samples" in text
     with pytest.raises(ConfigError, match="--output is required"):
-        RFTConfig().validate()
+        RFTConfig.from_flat().validate()
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_end_to_end_on_the_tiny_model_with_a_fake_judge(tiny_model_dir, train_fi
     of the first and third questions correct. The file holds each question's gold row followed by
     its distinct samples turned into '#### gold' targets, and the task reads it back as training data."""
     out = tmp_path / "rft.jsonl"
-    config = RFTConfig(model=str(tiny_model_dir), task=task, train_file=str(train_file), output=str(out),
+    config = RFTConfig.from_flat(model=str(tiny_model_dir), task=task, train_file=str(train_file), output=str(out),
                        max_new_tokens=12, batch_size=8, device="cpu", precision="fp32")
     lucky = {0, 2}
     questions = get_task(task, train_file=str(train_file)).examples("train")
@@ -130,7 +130,7 @@ def test_sampled_correct_solutions_from_a_scripted_generator(train_file, tmp_pat
         return Generations(texts, [[1] * 4] * 3, 0.1)
 
     out = tmp_path / "rft.jsonl"
-    config = RFTConfig(task="gsm8k", train_file=str(train_file), output=str(out))
+    config = RFTConfig.from_flat(task="gsm8k", train_file=str(train_file), output=str(out))
     result = run_rft(config, generator=generator, verbose=False)
     assert calls == [(3, group_seed(config.seed, 0))]  # batch 32 / k=4: the 3 questions are one group
     assert result["questions_gained"] == {0: 1, 1: 1, 2: 1}
@@ -173,11 +173,11 @@ def five_questions(tmp_path):
 def tiny_sampler(tiny_model_dir, one_thread):
     """The real batched Generator on the tiny model, as run_rft calls it (questions, seed)."""
     from mathtune.generation.engine import Generator
-    from mathtune.generation.settings import GenerationSettings
+    from mathtune.config import GenerationArgs
     from mathtune.models.load import load_model
 
     loaded = load_model(str(tiny_model_dir), device="cpu")
-    settings = GenerationSettings(max_new_tokens=10, temperature=0.7, num_samples=4, batch_size=8)
+    settings = GenerationArgs(max_new_tokens=10, temperature=0.7, num_samples=4, batch_size=8)
     generator = Generator(loaded.model, loaded.tokenizer, settings, progress=False)
     return lambda questions, seed: generator(questions, seed=seed)
 
@@ -188,7 +188,7 @@ def everything_right(text, example):
 
 def rft_config(model_dir, train, out, **changes):
     # batch 8 / k=4: groups of 2 questions -> [0, 1] [2, 3] [4]
-    return RFTConfig(model=str(model_dir), task="gsm8k", train_file=str(train), output=str(out), max_new_tokens=10,
+    return RFTConfig.from_flat(model=str(model_dir), task="gsm8k", train_file=str(train), output=str(out), max_new_tokens=10,
                      batch_size=8, device="cpu", precision="fp32", **changes)
 
 
@@ -332,7 +332,7 @@ def test_existing_output_without_resume_is_an_error_naming_the_flag(five_questio
     out = tmp_path / "rft.jsonl"
     out.write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(MathtuneError, match=r"--output .*rft.jsonl exists: add --resume"):
-        run_rft(RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(out)), generator=never_called,
+        run_rft(RFTConfig.from_flat(task="gsm8k", train_file=str(five_questions), output=str(out)), generator=never_called,
                 verbose=False)
     assert out.read_text() == '{"question": "q", "answer": "#### 1"}\n'  # untouched
 
@@ -340,20 +340,20 @@ def test_existing_output_without_resume_is_an_error_naming_the_flag(five_questio
 def test_resume_refuses_other_settings_another_train_split_or_a_foreign_file(five_questions, train_file, tmp_path):
     texts = lambda n: Generations([["#### 0"] * 4] * n, [[1] * 4] * n, 0.1)  # noqa: E731
     out = tmp_path / "rft.jsonl"
-    config = RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(out), max_samples=2)
+    config = RFTConfig.from_flat(task="gsm8k", train_file=str(five_questions), output=str(out), max_samples=2)
     run_rft(config, generator=lambda questions, seed: texts(len(questions)), verbose=False)
     before = out.read_text()
     with pytest.raises(MathtuneError, match=r"--temperature 0.9 \(the file: 0.7\)"):
-        run_rft(RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(out), resume=True,
+        run_rft(RFTConfig.from_flat(task="gsm8k", train_file=str(five_questions), output=str(out), resume=True,
                           temperature=0.9), generator=never_called, verbose=False)
     with pytest.raises(MathtuneError, match=r"question 0 is not question 0 of this train split"):
-        run_rft(RFTConfig(task="gsm8k", train_file=str(train_file), output=str(out), resume=True),
+        run_rft(RFTConfig.from_flat(task="gsm8k", train_file=str(train_file), output=str(out), resume=True),
                 generator=never_called, verbose=False)
     assert out.read_text() == before
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(MathtuneError, match=r"foreign.jsonl:1 is not a question's first row"):
-        run_rft(RFTConfig(task="gsm8k", train_file=str(five_questions), output=str(foreign), resume=True),
+        run_rft(RFTConfig.from_flat(task="gsm8k", train_file=str(five_questions), output=str(foreign), resume=True),
                 generator=never_called, verbose=False)
 
 
@@ -436,7 +436,7 @@ def test_rft_with_equation_targets_writes_a_file_equations_training_reads_unchan
         return Generations(texts, [[1] * 4] * 2, 0.1)
 
     out = tmp_path / "rft.jsonl"
-    config = RFTConfig(task="gsm8k", train_file=str(worded_train_file), output=str(out), target_format="equations")
+    config = RFTConfig.from_flat(task="gsm8k", train_file=str(worded_train_file), output=str(out), target_format="equations")
     result = run_rft(config, generator=generator)
     assert asked == [CHAIN_GOLD.question, "Sam has 2 pens and gets 3 more. How many pens?"]  # the plain questions
     assert result["questions_gained"] == {1: 2}
@@ -449,7 +449,7 @@ def test_rft_with_equation_targets_writes_a_file_equations_training_reads_unchan
     reread = get_task("gsm8k", train_file=str(out), target_format="equations").examples("train")
     assert [e.answer_text for e in reread] == answers
     with pytest.raises(MathtuneError, match=r"--target-format full \(the file: equations\)"):
-        run_rft(RFTConfig(task="gsm8k", train_file=str(worded_train_file), output=str(out), resume=True),
+        run_rft(RFTConfig.from_flat(task="gsm8k", train_file=str(worded_train_file), output=str(out), resume=True),
                 generator=never_called, verbose=False)
 
 
@@ -483,14 +483,14 @@ def test_rft_on_a_run_trained_with_equations_needs_the_same_format(equations_run
                                                    [[1] * 4] * len(questions), 0.1)
     with pytest.raises(MathtuneError, match=r"trained with --target-format equations .*mathtune_config.yaml\): its "
                                             r"samples are equation chains; pass --target-format equations"):
-        run_rft(RFTConfig(model=str(run), task="gsm8k", train_file=str(data), output=str(tmp_path / "full.jsonl")),
+        run_rft(RFTConfig.from_flat(model=str(run), task="gsm8k", train_file=str(data), output=str(tmp_path / "full.jsonl")),
                 generator=never_called, verbose=False)
     assert not (tmp_path / "full.jsonl").exists()
     out = tmp_path / "eq.jsonl"
-    run_rft(RFTConfig(model=str(run), task="gsm8k", train_file=str(data), output=str(out), target_format="equations",
+    run_rft(RFTConfig.from_flat(model=str(run), task="gsm8k", train_file=str(data), output=str(out), target_format="equations",
                       max_samples=1), generator=scripted)
     assert [r["answer"] for r in rows_of(out)] == ["<<1+1=2>> #### 2"]  # the gold chain; the sample equals it
     assert "trained with --target-format" not in capsys.readouterr().err  # same format: no note
-    run_rft(RFTConfig(model=str(run), task="gsm8k", train_file=str(data), output=str(tmp_path / "drop.jsonl"),
+    run_rft(RFTConfig.from_flat(model=str(run), task="gsm8k", train_file=str(data), output=str(tmp_path / "drop.jsonl"),
                       target_format="equations-drop", max_samples=1), generator=scripted)
     assert "turned into --target-format equations-drop targets like the gold rows" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_calculator_fills_results_in_the_equation_format(smol_tokenizer, one_thr
     annotation then the head of the next; the calculator completes each with its result and '>>'."""
     from conftest import build_tiny_model
     from mathtune.generation.engine import Generator
-    from mathtune.generation.settings import GenerationSettings
+    from mathtune.config import GenerationArgs
 
     tok = smol_tokenizer
     model = build_tiny_model(tok, seed=5)
@@ -84,7 +84,7 @@ def test_calculator_fills_results_in_the_equation_format(smol_tokenizer, one_thr
         return scores
 
     # the script first, then mathtune's processors (the calculator), on either decoding path
-    gen = Generator(model, tok, GenerationSettings(max_new_tokens=20, batch_size=4, calculator=True),
+    gen = Generator(model, tok, GenerationArgs(max_new_tokens=20, batch_size=4, calculator=True),
                     progress=False, chunk_tokens=64, logits_processors=[script])
     outs = gen(["Ann has 10 apples?", "Ann has 10 apples for 5 kids?"])
     assert outs[0][0].startswith("<<10/5=2>>"), outs[0][0]

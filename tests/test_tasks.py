@@ -479,7 +479,7 @@ def test_unit_conversion_values_stay_small(uc_splits):
 
 
 def test_each_task_owns_its_policy_and_the_consumers_read_it(monkeypatch):
-    from mathtune.generation.settings import resolve_calculator
+    from mathtune.config import GenerationArgs
     from mathtune.rft import RFTConfig
     from mathtune.tasks import TASK_NAMES, task_class
     from mathtune.tasks.files import FileTask
@@ -488,11 +488,11 @@ def test_each_task_owns_its_policy_and_the_consumers_read_it(monkeypatch):
     assert {name: task_class(name).calculator_by_default for name in TASK_NAMES} == {
         "gsm8k": True, "unit-conversion": True, "file": False}
     assert task_class("gsm8k").hub_dataset == "openai/gsm8k" and task_class("file").hub_dataset is None
-    assert resolve_calculator(None, "gsm8k") and not resolve_calculator(None, "file")
-    assert not resolve_calculator(False, "gsm8k") and not resolve_calculator(None, None)
+    assert GenerationArgs(calculator=None).resolved("gsm8k").calculator and not GenerationArgs(calculator=None).resolved("file").calculator
+    assert not GenerationArgs(calculator=False).resolved("gsm8k").calculator and not GenerationArgs(calculator=None).resolved(None).calculator
     # the consumers ask the Task: change its policy and their answer follows
     monkeypatch.setattr(FileTask, "calculator_by_default", True)
-    assert resolve_calculator(None, "file")
+    assert GenerationArgs(calculator=None).resolved("file").calculator
     monkeypatch.setattr(GSM8KTask, "supports_rft", False)
     with pytest.raises(MathtuneError, match="rft works for unit-conversion, file"):
-        RFTConfig(model="m", task="gsm8k", output="out.jsonl").validate()
+        RFTConfig.from_flat(model="m", task="gsm8k", output="out.jsonl").validate()

@@ -4,7 +4,7 @@
     printf 'What is 12 * 7?\\nConvert 3 km to m.\\n' | mathtune ask runs/lora-uc
 
 Same path as ``mathtune eval``: the model loaded by ``models.load.load_for_inference`` (adapter merged) under the
-device/precision policy, ``GenerationSettings.from_config`` over ``EvalConfig`` (so every generation
+device/precision policy, ``EvalConfig.generation`` resolved for the task (so every generation
 setting eval has is a flag here too, and reaches the ``Generator`` the same way), the training prompt
 format and the end-of-turn stop. Then the answer extraction ``accuracy`` scores with.
 """
@@ -16,7 +16,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from mathtune.config import EvalConfig, add_config_arguments, build_config, config_from_args
+from mathtune.config import EvalConfig, add_config_arguments, build_config, config_from_args, exposed_fields
 from mathtune.errors import MathtuneError
 
 # EvalConfig fields that choose or judge eval items, not how one answer is generated
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def ask(model: str, questions, **settings) -> list[Answer]:
     """Answer ``questions`` with ``model``; ``settings`` are EvalConfig fields (temperature,
     max_new_tokens, device, precision, ...). Also ``mathtune.ask``."""
-    unknown = sorted(set(settings) - set(EvalConfig.__dataclass_fields__))
+    unknown = sorted(set(settings) - set(exposed_fields(EvalConfig)))
     if unknown:
         raise MathtuneError(f"unknown setting(s) {', '.join(unknown)}: use EvalConfig fields such as "
                             f"temperature, max_new_tokens, device, precision")
@@ -50,11 +50,9 @@ def ask(model: str, questions, **settings) -> list[Answer]:
 
 
 def answer_questions(config: EvalConfig, questions) -> list[Answer]:
+    """The eval path's answers through the Python API (``mathtune.load``): one loader, one generator."""
     from mathtune.answers import extract
-    from mathtune.generation.engine import Generator
-    from mathtune.generation.settings import GenerationSettings
-    from mathtune.hardware import choose_device, choose_precision
-    from mathtune.models.load import load_for_inference
+    from mathtune.api import load
 
     if isinstance(questions, str):
         questions = [questions]
@@ -64,16 +62,13 @@ def answer_questions(config: EvalConfig, questions) -> list[Answer]:
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise MathtuneError(f"question {i + 1} is empty: every question needs some text")
-    settings = GenerationSettings.from_config(config)
-    device, _ = choose_device(config.device)
-    precision, _ = choose_precision(config.precision, device)
-    loaded = load_for_inference(config.model, device=device, precision=precision,
-                                trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-    outputs = Generator(loaded.model, loaded.tokenizer, settings, progress=False)(questions)
+    settings = config.generation.resolved(config.task).to_dict()
+    model = load(config.model, config.device, config.precision, trust_remote_code=config.trust_remote_code,
+                 allow_pickle=config.allow_pickle, seed=config.seed, **settings)
     answers = []
-    for question, samples in zip(questions, outputs):
-        value, method = extract(samples[0])
-        answers.append(Answer(question, samples[0], value, method))
+    for question, text in zip(questions, model.batched_generate(questions)):
+        value, method = extract(text)
+        answers.append(Answer(question, text, value, method))
     return answers
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         compare_logs(args.base_log, args.trained_log, output_path=args.output, score=args.score)
         return 0
     config = config_from_args(EvalConfig, args)
-    if args.score == "majority" and config.num_samples < 2:
+    if args.score == "majority" and config.generation.num_samples < 2:
         raise ConfigError(["--score majority needs --num-samples 2 or more (and --temperature > 0)"])
     # before two evaluations, not after them
     if args.eval_dir is not None:

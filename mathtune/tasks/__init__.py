@@ -32,6 +32,9 @@ class Task:
     hub_dataset: str | None = None  # the Hugging Face dataset id its rows come from (a model card names it)
     supports_rft = True  # rejection-sampling fine-tuning (mathtune rft) can sample answers to its questions
     target_formats: tuple[str, ...] = ("full",)  # --target-format values it can make ("full": solutions as written)
+    generated = False  # its rows are made in code: it reads no --train-file/--eval-file
+    reads_dataset = False  # reads --dataset / --question-field / --answer-field (a hub or local table)
+    lm_eval_shots_from_train_file = False  # --protocol lm-eval takes its 5 shots from --train-file
 
     def __init__(self) -> None:
         self._cache: dict[str, list[Example]] = {}
@@ -93,6 +96,36 @@ def task_from_config(config, *, train_file: bool = True) -> Task:
                     fields=Fields(config.question_field, config.answer_field),
                     splits={"train": config.train_split, "eval": config.eval_split},
                     target_format=config.target_format)
+
+
+def calculator_default(task: str | None) -> bool:
+    """Calculator-assisted decoding when ``--calculator`` is unset: on for tasks whose targets carry
+    calculator annotations (``Task.calculator_by_default``), off for anything else."""
+    return task in TASK_NAMES and task_class(task).calculator_by_default
+
+
+def source_problems(config) -> list[str]:
+    """What a config's task cannot read (ModelSettings fields): the task's policy, checked with the rest
+    of the config so that every problem is reported at once."""
+    if config.task not in TASK_NAMES:
+        return []  # the choices check names it
+    cls = task_class(config.task)
+    problems = []
+    if config.dataset is not None and not cls.reads_dataset:
+        readers = ", ".join(n for n in TASK_NAMES if task_class(n).reads_dataset)
+        problems.append(f"--dataset is read by --task {readers} (got --task {config.task}): add --task {readers}")
+    if cls.reads_dataset and config.train_file is None and config.eval_file is None and config.dataset is None:
+        problems.append(f"--task {config.task} needs --train-file and/or --eval-file, or --dataset")
+    return problems
+
+
+def lm_eval_problems(config) -> list[str]:
+    """``--protocol lm-eval``'s data needs for the config's task."""
+    if config.task in TASK_NAMES and task_class(config.task).lm_eval_shots_from_train_file \
+            and config.eval_file is not None and config.train_file is None:
+        return ["--protocol lm-eval takes its 5 shots from the train split: pass --train-file "
+                f"({config.task} train JSONL) with --eval-file"]
+    return []
 
 
 def task_class(name: str) -> type[Task]:

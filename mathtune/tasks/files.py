@@ -190,6 +190,7 @@ def _build(path: Path, rows, strip_calc: bool, hint: str, *, by_item: bool = Fal
 
 class FileTask(FileBackedTask):
     name = "file"
+    reads_dataset = True  # --dataset, --question-field/--answer-field
     judge_rule = "exact"
 
     def __init__(self, *, train_file=None, eval_file=None, strip_calculator: bool = False,

@@ -233,6 +233,7 @@ class GSM8KTask(FileBackedTask):
     judge_rule = "exact"
     calculator_by_default = True  # GSM8K solutions carry <<48/2=24>> annotations
     hub_dataset = "openai/gsm8k"
+    lm_eval_shots_from_train_file = True  # lm-eval gsm8k draws its 5 shots from the train split
     target_formats = TARGET_FORMATS
 
     def _load(self, split: str) -> list[Example]:

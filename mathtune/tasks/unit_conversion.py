@@ -256,6 +256,7 @@ class UnitConversionTask(Task):
     name = "unit-conversion"
     judge_rule = "rel_tol=0.05"
     calculator_by_default = True  # generated targets carry the conversion as a <<a*b=c>> annotation
+    generated = True  # rows made in code from --seed: no files
 
     def __init__(self, *, seed: int = 0, sizes: dict[str, int] | None = None):
         super().__init__()

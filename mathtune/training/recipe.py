@@ -42,6 +42,7 @@ from mathtune.compilation import CompileDecision
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, prepare_examples, take
 from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.hardware import Placement
 from mathtune.interrupt import InterruptCallback, TrainingInterrupted, signals_stop_training
 from mathtune.loss import takes_logits_mask, token_normalised_loss
 from mathtune.run_dir import RunDir, check_writable
@@ -71,16 +72,6 @@ class TrainResult:
     comparison: dict | None = None  # model_comparison.json content with --eval-samples N
 
 
-
-
-@dataclass
-class Placement:
-    """Where and in which precision training runs, with the reasons printed at setup."""
-
-    device: str
-    device_reason: str
-    precision: str
-    precision_reason: str
 
 
 @dataclass
@@ -187,15 +178,10 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
 
 
 def _setup_placement(config: TrainConfig, placement: Placement | None) -> Placement:
-    from mathtune.hardware import check_training_device, choose_device, choose_precision
+    from mathtune.hardware import check_training_device
 
-    if placement is None:
-        device, device_reason = choose_device(config.device)
-        check_training_device(device)  # Trainer would silently use cuda:0 / every GPU otherwise
-        precision, precision_reason = choose_precision(config.precision, device)
-        placement = Placement(device, device_reason, precision, precision_reason)
-    else:
-        check_training_device(placement.device)
+    placement = placement or Placement.choose(config.device, config.precision)
+    check_training_device(placement.device)  # Trainer would silently use cuda:0 / every GPU otherwise
     print(f"device: {placement.device} ({placement.device_reason})")
     print(f"precision: {placement.precision} ({placement.precision_reason})")
     distributed.init(placement.device)  # under a launcher: join the process group before touching the run dir
@@ -587,16 +573,16 @@ def _raise_interrupted(session: TrainingSession) -> None:
 
 
 def compare_after_training(config: TrainConfig, result: TrainResult) -> TrainResult:
-    """Base vs trained on ``config.eval_samples`` held-out items, then report.md (run dir)."""
+    """Base vs trained on ``config.eval.samples`` held-out items, then report.md (run dir)."""
     from mathtune.comparison import run_compare
     from mathtune.config import EvalConfig, ModelSettings
     from mathtune import report
 
     # the model/task settings both configs share (ModelSettings), so eval sees the same task and split
-    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelSettings) if f.name != "model"}
-    eval_config = EvalConfig(model=config.model, max_samples=config.eval_samples, batch_size=config.eval_batch_size,
-                             max_new_tokens=config.max_new_tokens, **shared).validate()
-    print(f"\ncomparing base vs trained on {config.eval_samples} held-out {config.task} items")
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelSettings)}
+    eval_config = EvalConfig(**shared, max_samples=config.eval.samples,
+                             generation=dataclasses.replace(config.eval.generation)).validate()
+    print(f"\ncomparing base vs trained on {config.eval.samples} held-out {config.task} items")
     comparison = run_compare(
         config.model,
         str(result.run_dir),
@@ -616,7 +602,7 @@ def train(config: TrainConfig) -> TrainResult:
         result = run(session)
         del session  # free the training model and optimizer state before two eval models load
         gc.collect()
-        if config.eval_samples > 0:
+        if config.eval.samples > 0:
             result = compare_after_training(config, result)
         return result
     finally:
