@@ -284,6 +284,10 @@ class ModelSettings:
 
         return problems + source_problems(self)
 
+    def _max_samples_problems(self) -> list[str]:
+        problem = max_samples_problem(self.max_samples)  # the one rule, for every command that has the field
+        return [problem] if problem else []
+
     def _generation_problems(self, require_sampling: bool = False) -> list[str]:
         """``GenerationArgs.problems`` for every nested GenerationArgs, naming this command's flags."""
         leaves = flat_fields(type(self))
@@ -358,7 +362,7 @@ class TrainConfig(ModelSettings):
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"--{_flag(name)} must be > 0 (got {getattr(self, name)})")
-        problems += [p for p in [max_samples_problem(self.max_samples)] if p]
+        problems += self._max_samples_problems()
         if self.max_steps <= 0 and self.max_steps != -1:
             problems.append(f"--max-steps must be > 0, or -1 to use --num-epochs (got {self.max_steps})")
         if self.max_steps == -1 and self.num_epochs <= 0:
@@ -432,7 +436,7 @@ class EvalConfig(ModelSettings):
             problems += lm_eval_problems(self)
         if self.all:
             self.max_samples = -1
-        problems += [p for p in [max_samples_problem(self.max_samples)] if p]
+        problems += self._max_samples_problems()
         if problems:
             raise ConfigError(problems)
         return self

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mathtune.config import GenerationArgs, ModelSettings, max_samples_problem, nested, setting
+from mathtune.config import GenerationArgs, ModelSettings, nested, setting
 from mathtune.atomic import append_whole
 from mathtune.errors import ConfigError, MathtuneError, Terminated
 from mathtune.tasks import Task
@@ -67,7 +67,7 @@ class RFTConfig(ModelSettings):
             problems.append("--output is required: the .jsonl training file to write")
         elif Path(self.output).suffix.lower() != ".jsonl":
             problems.append(f"--output {self.output}: write a .jsonl file (one {{question, answer}} object per line)")
-        problems += [p for p in [max_samples_problem(self.max_samples)] if p]
+        problems += self._max_samples_problems()
         if problems:
             raise ConfigError(problems)
         return self
