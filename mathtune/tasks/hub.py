@@ -20,15 +20,15 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_hub_split(spec: str, split: str) -> list[dict]:
+    from mathtune.compat import hub_offline
     from mathtune.models.hub import hub_local_only
-    from mathtune.tasks.gsm8k import _hub_offline_mode
 
     name, config = parse_dataset_spec(spec)
     local_only = hub_local_only()  # an unreachable hub: the cache at once, not ~25 s of retries
     try:
         from datasets import DownloadConfig, get_dataset_split_names, load_dataset
 
-        with _hub_offline_mode(local_only):
+        with hub_offline(local_only):
             try:
                 return list(load_dataset(name, config, split=split,
                                          download_config=DownloadConfig(local_files_only=local_only)))

@@ -17,6 +17,8 @@ processes matches one process to ~1e-5 rather than closer (training/recipe.py's 
 
 from __future__ import annotations
 
+from mathtune.compat import attention_implementation
+
 SDPA_FROM_TOKENS = 384  # padded batch length (keys per query) from which SDPA beats eager, both precisions
 SHORT, LONG = "eager", "sdpa"
 
@@ -36,7 +38,7 @@ class AttentionByLength:
         self.switchable = self._try_both()
 
     def _current(self) -> str | None:
-        return getattr(getattr(self.base, "config", None), "_attn_implementation", None)
+        return attention_implementation(self.base)  # transformers has a public setter, no getter
 
     def _try_both(self) -> bool:
         """Set SDPA and back to eager; True when both took (a model that cannot switch keeps eager)."""
