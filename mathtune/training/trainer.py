@@ -84,7 +84,7 @@ class MathtuneTrainer(Trainer):
         the weight files given the run's file mode and put on disk."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if isinstance(self.model, PeftModel) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            self._save_adapter(output_dir)
+            self._write_adapter(output_dir)
         else:  # a full model, or an adapter whose weights DeepSpeed/FSDP must gather first: Trainer's way
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
@@ -94,7 +94,7 @@ class MathtuneTrainer(Trainer):
                 honour_umask(weights)
                 fsync_file(weights)
 
-    def _save_adapter(self, output_dir: str) -> None:
+    def _write_adapter(self, output_dir: str) -> None:
         if not self.args.should_save:
             return  # under a launcher rank 0 alone writes (as Trainer's save does)
         os.makedirs(output_dir, exist_ok=True)
