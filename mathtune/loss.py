@@ -70,8 +70,8 @@ def takes_logits_mask(model) -> bool:
     """True when the causal LM (or a PEFT model around one) takes a 2-D boolean ``logits_to_keep`` mask
     and returns the kept positions' logits flattened, as transformers documents for its causal LMs
     (``slice_logits_to_keep``). Found by asking: one forward pass on a two-token row keeping its first
-    position must return logits for one position; a forward without the argument is not asked. The
-    pass costs two tokens (milliseconds for SmolLM2-135M on a CPU), once per training run."""
+    position must return logits for one position; a forward without the argument is not asked. Once
+    per training run: 0.3-0.44 s for SmolLM2-135M + LoRA on one thread of a busy 2-core CPU."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
