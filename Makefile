@@ -62,9 +62,11 @@ versions: $(STAMP)
 
 # CI's second leg: a fresh venv where pip resolves the newest releases inside pyproject's bounds
 # (torch stays at TORCH_SPEC), running the tests that touch the libraries' APIs most: generation,
-# training, export and the CLI. `make test-latest` builds .venv-latest from scratch every time.
+# training, export, the CLI and mathtune/compat.py's shims of private library API (test_compat.py).
+# `make test-latest` builds .venv-latest from scratch every time.
 LATEST_TESTS ?= tests/test_generation.py tests/test_calculator.py tests/test_loops.py tests/test_training.py \
-	tests/test_shared_prefix.py tests/test_train_cli.py tests/test_export.py tests/test_cli_imports.py
+	tests/test_shared_prefix.py tests/test_train_cli.py tests/test_export.py tests/test_cli_imports.py \
+	tests/test_compat.py
 test-latest:
 	rm -rf .venv-latest
 	$(MAKE) --no-print-directory VENV=.venv-latest CONSTRAINTS= versions

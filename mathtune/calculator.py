@@ -166,9 +166,6 @@ class CalculatorForcing:
         self.pending = [self.pending[j] for j in keep]
         self.rows = [self.rows[j] for j in keep]
 
-    def calls_by_row(self) -> list[list[dict]]:
-        return self.calls
-
     def __call__(self, input_ids, scores):
         if input_ids.shape[1] <= self.start:
             return scores

@@ -25,60 +25,26 @@ The file is written under a temporary name and renamed when complete: no half-wr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from mathtune.errors import MathtuneError
+from mathtune.families import gguf_layout, gguf_model_types
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one transformers ``model_type`` is written: the llama.cpp architecture (a
-    ``gguf.MODEL_ARCH_NAMES`` value, whose ``gguf.TensorNameMap`` names the tensors) and the few
-    per-family facts llama.cpp's ``convert_hf_to_gguf.py`` also hand-codes."""
-
-    arch: str
-    hidden_act: str = "silu"
-    # Llama-style q/k rows are permuted into llama.cpp's interleaved rotary layout; NeoX-style
-    # families (Qwen, Phi-3, Gemma) rotate half-split rows, which llama.cpp reads as they are
-    permute_qk: bool = False
-    # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp multiplies by the stored weight, so the
-    # converter stores weight + 1 (as convert_hf_to_gguf.py's Gemma2Model does)
-    norm_plus_one: bool = False
-    no_bias: tuple = ()  # config flags that must be off (llama.cpp's graph for the arch has no such bias)
-    # loaded by a real llama.cpp with greedy output equal to transformers' (`make check-gguf`); a
-    # family whose file nothing has loaded yet is refused, not written on trust
-    verified: bool = True
-
-
-# transformers model_type -> how it is written
-FAMILIES = {
-    "llama": Family("llama", permute_qk=True, no_bias=("attention_bias", "mlp_bias")),
-    "mistral": Family("llama", permute_qk=True),  # llama.cpp runs Mistral as llama (so does its converter)
-    "qwen2": Family("qwen2"),
-    # the three below are written as llama.cpp's converter does, but the llama.cpp build that
-    # `make check-gguf` can run (b4965) lacks qwen3, aborts on gemma2 and rejects phi3's vocabulary
-    # without Phi-3's own special tokens: refused until a build that has them agrees with transformers
-    "qwen3": Family("qwen3", no_bias=("attention_bias",), verified=False),  # + per-head q/k RMSNorm: attn_q_norm / attn_k_norm
-    "phi3": Family("phi3", verified=False),  # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (llama.cpp splits both)
-    "gemma2": Family("gemma2", hidden_act="gelu_pytorch_tanh", norm_plus_one=True, no_bias=("attention_bias",),
-                     verified=False),
-}
-SUPPORTED_ARCHITECTURES = {model_type: family.arch for model_type, family in FAMILIES.items()}
+# which model types are written, and how: mathtune/families.py (GGUFLayout)
 
 # --- the pre-tokenizer name (tokenizer.ggml.pre): which split regex llama.cpp applies before BPE.
 # llama.cpp refuses to load an unknown name ("unknown pre-tokenizer type"), and a known but wrong
 # name splits text differently from the tokenizer the model was trained with. mathtune decides it
 # as llama.cpp's convert_hf_to_gguf.py does (get_vocab_base_pre): encode CHECK_TEXT, hash the ids,
 # look the hash up. The hashes are those of that script's table for the tokenizers of the families
-# above; a tokenizer not in it (a custom or retrained vocabulary) is named by the shape of its
-# tokenizer.json pre-tokenizer, and anything else is an error, never a guess.
+# mathtune/families.py writes; a tokenizer not in it (a custom or retrained vocabulary) is named by
+# the shape of its tokenizer.json pre-tokenizer, and anything else is an error, never a guess.
 CHECK_TEXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis "
     "concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
@@ -112,17 +78,26 @@ def _digits_then_byte_level(pre: dict | None) -> bool:
             and items[0].get("individual_digits") and _byte_level_regex(items[1]))
 
 
-def _qwen2_split(pre: dict | None) -> bool:
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+@functools.lru_cache(maxsize=1)
+def _qwen2_split_regex() -> str:
+    """Qwen2's split regex, read off the pre-tokenizer transformers' public ``Qwen2Tokenizer`` builds
+    (an empty vocabulary is enough: the pre-tokenizer does not depend on it)."""
+    from transformers import Qwen2Tokenizer
 
+    pre = json.loads(Qwen2Tokenizer().backend_tokenizer.to_str())["pre_tokenizer"]
+    return pre["pretokenizers"][0]["pattern"]["Regex"]
+
+
+def _qwen2_split(pre: dict | None) -> bool:
+    # Qwen2's hub tokenizer: its own split regex, then byte-level without GPT-2's (llama.cpp "qwen2")
     items = (pre or {}).get("pretokenizers") or []
     return ((pre or {}).get("type") == "Sequence" and len(items) == 2 and items[0].get("type") == "Split"
-            and items[0].get("pattern", {}).get("Regex") == PRETOKENIZE_REGEX
+            and items[0].get("pattern", {}).get("Regex") == _qwen2_split_regex()
             and items[1].get("type") == "ByteLevel" and not items[1].get("use_regex", True))
 
 
+# every name these give must be in LLAMA_CPP_PRE_TOKENIZERS (tests/test_export.py checks it)
 PRE_TOKENIZER_SHAPES = (("gpt-2", _byte_level_regex), ("smollm", _digits_then_byte_level), ("qwen2", _qwen2_split))
-assert {name for name, _ in PRE_TOKENIZER_SHAPES} | set(KNOWN_TOKENIZERS.values()) <= LLAMA_CPP_PRE_TOKENIZERS
 
 
 def check_supported(config, *, allow_unverified: bool = False) -> str:
@@ -132,10 +107,10 @@ def check_supported(config, *, allow_unverified: bool = False) -> str:
     llama.cpp and transformers' reader assume, else the file would load as a different model.
     """
     model_type = getattr(config, "model_type", None)
-    family = FAMILIES.get(model_type)
+    family = gguf_layout(model_type)
     if family is None:
         raise MathtuneError(f"GGUF export does not support {model_type} yet; export safetensors instead "
-                            f"(without --gguf); supported: {', '.join(FAMILIES)}")
+                            f"(without --gguf); supported: {', '.join(gguf_model_types())}")
     if not family.verified and not allow_unverified:
         raise MathtuneError(f"GGUF export of {model_type} is not verified against llama.cpp yet (the build mathtune "
                             "checks with lacks it); export safetensors instead (without --gguf) and convert with "
@@ -268,7 +243,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: str | os.PathLike, path: str | o
         raise MathtuneError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
     config = model.config
     arch_name = check_supported(config, allow_unverified=allow_unverified)
-    family = FAMILIES[config.model_type]
+    family = gguf_layout(config.model_type)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     n_layers = config.num_hidden_layers
     n_head, n_head_kv = config.num_attention_heads, config.num_key_value_heads

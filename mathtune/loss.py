@@ -67,14 +67,24 @@ def token_normalised_loss(outputs, labels: torch.Tensor, num_items_in_batch=None
 
 
 def takes_logits_mask(model) -> bool:
-    """True when the (unwrapped) causal LM's forward takes ``logits_to_keep`` and slices with
-    transformers' ``slice_logits_to_keep`` (which understands a 2-D boolean mask)."""
+    """True when the causal LM (or a PEFT model around one) takes a 2-D boolean ``logits_to_keep`` mask
+    and returns the kept positions' logits flattened, as transformers documents for its causal LMs
+    (``slice_logits_to_keep``). Found by asking: one forward pass on a two-token row keeping its first
+    position must return logits for one position; a forward without the argument is not asked. Once
+    per training run: 0.3-0.44 s for SmolLM2-135M + LoRA on one thread of a busy 2-core CPU."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = type(base).forward
     try:
-        if "logits_to_keep" not in inspect.signature(forward).parameters:
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return False
-        source = inspect.getsource(forward)
-    except (TypeError, ValueError, OSError):
+        device = next(base.parameters()).device
+    except (TypeError, ValueError, StopIteration):  # no inspectable forward, or no weights
         return False
-    return "slice_logits_to_keep" in source
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    keep = torch.tensor([[True, False]], device=device)
+    try:
+        with torch.no_grad():
+            outputs = model(input_ids=ids, logits_to_keep=keep, use_cache=False)
+    except (TypeError, ValueError, IndexError, RuntimeError):  # a forward that takes only an int
+        return False
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return logits.dim() == 2 and logits.shape[0] == 1

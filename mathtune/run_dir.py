@@ -103,10 +103,6 @@ class RunDir:
     def comparison(self) -> Path:
         return self.root / self.COMPARISON
 
-    @property
-    def lock_file(self) -> Path:
-        return self.root / self.LOCK
-
     def checkpoint(self, step: int) -> Path:
         return self.root / f"{self.CHECKPOINT_PREFIX}{step}"
 

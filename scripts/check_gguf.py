@@ -79,7 +79,8 @@ def build_cases(work: Path) -> list[dict]:
     """Write every GGUF + its HF reference dir; returns [{name, gguf, hf, kind}]."""
     from mathtune.data import end_of_turn_token_id
     from mathtune.export import export_model
-    from mathtune.gguf_export import FAMILIES, write_gguf
+    from mathtune.families import FAMILIES
+    from mathtune.gguf_export import write_gguf
     from mathtune.config import TrainConfig, build_config
     from mathtune.models.load import load_tokenizer
     from mathtune.training import train
@@ -118,7 +119,7 @@ def build_cases(work: Path) -> list[dict]:
         path = write_gguf(model, family_tokenizer, out, out / f"{family}.f32.gguf", "f32",
                           eot_token_id=family_tokenizer.eos_token_id, name=family, allow_unverified=True)
         cases.append({"name": f"{family}.f32", "gguf": str(path), "hf": str(out), "kind": "f32",
-                      "verified": FAMILIES[model.config.model_type].verified})
+                      "verified": FAMILIES[model.config.model_type].gguf.verified})
     return cases
 
 

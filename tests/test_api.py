@@ -41,8 +41,13 @@ def test_generate_and_batched_generate_agree(math_model):
 
 
 def test_answer_extracts_numbers_or_nan(math_model, monkeypatch):
+    from mathtune.answers import extract
+
+    # the value is the number extract() finds in the (greedy, so repeatable) generated text, else nan
     values = math_model.answer("What is 2+3?")
-    assert len(values) == 1 and (math.isnan(values[0]) or isinstance(values[0], float))
+    found, _method = extract(math_model.generate("What is 2+3?"))
+    assert len(values) == 1
+    assert math.isnan(values[0]) if found is None else values[0] == found
     canned = {"q1": "2 + 3 = 5\n#### 5", "q2": "no idea", "q3": "The answer is $1,234.50."}
     monkeypatch.setattr(MathModel, "batched_generate", lambda self, qs, **s: [canned[q] for q in qs])
     got = math_model.answer("q1", "q2", "q3")

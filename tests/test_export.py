@@ -385,6 +385,36 @@ def test_pre_tokenizer_is_the_name_llama_cpp_knows(smol_tokenizer, small_tokeniz
         pre_tokenizer_name(other)
 
 
+def test_every_pre_tokenizer_name_written_is_one_llama_cpp_accepts():
+    from mathtune.gguf_export import KNOWN_TOKENIZERS, LLAMA_CPP_PRE_TOKENIZERS, PRE_TOKENIZER_SHAPES
+
+    written = {name for name, _ in PRE_TOKENIZER_SHAPES} | set(KNOWN_TOKENIZERS.values())
+    assert written <= LLAMA_CPP_PRE_TOKENIZERS, written - LLAMA_CPP_PRE_TOKENIZERS
+
+
+# the split regex in Qwen2/2.5's tokenizer.json on the hub (written out here, not read from transformers)
+QWEN2_HUB_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@pytest.mark.parametrize("regex, expected", [(QWEN2_HUB_SPLIT, "qwen2"), (QWEN2_HUB_SPLIT + "|x", None)])
+def test_a_qwen2_shaped_pre_tokenizer_is_named_qwen2(regex, expected):
+    """A vocabulary outside llama.cpp's hash table with Qwen2's split regex then byte-level is "qwen2";
+    another regex in the same shape is refused (llama.cpp would split the text differently)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    if expected:
+        assert pre_tokenizer_name(tokenizer) == expected
+    else:
+        with pytest.raises(MathtuneError, match="export safetensors instead"):
+            pre_tokenizer_name(tokenizer)
+
+
 @pytest.mark.parametrize("config_name", ["Qwen3Config", "MistralConfig", "Gemma2Config", "Phi3Config"])
 def test_more_families_are_written_and_only_verified_ones_exported(config_name):
     """Mistral is verified against llama.cpp (make check-gguf); Qwen3, Gemma 2 and Phi-3 are written

@@ -125,14 +125,14 @@ def test_lora_two_steps_adapt_the_family_default_modules(family, lora_run):
     from safetensors.torch import load_file
 
     config = json.loads((lora_run / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == sorted(families.LORA_TARGETS[family.name])
+    assert sorted(config["target_modules"]) == sorted(families.FAMILIES[family.name].lora_targets)
     assert json.loads((lora_run / "trainer_state.json").read_text())["global_step"] == 2
     weights = load_file(lora_run / "adapter_model.safetensors")
     lora_b = [t for name, t in weights.items() if "lora_B" in name]
     # PEFT starts every B at zero: after 2 steps each adapted module has moved
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
     adapted = {name.split(".lora_B")[0].rsplit(".", 1)[-1] for name in weights if "lora_B" in name}
-    assert adapted == set(families.LORA_TARGETS[family.name])
+    assert adapted == set(families.FAMILIES[family.name].lora_targets)
 
 
 def test_full_fine_tuning_one_step_changes_the_weights(family, family_dir, tmp_path):

@@ -83,6 +83,27 @@ def test_supervised_only_loss_matches_under_peft_lora(tiny_model, tokenizer):
         assert float((ours_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)) < 1e-5, name
 
 
+class IntOnlyLM(torch.nn.Module):
+    """A causal LM of the older kind: ``logits_to_keep`` is an int count of last positions."""
+
+    def __init__(self, takes_argument: bool = True):
+        super().__init__()
+        self.head = torch.nn.Embedding(10, 4)
+        if not takes_argument:
+            self.forward = lambda input_ids, **kwargs: {"logits": self.head(input_ids)}
+
+    def forward(self, input_ids, logits_to_keep=0, use_cache=None):
+        logits = self.head(input_ids)
+        return {"logits": logits[:, slice(-logits_to_keep, None), :]}
+
+
+def test_takes_logits_mask_asks_the_forward_itself(tiny_model):
+    assert takes_logits_mask(tiny_model)
+    assert not takes_logits_mask(IntOnlyLM())  # the mask as an int count raises: not taken
+    assert not takes_logits_mask(IntOnlyLM(takes_argument=False))
+    assert IntOnlyLM()(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=1)["logits"].shape == (1, 1, 4)
+
+
 def test_wrong_shaped_logits_name_the_flag():
     labels = torch.tensor([[-100, 3, 4]])
     with pytest.raises(RuntimeError, match="--no-supervised-logits"):

@@ -318,8 +318,8 @@ class Generator:
     def _fast_path(self):
         """Switch the model to mathtune's registered attention for the duration (and back), when the
         fast path applies: wanted (default: on CPU), not already given up on for this Generator, and
-        the model on SDPA or eager attention with the public ``set_attn_implementation``."""
-        from mathtune.compat import attention_implementation
+        the model on SDPA or eager attention that transformers' public setter can switch."""
+        from mathtune.compat import attention_implementation, can_switch_attention, switch_attention
         from mathtune.generation.cpu import register_attention
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -328,14 +328,14 @@ class Generator:
         if not wanted or self._fast_unsupported:
             yield False
             return
-        if original not in ("sdpa", "eager") or not hasattr(base, "set_attn_implementation"):
+        if original not in ("sdpa", "eager") or not can_switch_attention(base):
             self._fall_back(f"the model uses {original!r} attention")
             yield False
             return
         try:
-            base.set_attn_implementation(register_attention())
+            switch_attention(base, register_attention())
         except (ValueError, KeyError, TypeError) as exc:  # a transformers version or model that refuses it
-            self._fall_back(f"set_attn_implementation refused it ({exc})")
+            self._fall_back(f"the attention setter refused it ({exc})")
             yield False
             return
         restored = []
@@ -343,7 +343,7 @@ class Generator:
         def restore() -> None:  # once: at the end, or as soon as a batch falls back to plain generate
             if not restored:
                 restored.append(True)
-                base.set_attn_implementation(original)
+                switch_attention(base, original)
 
         self._restore_attention = restore
         try:

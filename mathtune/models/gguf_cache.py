@@ -117,7 +117,7 @@ def _dequantized_checkpoint(gguf: Path, out: Path) -> None:
     # A GGUF-loaded model may carry the quantizer flag; rebuild the same architecture from a clean
     # config so nothing marks it as quantized, then move the de-quantized weights in.
     config = copy.deepcopy(quantized.config)
-    if "quantization_config" in config.__dict__:
+    if hasattr(config, "quantization_config"):  # an instance attribute (PretrainedConfig has no default)
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     try:

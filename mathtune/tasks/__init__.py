@@ -89,7 +89,7 @@ def check_target_format(task_name: str, formats: tuple[str, ...], target_format:
 def task_from_config(config, *, train_file: bool = True) -> Task:
     """The task a config's settings name (ModelSettings fields): files or --dataset, column mapping.
     ``train_file=False``: eval reads only held-out data, so a --train-file there is not opened."""
-    from mathtune.tasks.files import Fields
+    from mathtune.tasks.rows import Fields
 
     return get_task(config.task, train_file=config.train_file if train_file else None, eval_file=config.eval_file,
                     strip_calculator=config.strip_calculator, seed=config.seed, dataset=config.dataset,
@@ -177,7 +177,8 @@ def get_task(
         if train_file is None and eval_file is None and dataset is None:
             raise MathtuneError("task 'file' needs --train-file and/or --eval-file (JSONL, JSON, CSV, Parquet or "
                                 "a datasets.save_to_disk dir), or --dataset ORG/NAME")
-        from mathtune.tasks.files import Fields, FileTask
+        from mathtune.tasks.files import FileTask
+        from mathtune.tasks.rows import Fields
 
         return FileTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
                         fields=fields or Fields(), dataset=dataset, splits=splits)

@@ -18,65 +18,12 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from dataclasses import dataclass
-
-from mathtune.answers import read_gold
 from mathtune.errors import InputError, MathtuneError
 from mathtune.tasks import Example, FileBackedTask
 from mathtune.tasks.gsm8k import SPLIT_FLAGS, build_examples, iter_jsonl, read_text
+from mathtune.tasks.rows import BadRow, Fields, numbered_rows
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a datasets.save_to_disk directory")
-
-
-@dataclass(frozen=True)
-class Fields:
-    """Which columns hold the question and the gold answer (--question-field / --answer-field)."""
-
-    question: str = "question"
-    answer: str = "answer"
-
-    def flags(self) -> str:
-        return f"--question-field {self.question} --answer-field {self.answer}"
-
-
-def normalize_row(row: object, fields: Fields) -> object:
-    """A source row -> ``{question, answer}`` in GSM8K's shape; ValueError(reason) when it cannot be.
-
-    Renames the mapped columns, and turns a gold answer in another dataset's form (\\boxed{}, "The
-    answer is: N") into the solution plus a final ``#### N`` line (a fraction stays one: ``#### 3/4``).
-    """
-    if not isinstance(row, dict):
-        return row  # check_row names the problem
-    missing = [name for name in (fields.question, fields.answer) if name not in row]
-    if missing and (fields.question, fields.answer) != ("question", "answer"):
-        found = ", ".join(map(str, row)) or "none"
-        raise ValueError(f"no column {' or '.join(map(repr, missing))} (columns: {found}); "
-                         "set --question-field/--answer-field")
-    question, answer = row.get(fields.question), row.get(fields.answer)
-    if isinstance(answer, str) and answer.strip() and "####" not in answer:
-        try:
-            _, plain, form = read_gold(answer)
-        except ValueError as err:
-            raise ValueError(f"'{fields.answer}' {err}") from None
-        answer = f"#### {plain}" if form == "number" else f"{answer.rstrip()}\n#### {plain}"
-    return {"question": question, "answer": answer}
-
-
-def numbered_rows(rows, fields: Fields):
-    """``(number, row)`` pairs -> the same numbers with normalized rows; a ValueError keeps its number."""
-    for number, row in rows:
-        try:
-            yield number, normalize_row(row, fields)
-        except ValueError as err:
-            yield number, _BadRow(str(err))
-
-
-class _BadRow(dict):
-    """A row normalize_row refused: check_row sees no 'question', so the reason travels here instead."""
-
-    def __init__(self, reason: str):
-        super().__init__()
-        self.reason = reason
 
 
 def _json_items(path: Path, text: str) -> list:
@@ -175,7 +122,7 @@ def _build(path: Path, rows, strip_calc: bool, hint: str, *, by_item: bool = Fal
     """``build_examples`` with the refusals of ``normalize_row`` located like its own."""
     def checked():
         for number, row in rows:
-            if isinstance(row, _BadRow):
+            if isinstance(row, BadRow):
                 where = f"item {number}" if by_item else f"row {number}" if by_row else None
                 raise InputError(path, None if where else number, f"{where}: {row.reason}" if where else row.reason)
             yield number, row

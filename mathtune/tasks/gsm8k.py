@@ -7,7 +7,6 @@ The row checks here are shared with the custom-file task (``mathtune.tasks.files
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -189,29 +188,9 @@ def read_jsonl_examples(path: Path, flag: str, *, strip_calc: bool, bare_number_
                           target_format=target_format)
 
 
-@contextlib.contextmanager
-def _hub_offline_mode(offline: bool):
-    """HF_HUB_OFFLINE for the duration. datasets and huggingface_hub read that variable once, at
-    import, into module constants; ``DownloadConfig(local_files_only=True)`` alone still sends (and
-    retries) HEAD requests. Set here, datasets goes straight to its local cache."""
-    if not offline:
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved = [(module, module.HF_HUB_OFFLINE) for module in (datasets.config, huggingface_hub.constants)]
-    try:
-        for module, _ in saved:
-            module.HF_HUB_OFFLINE = True
-        yield
-    finally:
-        for module, value in saved:
-            module.HF_HUB_OFFLINE = value
-
-
 def load_hub_rows(split: str) -> list[dict]:
     """GSM8K rows from the hub; any failure (offline, renamed dataset) becomes one clear line."""
+    from mathtune.compat import hub_offline
     from mathtune.models.hub import hub_local_only
 
     fix = "pass --train-file/--eval-file with GSM8K JSONL"
@@ -220,7 +199,7 @@ def load_hub_rows(split: str) -> list[dict]:
     try:
         from datasets import DownloadConfig, load_dataset
 
-        with _hub_offline_mode(local_only):
+        with hub_offline(local_only):
             return list(load_dataset(HUB_ID, HUB_CONFIG, split=HUB_SPLITS[split],
                                      download_config=DownloadConfig(local_files_only=local_only)))
     except Exception as err:  # network, auth and schema errors all end the same way for the user

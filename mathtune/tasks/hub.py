@@ -2,7 +2,7 @@
 
 Offline (HF_HUB_OFFLINE=1, or the hub unreachable) it reads datasets' local cache, as the built-in
 GSM8K does; a local directory laid out like a dataset repo is read by the same call. Rows go
-through the file task's column mapping and gold-answer reading (``mathtune.tasks.files``).
+through the file task's column mapping and gold-answer reading (``mathtune.tasks.rows``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_hub_split(spec: str, split: str) -> list[dict]:
+    from mathtune.compat import hub_offline
     from mathtune.models.hub import hub_local_only
-    from mathtune.tasks.gsm8k import _hub_offline_mode
 
     name, config = parse_dataset_spec(spec)
     local_only = hub_local_only()  # an unreachable hub: the cache at once, not ~25 s of retries
     try:
         from datasets import DownloadConfig, get_dataset_split_names, load_dataset
 
-        with _hub_offline_mode(local_only):
+        with hub_offline(local_only):
             try:
                 return list(load_dataset(name, config, split=split,
                                          download_config=DownloadConfig(local_files_only=local_only)))
@@ -48,8 +48,8 @@ def load_hub_split(spec: str, split: str) -> list[dict]:
 
 
 def hub_examples(spec: str, split: str, fields, *, strip_calc: bool) -> list[Example]:
-    from mathtune.tasks.files import _BadRow, numbered_rows
     from mathtune.tasks.gsm8k import make_example
+    from mathtune.tasks.rows import BadRow, numbered_rows
 
     rows = load_hub_split(spec, split)
     if not rows:
@@ -57,7 +57,7 @@ def hub_examples(spec: str, split: str, fields, *, strip_calc: bool) -> list[Exa
     examples = []
     for index, row in numbered_rows(enumerate(rows), fields):
         try:
-            if isinstance(row, _BadRow):
+            if isinstance(row, BadRow):
                 raise ValueError(row.reason)
             examples.append(make_example(f"{spec}:{split}:{index}", row, strip_calc=strip_calc, bare_number_ok=True))
         except ValueError as err:

@@ -10,12 +10,14 @@ usual ~230-token batches: 1.2x). Figures and commands: BENCHMARKS.md, "Attention
 (``bench/attention_kernels.py``).
 
 So eager below ``SDPA_FROM_TOKENS`` and SDPA from there. The kernel is switched per batch through
-the model's public ``set_attn_implementation``; length-grouped batches change sides rarely. The price,
+transformers' public attention setter (``compat.switch_attention``); length-grouped batches change sides rarely. The price,
 for long batches only: SDPA's blockwise softmax rounds per padded length, so such a batch split over
 processes matches one process to ~1e-5 rather than closer (training/recipe.py's reason for eager).
 """
 
 from __future__ import annotations
+
+from mathtune.compat import attention_implementation, can_switch_attention, switch_attention
 
 SDPA_FROM_TOKENS = 384  # padded batch length (keys per query) from which SDPA beats eager, both precisions
 SHORT, LONG = "eager", "sdpa"
@@ -36,18 +38,18 @@ class AttentionByLength:
         self.switchable = self._try_both()
 
     def _current(self) -> str | None:
-        return getattr(getattr(self.base, "config", None), "_attn_implementation", None)
+        return attention_implementation(self.base)  # transformers has a public setter, no getter
 
     def _try_both(self) -> bool:
         """Set SDPA and back to eager; True when both took (a model that cannot switch keeps eager)."""
-        if not hasattr(self.base, "set_attn_implementation"):
+        if not can_switch_attention(self.base):
             return False
         try:
-            self.base.set_attn_implementation(LONG)
+            switch_attention(self.base, LONG)
             took = self._current() == LONG
         except (ValueError, ImportError, KeyError):  # transformers refuses SDPA for this model
             took = False
-        self.base.set_attn_implementation(SHORT)
+        switch_attention(self.base, SHORT)
         return took and self._current() == SHORT
 
     def use_for(self, positions: int) -> str:
@@ -56,5 +58,5 @@ class AttentionByLength:
             return SHORT
         wanted = kernel_for(positions)
         if self._current() != wanted:
-            self.base.set_attn_implementation(wanted)
+            switch_attention(self.base, wanted)
         return wanted

@@ -38,6 +38,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from mathtune import compilation, distributed
 from mathtune.budget import TimeBudget
+from mathtune.compat import switch_attention
 from mathtune.compilation import CompileDecision
 from mathtune.config import TrainConfig, save_config
 from mathtune.data import CompletionCollator, DataStats, PreparedRow, RowDataset, prepare_examples, take
@@ -248,7 +249,7 @@ def _setup_trainable(config: TrainConfig, placement: Placement, model):
         # probabilities are kept for backward, batch x heads x T^2 per layer
         # (8 x 9 x 512^2 x 4 B = 75 MB at --max-length 512), fine for CPU RAM. Batches of 384 tokens
         # and more switch to SDPA, faster there (mathtune/training/attention.py).
-        model.set_attn_implementation("eager")
+        switch_attention(model, "eager")
     if config.method == "lora":
         from mathtune.models.load import apply_lora
 

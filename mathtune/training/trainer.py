@@ -79,25 +79,28 @@ class MathtuneTrainer(Trainer):
             self.step_stats.step_started = started
         return loss
 
-    def _save(self, output_dir=None, state_dict=None):
-        self._save_weights(output_dir, state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save (final weights and every checkpoint's), with a LoRA adapter saved offline and
+        the weight files given the run's file mode and put on disk."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if isinstance(self.model, PeftModel) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            self._write_adapter(output_dir)
+        else:  # a full model, or an adapter whose weights DeepSpeed/FSDP must gather first: Trainer's way
+            super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             # safetensors writes through a 0600 temp file: give the weights the umask's mode, like
             # every other file of the run, and put them on disk (the run survives a power cut)
-            for weights in Path(output_dir or self.args.output_dir).glob("*.safetensors"):
+            for weights in Path(output_dir).glob("*.safetensors"):
                 honour_umask(weights)
                 fsync_file(weights)
 
-    def _save_weights(self, output_dir=None, state_dict=None):
-        if not isinstance(self.model, PeftModel):
-            return super()._save(output_dir, state_dict=state_dict)
+    def _write_adapter(self, output_dir: str) -> None:
         if not self.args.should_save:
-            return  # under a launcher rank 0 alone writes (as Trainer._save does)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+            return  # under a launcher rank 0 alone writes (as Trainer's save does)
         os.makedirs(output_dir, exist_ok=True)
-        # save_embedding_layers="auto" (peft's default) asks the hub whether the base config's vocab
-        # changed, taking our alias for a repo id: offline that is a retry loop, and we never resize
+        # save_embedding_layers="auto" (peft's default) asks the hub whether the base model's vocab
+        # changed when the base is a hub id: offline that is a retry loop, and we never resize
         # embeddings, so the LoRA matrices are all there is to save.
-        self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
+        self.model.save_pretrained(output_dir, save_embedding_layers=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
