@@ -74,7 +74,7 @@ class ModelSettings:
     """Settings shared by every command that loads a model and a task."""
 
     model: str = setting("smollm2-135m", "model spec: alias (smollm2-135m), hub id, local dir, .gguf file or LoRA adapter dir")
-    task: str = setting("gsm8k", "task name: gsm8k, unit-conversion or file")
+    task: str = setting("gsm8k", "task name: gsm8k, unit-conversion, file or math (competition style, \\boxed{} answers)")
     train_file: str | None = setting(None, "local training data: JSONL, JSON, CSV, Parquet or a datasets.save_to_disk "
                                            "dir with question/answer columns (see --question-field)")
     eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
@@ -118,10 +118,10 @@ class ModelSettings:
         if self.dataset is not None:
             if self.train_file is not None or self.eval_file is not None:
                 problems.append("--dataset and --train-file/--eval-file name two data sources: keep one")
-            if self.task != "file":
-                problems.append(f"--dataset is read by --task file (got --task {self.task}): add --task file")
-        if self.task == "file" and self.train_file is None and self.eval_file is None and self.dataset is None:
-            problems.append("--task file needs --train-file and/or --eval-file, or --dataset")
+            if self.task not in ("file", "math"):
+                problems.append(f"--dataset is read by --task file or math (got --task {self.task}): add --task file")
+        if self.task in ("file", "math") and self.train_file is None and self.eval_file is None and self.dataset is None:
+            problems.append(f"--task {self.task} needs --train-file and/or --eval-file, or --dataset")
         return problems
 
 
@@ -220,8 +220,8 @@ class TrainConfig(ModelSettings):
                             f"{RunDir.CHECKPOINT_PREFIX}N dir)")
         if self.wandb_key_file is not None and not Path(self.wandb_key_file).is_file():
             problems.append(f"--wandb-key-file {self.wandb_key_file}: no such file")
-        if self.eval_samples > 0 and self.task == "file" and self.eval_file is None and self.dataset is None:
-            problems.append("--eval-samples with --task file needs --eval-file")
+        if self.eval_samples > 0 and self.task in ("file", "math") and self.eval_file is None and self.dataset is None:
+            problems.append(f"--eval-samples with --task {self.task} needs --eval-file")
         if self.report_to is not None:
             # Trainer's spelling "a,b" as well as "a b"
             self.report_to = [t.strip() for item in self.report_to for t in item.split(",") if t.strip()]

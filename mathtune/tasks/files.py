@@ -3,9 +3,10 @@ dir, or a Hugging Face dataset (``--dataset``, read in ``mathtune.tasks.hub``).
 
 Columns ``question`` and ``answer`` by default; ``--question-field`` / ``--answer-field`` map others
 (MetaMathQA's query/response, MATH's problem/solution). The answer is a worked solution ending in
-``#### N``, ``\\boxed{N}`` or "The answer is: N", or a bare number (``mathtune.answers.read_gold``).
-A solution without ``####`` is trained as itself plus a final ``#### N`` line, the form every task
-targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task
+``#### X``, ``\\boxed{X}`` or "The answer is: X", or a bare answer (``mathtune.answers.read_gold``); X
+is one number (judged by the numeric rule) or any answer math-verify reads (``\\frac{\\sqrt{3}}{2}``,
+``(2, 5]``: judged by math-verify). A solution without ``####`` is trained as itself plus a final
+``#### X`` line, the form every task targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task
 accepts is one the gsm8k task accepts too. Locations: JSONL and CSV by line (the CSV header is line
 1), JSON by item, Parquet and dataset dirs by row (0-based, as ``dataset[N]`` reads it).
 """
@@ -43,7 +44,8 @@ def normalize_row(row: object, fields: Fields) -> object:
     """A source row -> ``{question, answer}`` in GSM8K's shape; ValueError(reason) when it cannot be.
 
     Renames the mapped columns, and turns a gold answer in another dataset's form (\\boxed{}, "The
-    answer is: N") into the solution plus a final ``#### N`` line (a fraction stays one: ``#### 3/4``).
+    answer is: X") into the solution plus a final ``#### X`` line (a fraction stays one: ``#### 3/4``;
+    a symbolic answer keeps its LaTeX: ``#### \\frac{\\sqrt{3}}{2}``).
     """
     if not isinstance(row, dict):
         return row  # check_row names the problem
@@ -58,7 +60,7 @@ def normalize_row(row: object, fields: Fields) -> object:
             _, plain, form = read_gold(answer)
         except ValueError as err:
             raise ValueError(f"'{fields.answer}' {err}") from None
-        answer = f"#### {plain}" if form == "number" else f"{answer.rstrip()}\n#### {plain}"
+        answer = f"#### {plain}" if form in ("number", "text") else f"{answer.rstrip()}\n#### {plain}"
     return {"question": question, "answer": answer}
 
 
@@ -182,10 +184,12 @@ def _build(path: Path, rows, strip_calc: bool, hint: str, *, by_item: bool = Fal
 
     if by_row:  # 0-based positions, reported as "row N" (build_examples would say "item N")
         try:
-            return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True)
+            return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True,
+                                  symbolic_ok=True)
         except InputError as err:
             raise InputError(path, None, err.reason.replace("item ", "row ", 1)) from None
-    return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=by_item)
+    return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=by_item,
+                          symbolic_ok=True)
 
 
 class FileTask(FileBackedTask):
@@ -206,5 +210,5 @@ class FileTask(FileBackedTask):
             return hub_examples(self.dataset, self.splits[split], self.fields, strip_calc=self.strip_calculator)
         flag = SPLIT_FLAGS[split]
         if self.files[split] is None:
-            raise MathtuneError(f"task 'file' has no {split} data: pass {flag}")
+            raise MathtuneError(f"task '{self.name}' has no {split} data: pass {flag}")
         return read_examples(self.files[split], flag, strip_calc=self.strip_calculator, fields=self.fields)
