@@ -136,7 +136,10 @@ def parse_gold(answer_text: str, *, symbolic_ok: bool = False) -> float | str:
         raise ValueError("nothing after '####'; write the final number there, e.g. '#### 42'")
     value = parse_number(rest)
     if value is None and symbolic_ok:
-        return symbolic_gold(rest)
+        try:
+            return symbolic_gold(rest)
+        except ValueError as err:
+            raise ValueError(f"gold after '####' is neither a number nor an answer math-verify reads: {err}") from None
     if value is None:
         raise ValueError(f"gold after '####' is not a number: {rest!r}; write e.g. '#### 42'")
     return value
@@ -301,15 +304,23 @@ def read_gold(answer_text: str) -> tuple[float | str, str, str]:
     parsed = latex_number(answer_text)
     if parsed is not None:
         return (*parsed, "number")
-    if "\n" in answer_text.strip() or _PROSE_RE.search(re.sub(r"\\[a-zA-Z]+\s*(\{[^{}]*\})?", " ", answer_text)):
+    if "\n" in answer_text.strip() or _word(answer_text):
         # prose, not an answer: math-verify would read "no final answer" as a product of symbols
         raise ValueError(f"{answer_text.strip()[:40]!r} is neither a solution ending in '#### <answer>' nor a bare "
                          "answer; end it with '#### X', \\boxed{X} or 'The answer is: X'")
     return (*_stated_gold(answer_text, repr(answer_text.strip()[:40])), "text")
 
 
-# Three words in a row (LaTeX commands and their {arguments} removed first): a sentence, not an answer.
-_PROSE_RE = re.compile(r"[A-Za-z]{2,}[ ,]+[A-Za-z]{2,}[ ,]+[A-Za-z]{2,}")
+# A word outside LaTeX commands and their {arguments}: math-verify would read "ten" as t*e*n, so a gold
+# holding one is refused (MATH writes words as \text{Evelyn}; variables are single letters).
+_WORD_RE = re.compile(r"[A-Za-z]{3,}")
+_LATEX_COMMAND_RE = re.compile(r"\\[a-zA-Z]+\s*(?:\{[^{}]*\})?")
+
+
+def _word(text: str) -> str | None:
+    """The first word of three letters or more outside LaTeX commands (``\\text{...}`` included)."""
+    match = _WORD_RE.search(_LATEX_COMMAND_RE.sub(" ", text))
+    return match.group(0) if match else None
 
 
 def _plain(value: float | str) -> str:
@@ -436,6 +447,10 @@ def symbolic_gold(text: str) -> float | str:
     answer = " ".join(_answer_text(text).split())  # one line: a target states it after "#### "
     if not answer:
         raise ValueError("the final answer is empty; write it after '####', in \\boxed{} or after 'The answer is'")
+    word = _word(answer)
+    if word is not None:
+        raise ValueError(f"{answer[:60]!r} holds the word {word!r}: write words inside \\text{{}} (\\text{{(B)}}), "
+                         "or correct the answer")
     from mathtune import symbolic
 
     if symbolic.parse(symbolic.boxed(answer)) is None:

@@ -252,3 +252,87 @@ def test_many_threads_share_the_worker():
         verdicts = list(pool.map(lambda pair: judge_answer(pair[1], read_gold(pair[0])[0], "exact").correct, pairs))
     expected = [verdict for gold, output, verdict in PAIRS if (gold, output) in set(pairs)]
     assert verdicts == expected
+
+
+# --------------------------------------------------------------------------- a MATH-style file, end to end
+MATH_ROWS = [  # MATH's columns; golds: numbers (the numeric rule) and expressions (math-verify)
+    {"problem": "Compute $\\sin 60^\\circ$.", "solution": "It is $\\boxed{\\frac{\\sqrt{3}}{2}}$."},
+    {"problem": "Simplify $\\sqrt{20}$.", "solution": "$\\sqrt{20} = \\sqrt{4 \\cdot 5} = \\boxed{2\\sqrt{5}}$."},
+    {"problem": "Solve $2 < x \\le 5$ as an interval.", "solution": "The interval is $\\boxed{(2, 5]}$."},
+    {"problem": "Which roots does $x^2 - 4x + 3$ have?", "solution": "It factors: $\\boxed{\\{1, 3\\}}$."},
+    {"problem": "Expand $(x+1)^2 - 2x$.", "solution": "We get $\\boxed{x^2 + 1}$."},
+    {"problem": "Which choice is prime: (A) 4 (B) 7?", "solution": "Seven is prime: $\\boxed{\\text{(B)}}$."},
+    {"problem": "Compute $3 \\cdot 6$.", "solution": "$3 \\cdot 6 = \\boxed{18}$."},
+    {"problem": "What is half of $\\frac{3}{2}$?", "solution": "Half is $\\boxed{\\dfrac{3}{4}}$."},
+]
+
+
+@pytest.fixture
+def math_files(tmp_path):
+    train, held_out = tmp_path / "math-train.jsonl", tmp_path / "math-test.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in MATH_ROWS))
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in MATH_ROWS[:4] + MATH_ROWS[6:]))
+    return train, held_out
+
+
+def test_math_task_reads_golds_prompts_and_targets(math_files):
+    from mathtune.tasks import get_task
+
+    train, _ = math_files
+    examples = get_task("math", train_file=train).examples("train")
+    assert [e.gold for e in examples] == ["\\frac{\\sqrt{3}}{2}", "2\\sqrt{5}", "(2, 5]", "\\{1, 3\\}", "x^2 + 1",
+                                          "\\text{(B)}", 18.0, 0.75]
+    assert examples[0].question.endswith("put your final answer within \\boxed{}.")
+    assert examples[0].answer_text == "It is $\\boxed{\\frac{\\sqrt{3}}{2}}$.\n#### \\frac{\\sqrt{3}}{2}"
+    assert examples[7].answer_text.endswith("\n#### 3/4")
+    # task file reads the same rows with the columns mapped, without the prompt's request
+    from mathtune.tasks.files import Fields
+
+    mapped = get_task("file", train_file=train, fields=Fields("problem", "solution")).examples("train")
+    assert [e.gold for e in mapped] == [e.gold for e in examples] and mapped[0].question == MATH_ROWS[0]["problem"]
+    # a correct sample of a symbolic item is a valid target for mathtune rft
+    from mathtune.rft import as_target
+
+    assert as_target("Since ... $\\boxed{x^2+1}$", "x^2 + 1") == "Since ... $\\boxed{x^2+1}$\n#### x^2 + 1"
+
+
+def test_math_file_through_data_train_eval_and_compare(math_files, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from mathtune.cli import main
+
+    train, held_out = math_files
+    monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "--model", str(tiny_model_dir), "--task", "math", "--train-file", str(train), "--show", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "columns: question <- 'problem', answer <- 'solution'" in out  # math's defaults
+    assert "math-train.jsonl:1: gold \\frac{\\sqrt{3}}{2} (symbolic: math-verify reads sqrt(3)/2)" in out
+    assert "math-train.jsonl:3: gold (2, 5] (symbolic: math-verify reads Interval.Lopen(2, 5))" in out
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mathtune.cli", "train", "--model", str(tiny_model_dir), "--task", "math",
+         "--train-file", str(train), "--eval-file", str(held_out), "--max-steps", "2", "--batch-size", "4",
+         "--no-wandb", "--output-dir", str(run_dir), "--eval-samples", "6", "--eval-batch-size", "6",
+         "--max-new-tokens", "8", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training completed: 2 steps" in proc.stdout
+    comparison = json.loads((run_dir / "model_comparison.json").read_text())
+    assert comparison["n"] == 6 and comparison["task"] == "math"
+
+    # eval of the run and of its base, then compare the two logs
+    for model, where in ((run_dir, tmp_path / "eval-run"), (tiny_model_dir, tmp_path / "eval-base")):
+        assert main(["eval", "--model", str(model), "--task", "math", "--eval-file", str(held_out),
+                     "--max-samples", "-1", "--max-new-tokens", "8", "--device", "cpu", "--output", str(where)]) == 0
+    logs = {name: next((tmp_path / f"eval-{name}").glob("*-math.jsonl")) for name in ("run", "base")}
+    records = [json.loads(line) for line in logs["run"].read_text().splitlines()]
+    assert [r["rule"] for r in records] == ["symbolic"] * 4 + ["numeric"] * 2
+    assert [r["gold"] for r in records] == ["\\frac{\\sqrt{3}}{2}", "2\\sqrt{5}", "(2, 5]", "\\{1, 3\\}", 18.0, 0.75]
+    assert records[0]["gold_parsed"] == "sqrt(3)/2" and records[4]["gold_parsed"] == "18"
+    for record in records:  # each verdict is the judge's on the logged output
+        assert record["correct"] == judge_answer(record["output"], record["gold"], "exact").correct
+    assert main(["compare", "--base-log", str(logs["base"]), "--trained-log", str(logs["run"]),
+                 "--output", str(tmp_path / "cmp.json")]) == 0
+    assert json.loads((tmp_path / "cmp.json").read_text())["n"] == 6

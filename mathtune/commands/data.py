@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     source = config.dataset or config.train_file or f"task {config.task}"
-    print(f"columns: question <- '{config.question_field}', answer <- '{config.answer_field}' ({source})")
+    fields = getattr(task, "fields", None)  # the columns the task reads (task math: problem/solution by default)
+    question, answer = (fields.question, fields.answer) if fields else (config.question_field, config.answer_field)
+    print(f"columns: question <- '{question}', answer <- '{answer}' ({source})")
     for example in examples[: max(args.show, 3)]:
         # the gold the judge compares against, and the last line of the target that states it; a symbolic
         # gold with math-verify's reading of it (sympy's form), as eval's per-item log shows it
