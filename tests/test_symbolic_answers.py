@@ -336,3 +336,17 @@ def test_math_file_through_data_train_eval_and_compare(math_files, tiny_model_di
     assert main(["compare", "--base-log", str(logs["base"]), "--trained-log", str(logs["run"]),
                  "--output", str(tmp_path / "cmp.json")]) == 0
     assert json.loads((tmp_path / "cmp.json").read_text())["n"] == 6
+
+
+def test_math_verify_and_sympy_load_only_in_the_worker():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mathtune.answers import judge_answer\n"
+            "assert judge_answer('\\\\boxed{\\\\sqrt{20}}', '2\\\\sqrt{5}', 'exact').correct\n"
+            "print(sorted(m for m in ('math_verify', 'sympy', 'latex2sympy2_extended') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
