@@ -20,6 +20,7 @@ Only strings cross the pipe: the gold and the answer as LaTeX in, the verdict an
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+
+from mathtune.errors import MathtuneError
 
 TIMEOUT_S = 5.0  # per parse or verify; math-verify's own default per operation
 STARTUP_TIMEOUT_S = 120.0  # importing sympy + math-verify: ~1 s idle, far longer on a loaded machine
@@ -44,7 +47,7 @@ class Verdict:
     note: str | None = None  # set when the verdict is not math-verify's own: timed out, worker died
 
 
-class SymbolicError(RuntimeError):
+class SymbolicError(MathtuneError):
     """The worker could not be started (math-verify missing or broken)."""
 
 
@@ -58,6 +61,13 @@ class _Worker:
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        atexit.register(self.close)  # reaped, not left to end when its stdin closes
+
+    def _forked(self) -> None:
+        """A forked child (a DataLoader worker, a launcher) shares its parent's pipes: it starts its own."""
+        if self._pid != os.getpid():
+            self._proc, self._lock, self._pid = None, threading.Lock(), os.getpid()
 
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -93,6 +103,7 @@ class _Worker:
     def ask(self, request: dict, timeout: float) -> dict | None:
         """The child's answer to ``request``; None when it took longer than ``timeout`` seconds or died
         (the child is then killed and replaced on the next call)."""
+        self._forked()
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
@@ -103,13 +114,18 @@ class _Worker:
                 line = self._read_line(proc, timeout)
             except (BrokenPipeError, OSError):
                 line = None
-            if line is None:
-                self._kill(proc)
-                self._proc = None
-                return None
-            return json.loads(line)
+            try:
+                return json.loads(line) if line is not None else None
+            except json.JSONDecodeError:
+                line = None  # not our protocol: something in the child printed to stdout
+            finally:
+                if line is None:
+                    self._kill(proc)
+                    self._proc = None
 
     def close(self) -> None:
+        if self._pid != os.getpid():
+            return  # the parent's worker: not this process's to stop
         with self._lock:
             if self._proc is not None:
                 self._kill(self._proc)
@@ -130,6 +146,8 @@ def verify(gold: str, prediction: str, timeout: float | None = None) -> Verdict:
     reply = _WORKER.ask({"gold": gold, "prediction": prediction}, timeout)
     if reply is None:
         return Verdict(False, None, None, f"math-verify gave no verdict within {timeout:g} s: judged wrong")
+    if "error" in reply:
+        return Verdict(False, None, None, f"math-verify failed ({reply['error']}): judged wrong")
     return Verdict(bool(reply["correct"]), reply["gold_parsed"], reply["parsed"])
 
 
@@ -138,7 +156,7 @@ def parse(text: str, timeout: float | None = None) -> str | None:
     """``str`` of math-verify's parse of ``text`` (its first, sympy, form); None when it yields no
     sympy expression (only its string fallback, or nothing) or takes longer than ``timeout``."""
     reply = _WORKER.ask({"parse": text}, TIMEOUT_S if timeout is None else timeout)
-    return None if reply is None else reply["parsed"]
+    return None if reply is None else reply.get("parsed")
 
 
 def shutdown() -> None:
@@ -172,17 +190,20 @@ def _serve() -> None:
     golds: dict[str, list] = {}  # a gold is compared with k samples: parse it once
     for line in sys.stdin:
         request = json.loads(line)
-        if "parse" in request:
-            reply = {"parsed": _first_form(mv_parse(request["parse"], parsing_timeout=None))}
-        else:
-            gold = golds.get(request["gold"])
-            if gold is None:
-                gold = golds[request["gold"]] = mv_parse(request["gold"], parsing_timeout=None)
-                if len(golds) > 4096:
-                    golds.pop(next(iter(golds)))
-            prediction = mv_parse(request["prediction"], parsing_timeout=None)
-            reply = {"correct": bool(mv_verify(gold, prediction, timeout_seconds=None)),
-                     "gold_parsed": _first_form(gold), "parsed": _first_form(prediction)}
+        try:
+            if "parse" in request:
+                reply = {"parsed": _first_form(mv_parse(request["parse"], parsing_timeout=None))}
+            else:
+                gold = golds.get(request["gold"])
+                if gold is None:
+                    gold = golds[request["gold"]] = mv_parse(request["gold"], parsing_timeout=None)
+                    if len(golds) > 4096:
+                        golds.pop(next(iter(golds)))
+                prediction = mv_parse(request["prediction"], parsing_timeout=None)
+                reply = {"correct": bool(mv_verify(gold, prediction, timeout_seconds=None)),
+                         "gold_parsed": _first_form(gold), "parsed": _first_form(prediction)}
+        except Exception as err:  # noqa: BLE001 -- e.g. sympy failing in str(): the caller gets the cause
+            reply = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
         print(json.dumps(reply), flush=True)
 
 

@@ -350,3 +350,18 @@ def test_math_verify_and_sympy_load_only_in_the_worker():
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_forked_child_starts_its_own_worker():
+    import os
+
+    assert judge_answer("\\boxed{\\sqrt{18}}", "3\\sqrt{2}", "exact").correct  # the parent's worker is up
+    symbolic.verify.cache_clear()
+    pid = os.fork()
+    if pid == 0:  # the child must not talk over the parent's pipes
+        ok = judge_answer("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", "exact").correct
+        symbolic.shutdown()
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert judge_answer("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", "exact").correct  # and the parent's still answers
