@@ -135,8 +135,8 @@ class _Worker:
 _WORKER = _Worker()
 
 
-# Cached (the timeout is part of the key): eval judges one pair more than once (the answer, then the majority vote, maj@j), and a pair
-# that timed out would otherwise cost its full timeout each time.
+# Cached (the timeout is part of the key): eval judges one pair more than once (the answer, then the
+# majority vote, maj@j), and a pair that timed out would otherwise cost its full timeout each time.
 @functools.lru_cache(maxsize=1 << 16)
 def verify(gold: str, prediction: str, timeout: float | None = None) -> Verdict:
     """``math_verify.verify(parse(gold), parse(prediction))`` with default settings, both texts as given

@@ -246,7 +246,8 @@ def test_a_pathological_answer_is_cut_off_in_a_worker_thread(monkeypatch):
 def test_many_threads_share_the_worker():
     from concurrent.futures import ThreadPoolExecutor
 
-    pairs = [(gold, output) for gold, output, _ in PAIRS if judge_answer(output, read_gold(gold)[0], "exact").rule == "symbolic"]
+    pairs = [(gold, output) for gold, output, _ in PAIRS
+             if judge_answer(output, read_gold(gold)[0], "exact").rule == "symbolic"]
     symbolic.verify.cache_clear()  # judged for real again, now from four threads at once
     with ThreadPoolExecutor(4) as pool:
         verdicts = list(pool.map(lambda pair: judge_answer(pair[1], read_gold(pair[0])[0], "exact").correct, pairs))
@@ -304,7 +305,8 @@ def test_math_file_through_data_train_eval_and_compare(math_files, tiny_model_di
 
     train, held_out = math_files
     monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
-    assert main(["data", "--model", str(tiny_model_dir), "--task", "math", "--train-file", str(train), "--show", "0"]) == 0
+    assert main(["data", "--model", str(tiny_model_dir), "--task", "math", "--train-file", str(train),
+                 "--show", "0"]) == 0
     out = capsys.readouterr().out
     assert "columns: question <- 'problem', answer <- 'solution'" in out  # math's defaults
     assert "math-train.jsonl:1: gold \\frac{\\sqrt{3}}{2} (symbolic: math-verify reads sqrt(3)/2)" in out

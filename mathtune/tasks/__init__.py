@@ -124,7 +124,8 @@ def get_task(
     ``fields`` and ``splits`` (a hub dataset, its columns and splits) are read by task 'file' only."""
     if name not in ("file", "math") and dataset is not None:
         raise MathtuneError(f"--dataset is read by --task file or math (got --task {name}): add --task file")
-    if name not in ("file", "math") and fields is not None and (fields.question, fields.answer) != ("question", "answer"):
+    mapped = fields is not None and (fields.question, fields.answer) != ("question", "answer")
+    if name not in ("file", "math") and mapped:
         # silently ignoring the mapping would read the wrong columns or fail on a missing one
         raise MathtuneError(f"--question-field/--answer-field are read by --task file or math (got --task {name}): "
                             "add --task file")

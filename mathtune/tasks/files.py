@@ -6,8 +6,9 @@ Columns ``question`` and ``answer`` by default; ``--question-field`` / ``--answe
 ``#### X``, ``\\boxed{X}`` or "The answer is: X", or a bare answer (``mathtune.answers.read_gold``); X
 is one number (judged by the numeric rule) or any answer math-verify reads (``\\frac{\\sqrt{3}}{2}``,
 ``(2, 5]``: judged by math-verify). A solution without ``####`` is trained as itself plus a final
-``#### X`` line, the form every task targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task
-accepts is one the gsm8k task accepts too. Locations: JSONL and CSV by line (the CSV header is line
+``#### X`` line, the form every task targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``),
+so a solution this task accepts is one the gsm8k task accepts too when its X is a number (GSM8K's golds
+are; this task also takes the others). Locations: JSONL and CSV by line (the CSV header is line
 1), JSON by item, Parquet and dataset dirs by row (0-based, as ``dataset[N]`` reads it).
 """
 
