@@ -110,7 +110,7 @@ def task_class(name: str) -> type[Task]:
 
         return FileTask
     if name == "math":
-        from mathtune.tasks.math import MathTask
+        from mathtune.tasks.competition import MathTask
 
         return MathTask
     raise MathtuneError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")
