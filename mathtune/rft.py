@@ -86,12 +86,15 @@ def _normalised(text: str) -> str:
 
 def as_target(text: str, gold: float | str) -> str | None:
     """A correct sample as a training target ending in ``#### X``; None when it cannot be one."""
-    from mathtune.answers import extract_strict, extract_symbolic, format_number, is_symbolic
+    from mathtune.answers import extract_strict, extract_symbolic, format_number, is_symbolic, judge
     from mathtune.tasks.gsm8k import check_row
 
     symbolic = is_symbolic(gold)  # a symbolic gold is stated as its LaTeX after "#### "
     text = text.strip()
-    if (extract_symbolic(text, strict=True)[0] if symbolic else extract_strict(text)) is not None:
+    stated = extract_symbolic(text, strict=True)[0] if symbolic else extract_strict(text)
+    if symbolic and stated is not None and not judge(stated, gold, "exact"):
+        return None  # judged right by its last \boxed{}, but its "#### " line, which a target ends on, is wrong
+    if stated is not None:
         start = text.find("####")
         end = text.find("\n", start)
         text = text if end < 0 else text[:end].rstrip()  # what follows the answer line is noise

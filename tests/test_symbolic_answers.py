@@ -295,6 +295,8 @@ def test_math_task_reads_golds_prompts_and_targets(math_files):
     from mathtune.rft import as_target
 
     assert as_target("Since ... $\\boxed{x^2+1}$", "x^2 + 1") == "Since ... $\\boxed{x^2+1}$\n#### x^2 + 1"
+    assert as_target("So \\boxed{1+x^2}.\n#### x^2+1\nQuestion: next", "x^2 + 1") == "So \\boxed{1+x^2}.\n#### x^2+1"
+    assert as_target("So \\boxed{x^2+1}.\n#### x^2", "x^2 + 1") is None  # its final line states a wrong answer
 
 
 def test_math_file_through_data_train_eval_and_compare(math_files, tiny_model_dir, tmp_path, capsys, monkeypatch):
