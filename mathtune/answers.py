@@ -454,6 +454,6 @@ def symbolic_gold(text: str) -> float | str:
     from mathtune import symbolic
 
     if symbolic.parse(symbolic.boxed(answer)) is None:
-        raise ValueError(f"math-verify cannot read the gold answer {answer[:60]!r} as math; correct it, or drop "
-                         "the row")
+        raise ValueError(f"math-verify cannot read the gold answer {answer[:60]!r} as math (within "
+                         f"{symbolic.TIMEOUT_S:g} s); correct it, or drop the row")
     return answer

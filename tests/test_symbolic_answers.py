@@ -369,3 +369,13 @@ def test_a_forked_child_starts_its_own_worker():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert judge_answer("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", "exact").correct  # and the parent's still answers
+
+
+def test_a_worker_that_cannot_start_is_one_clear_error(monkeypatch):
+    from mathtune.errors import MathtuneError
+
+    monkeypatch.setattr(symbolic.sys, "executable", "/bin/false")  # a child that exits at once, never ready
+    worker = symbolic._Worker()
+    with pytest.raises(MathtuneError, match=r"the math-verify worker did not start: install it with pip install "
+                                            r"'math-verify>=0.9,<1'"):
+        worker.ask({"parse": "\\boxed{1}"}, 5.0)
