@@ -58,15 +58,16 @@ check-gguf: $(STAMP) $(GGUF_STAMP)
 
 # The libraries' versions this venv runs (CI prints them for each leg).
 versions: $(STAMP)
-	@$(PY) -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|gguf)=='
+	@$(PY) -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|gguf|math.verify|latex2sympy2.extended|antlr4-python3-runtime)=='
 
 # CI's second leg: a fresh venv where pip resolves the newest releases inside pyproject's bounds
 # (torch stays at TORCH_SPEC), running the tests that touch the libraries' APIs most: generation,
-# training, export, the CLI and mathtune/compat.py's shims of private library API (test_compat.py).
-# `make test-latest` builds .venv-latest from scratch every time.
+# training, export, the CLI, mathtune/compat.py's shims of private library API (test_compat.py) and
+# math-verify's parse/verify (test_symbolic_answers.py). `make test-latest` builds .venv-latest from
+# scratch every time.
 LATEST_TESTS ?= tests/test_generation.py tests/test_calculator.py tests/test_loops.py tests/test_training.py \
 	tests/test_shared_prefix.py tests/test_train_cli.py tests/test_export.py tests/test_cli_imports.py \
-	tests/test_compat.py
+	tests/test_compat.py tests/test_symbolic_answers.py
 test-latest:
 	rm -rf .venv-latest
 	$(MAKE) --no-print-directory VENV=.venv-latest CONSTRAINTS= versions

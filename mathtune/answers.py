@@ -2,11 +2,20 @@
 
 Two scores, as in lm-evaluation-harness's GSM8K task: ``extract_strict`` reads only a ``#### N``
 line (the format we train), ``extract`` also accepts the usual ways a model states a final answer.
+
+Two rules, chosen by the gold (``judge_answer``, the one function eval, compare, rft and grpo call):
+  numeric   the gold is one number (GSM8K, unit conversion, most MATH answers): the number a
+            prediction states, compared by the task's rule (``exact`` or ``rel_tol=0.05``)
+  symbolic  any other gold (``\\frac{\\sqrt{3}}{2}``, ``(2, 5]``, ``x^2+1``, ``\\text{(B)}``): Hugging
+            Face's math-verify parses gold and prediction with sympy and decides equivalence
+            (``mathtune.symbolic``, in a worker process with a deadline)
 """
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 
 # One number as written in text: optional minus, optional "$", then "1,234" (thousands groups of
@@ -116,8 +125,9 @@ def extract(text: str) -> tuple[float | None, str]:
     return None, "none"
 
 
-def parse_gold(answer_text: str) -> float:
-    """The gold number after ``####`` (to the end of that line); ValueError(reason) otherwise."""
+def parse_gold(answer_text: str, *, symbolic_ok: bool = False) -> float | str:
+    """The gold after ``####`` (to the end of that line); ValueError(reason) otherwise. A number, or
+    with ``symbolic_ok`` any answer math-verify reads (``symbolic_gold``: LaTeX numbers stay numbers)."""
     start = answer_text.find("####")
     if start < 0:
         raise ValueError("no '#### <number>' final line")
@@ -125,21 +135,30 @@ def parse_gold(answer_text: str) -> float:
     if not rest:
         raise ValueError("nothing after '####'; write the final number there, e.g. '#### 42'")
     value = parse_number(rest)
+    if value is None and symbolic_ok:
+        try:
+            return symbolic_gold(rest)
+        except ValueError as err:
+            raise ValueError(f"gold after '####' is neither a number nor an answer math-verify reads: {err}") from None
     if value is None:
         raise ValueError(f"gold after '####' is not a number: {rest!r}; write e.g. '#### 42'")
     return value
 
 
-def judge(value: float | None, gold: float, rule: str) -> bool:
-    """Is ``value`` right? ``exact``: equal up to float noise; ``rel_tol=0.05``: within 5 % of gold."""
+def judge(value: float | str | None, gold: float | str, rule: str) -> bool:
+    """Is the extracted answer ``value`` right? A number gold: ``exact``: equal up to float noise;
+    ``rel_tol=0.05``: within 5 % of gold. A symbolic gold (a string): math-verify's verdict on the
+    answer text ``value`` (see ``judge_answer``, which also extracts it from a whole output)."""
     if rule == "exact":
-        tol = 1e-6 * max(1.0, abs(gold))
+        tol = 1e-6 * max(1.0, abs(gold)) if not isinstance(gold, str) else 0.0
     elif rule == "rel_tol=0.05":
-        tol = 0.05 * abs(gold)  # gold 0 -> tolerance 0 -> exact
+        tol = 0.05 * abs(gold) if not isinstance(gold, str) else 0.0  # gold 0 -> tolerance 0 -> exact
     else:
         raise ValueError(f"unknown judge rule {rule!r}; use 'exact' or 'rel_tol=0.05'")
     if value is None:
         return False
+    if isinstance(gold, str):
+        return isinstance(value, str) and _verify(gold, value).correct
     return abs(value - gold) <= tol
 
 
@@ -204,13 +223,13 @@ def lm_eval_exact_match(prediction: str, reference: str) -> bool:
 # --------------------------------------------------------------------------- gold answers in other datasets' forms
 # MATH / NuminaMath end solutions in \boxed{...}, MetaMathQA in "The answer is: N", GSM8K in "#### N".
 # These read a *gold* answer (a dataset's own, trusted to be final), so unlike ``extract`` they take
-# the last \boxed{} and the last "The answer is" (a solution may box intermediate results), and they
-# refuse anything that is not one number rather than guess.
+# the last \boxed{} and the last "The answer is" (a solution may box intermediate results). One number
+# stays a number (the numeric rule); anything else must be readable by math-verify, or it is refused.
 _ANSWER_IS_LINE_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*[:=]?\s*(.+?)\s*$", re.IGNORECASE)
 _LATEX_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}$")
 _LATEX_FRAC_DIGITS_RE = re.compile(r"^(-?)\\[dt]?frac\s*(\d)(\d)$")  # \frac34, as TeX allows
 _PLAIN_FRAC_RE = re.compile(r"^(-?)(\d+)\s*/\s*(\d+)$")
-GOLD_FORMS = ("####", "boxed", "answer_is", "number")
+GOLD_FORMS = ("####", "boxed", "answer_is", "number", "text")  # text: a whole field that is not one number
 
 
 def boxed_contents(text: str) -> list[str]:
@@ -265,33 +284,176 @@ def _balanced(text: str) -> bool:
     return depth == 0
 
 
-def read_gold(answer_text: str) -> tuple[float, str, str]:
+def read_gold(answer_text: str) -> tuple[float | str, str, str]:
     """A dataset's gold answer in any supported form -> ``(value, plain, form)``, form in ``GOLD_FORMS``.
 
-    ``#### N`` (GSM8K) is read by ``parse_gold``; else the last ``\\boxed{}`` (MATH, NuminaMath); else the
-    last "The answer is: N" (MetaMathQA); else the whole text as one number. ValueError(reason, with the
-    fix) when none of them holds a single number.
+    ``#### X`` (GSM8K) is read by ``parse_gold``; else the last ``\\boxed{}`` (MATH, NuminaMath); else the
+    last "The answer is: X" (MetaMathQA); else the whole text. One number -> ``value`` a float and
+    ``plain`` how a target states it (``\\dfrac{3}{4}`` -> "3/4"); anything else math-verify reads ->
+    ``value`` and ``plain`` its LaTeX text (``symbolic_gold``). ValueError(reason, with the fix) otherwise.
     """
     if "####" in answer_text:
-        value = parse_gold(answer_text)
-        return value, format_number(value), "####"
+        value = parse_gold(answer_text, symbolic_ok=True)
+        return value, _plain(value), "####"
     boxes = boxed_contents(answer_text)
     if boxes:
-        parsed = latex_number(boxes[-1])
-        if parsed is None:
-            raise ValueError(f"\\boxed{{{boxes[-1][:40]}}} is not a single number; mathtune judges numeric "
-                             "answers: filter such rows out of the dataset")
-        return (*parsed, "boxed")
+        return (*_stated_gold(boxes[-1], f"\\boxed{{{boxes[-1][:40]}}}"), "boxed")
     matches = [m for line in answer_text.splitlines() for m in _ANSWER_IS_LINE_RE.finditer(line)]
     if matches:
-        stated = matches[-1].group(1)
-        parsed = latex_number(stated[:-1] if stated.endswith(".") else stated)
-        if parsed is None:
-            raise ValueError(f"'The answer is: {stated[:40]}' is not a single number; mathtune judges numeric "
-                             "answers: filter such rows out of the dataset")
-        return (*parsed, "answer_is")
+        return (*_stated_gold(matches[-1].group(1), f"'The answer is: {matches[-1].group(1)[:40]}'"), "answer_is")
     parsed = latex_number(answer_text)
-    if parsed is None:
-        raise ValueError(f"{answer_text.strip()[:40]!r} is neither a solution ending in '#### <number>' nor a bare "
-                         "number; end it with '#### N', \\boxed{N} or 'The answer is: N'")
-    return (*parsed, "number")
+    if parsed is not None:
+        return (*parsed, "number")
+    if "\n" in answer_text.strip() or _word(answer_text):
+        # prose, not an answer: math-verify would read "no final answer" as a product of symbols
+        raise ValueError(f"{answer_text.strip()[:40]!r} is neither a solution ending in '#### <answer>' nor a bare "
+                         "answer; end it with '#### X', \\boxed{X} or 'The answer is: X'")
+    return (*_stated_gold(answer_text, repr(answer_text.strip()[:40])), "text")
+
+
+# A word outside LaTeX commands and their {arguments}: math-verify would read "ten" as t*e*n, so a gold
+# holding one is refused (MATH writes words as \text{Evelyn}; variables are single letters).
+_WORD_RE = re.compile(r"[A-Za-z]{3,}")
+_LATEX_COMMAND_RE = re.compile(r"\\[a-zA-Z]+\s*(?:\{[^{}]*\})?")
+
+
+def _word(text: str) -> str | None:
+    """The first word of three letters or more outside LaTeX commands (``\\text{...}`` included)."""
+    match = _WORD_RE.search(_LATEX_COMMAND_RE.sub(" ", text))
+    return match.group(0) if match else None
+
+
+def _plain(value: float | str) -> str:
+    """How a target's final line states a gold: the shortest number, or the LaTeX text as read."""
+    return value if isinstance(value, str) else format_number(value)
+
+
+def _stated_gold(text: str, where: str) -> tuple[float | str, str]:
+    """``(value, plain)`` of a stated final answer: ``latex_number``'s for one number (``\\frac{3}{4}`` ->
+    0.75, "3/4"), else ``symbolic_gold``'s text, with the place it was read from in its error."""
+    text = text.strip()
+    text = text[:-1] if text.endswith(".") else text
+    number = latex_number(text)
+    if number is not None:
+        return number
+    try:
+        value = symbolic_gold(text)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return value, _plain(value)
+
+
+# --------------------------------------------------------------------------- answers beyond one number
+# A gold that is not one number (MATH's \frac{\sqrt{3}}{2}, (2, 5], \{1, 3\}, x^2 + 1, \text{(B)}) is kept
+# as its LaTeX text and judged by math-verify. A prediction's answer to it is read from its last \boxed{},
+# else its first "#### " line (the target format; first, as for numbers), else its last "The answer is".
+RULES = ("numeric", "symbolic")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One prediction judged against one gold: the verdict and how it was reached (the per-item log)."""
+
+    correct: bool
+    rule: str  # "numeric" (the task's number rule) or "symbolic" (math-verify), decided by the gold
+    extracted: float | str | None  # the prediction's answer: a number, or (symbolic) its LaTeX text
+    method: str  # where it was found: METHODS; "none" when nothing was
+    gold_parsed: str | None  # the gold as the judge read it ("0.75"; sympy's "sqrt(3)/2")
+    parsed: str | None  # the prediction's answer as the judge read it; None: no answer / unparsable
+    note: str | None = None  # why a verdict is not the rule's own (math-verify timed out: judged wrong)
+
+
+def is_symbolic(gold: float | str) -> bool:
+    """A gold kept as text (not one number) is judged by math-verify."""
+    return isinstance(gold, str)
+
+
+def _finite(value: float | None) -> float | None:
+    # A 400-digit "number" parses to inf, which JSON cannot hold and no gold equals: no answer.
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _answer_text(text: str) -> str:
+    """A stated answer as LaTeX: no math delimiters around it, no sentence-final period."""
+    text = text.strip().strip("*").strip()
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if text.startswith(left) and text.endswith(right) and len(text) > len(left) + len(right):
+            return text[len(left):-len(right)].strip()
+    return text
+
+
+def extract_symbolic(text: str, *, strict: bool = False) -> tuple[str | None, str]:
+    """The answer a prediction states, as text, for a symbolic gold -> ``(answer, method)``.
+
+    ``strict``: only the first ``#### `` line counts (the trained format, as ``extract_strict``). Else
+    the last ``\\boxed{}`` (competition style; earlier boxes hold intermediate results), the first
+    ``#### `` line, the last "The answer is ..." line, in that order; ``(None, "none")`` otherwise.
+    """
+    start = text.find("####")
+    hashes = _answer_text(text[start + 4:].split("\n", 1)[0]) if start >= 0 else ""
+    if strict:
+        return (hashes, "####") if hashes else (None, "none")
+    boxes = [box for box in boxed_contents(text) if box.strip()]
+    if boxes:
+        return boxes[-1].strip(), "boxed"
+    if hashes:
+        return hashes, "####"
+    stated = [_answer_text(m.group(1)) for line in text.splitlines() for m in _ANSWER_IS_LINE_RE.finditer(line)]
+    stated = [answer for answer in stated if answer]
+    if stated:
+        return stated[-1], "answer_is"
+    return None, "none"
+
+
+def _verify(gold: str, answer: str):
+    from mathtune import symbolic
+
+    return symbolic.verify(symbolic.boxed(gold), symbolic.boxed(answer), symbolic.TIMEOUT_S)
+
+
+def judge_answer(text: str, gold: float | str, rule: str, *, strict: bool = False) -> Judgement:
+    """Judge one prediction ``text`` against ``gold``: the one judge eval, compare, rft and the RL reward use.
+
+    A number gold: ``extract`` (``strict``: ``extract_strict``) and the task's ``rule``, exactly as
+    before answers beyond numbers existed. A text gold: ``extract_symbolic`` and math-verify's
+    ``verify(parse(gold), parse(answer))``, both wrapped in ``\\boxed{}``; a verdict math-verify does not
+    reach within ``symbolic.TIMEOUT_S`` is "wrong", with a note saying so.
+    """
+    if not is_symbolic(gold):
+        value, method = (extract_strict(text), "####") if strict else extract(text)
+        value = _finite(value)
+        method = method if value is not None else "none"
+        return Judgement(judge(value, gold, rule), "numeric", value, method, format_number(gold),
+                         format_number(value) if value is not None else None)
+    judge(None, gold, rule)  # an unknown rule is an error here too, not only for number golds
+    answer, method = extract_symbolic(text, strict=strict)
+    if answer is None:
+        from mathtune import symbolic
+
+        return Judgement(False, "symbolic", None, "none", symbolic.parse(symbolic.boxed(gold)), None)
+    verdict = _verify(gold, answer)
+    return Judgement(verdict.correct, "symbolic", answer, method, verdict.gold_parsed, verdict.parsed, verdict.note)
+
+
+def symbolic_gold(text: str) -> float | str:
+    """A final answer that is not plain digits -> its number when it is one (``\\frac{3}{4}`` -> 0.75,
+    ``45^\\circ`` -> 45), else its LaTeX text once math-verify can parse it; ValueError(reason) when
+    it cannot (or takes longer than ``symbolic.TIMEOUT_S``)."""
+    number = latex_number(text)
+    if number is not None:
+        return number[0]
+    answer = " ".join(_answer_text(text).split())  # one line: a target states it after "#### "
+    if not answer:
+        raise ValueError("the final answer is empty; write it after '####', in \\boxed{} or after 'The answer is'")
+    word = _word(answer)
+    if word is not None:
+        raise ValueError(f"{answer[:60]!r} holds the word {word!r}: write words inside \\text{{}} (\\text{{(B)}}), "
+                         "or correct the answer")
+    from mathtune import symbolic
+
+    if symbolic.parse(symbolic.boxed(answer)) is None:
+        raise ValueError(f"math-verify cannot read the gold answer {answer[:60]!r} as math (within "
+                         f"{symbolic.TIMEOUT_S:g} s); correct it, or drop the row")
+    return answer

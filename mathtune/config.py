@@ -227,17 +227,20 @@ class ModelSettings:
     """Settings shared by every command that loads a model and a task."""
 
     model: str = setting("smollm2-135m", "model spec: alias (smollm2-135m), hub id, local dir, .gguf file or LoRA adapter dir")
-    task: str = setting("gsm8k", "task name: gsm8k, unit-conversion or file")
+    task: str = setting("gsm8k", "task name: gsm8k, unit-conversion, file or math (competition style: "
+                                 "\\boxed{} answers)")
     train_file: str | None = setting(None, "local training data: JSONL, JSON, CSV, Parquet or a datasets.save_to_disk "
                                            "dir with question/answer columns (see --question-field)")
     eval_file: str | None = setting(None, "local held-out data in the same formats as --train-file")
     dataset: str | None = setting(None, "Hugging Face dataset ORG/NAME[:CONFIG] read with datasets.load_dataset "
-                                        "(with --task file; --train-split/--eval-split pick its splits)")
+                                        "(with --task file or math; --train-split/--eval-split pick its splits)")
     train_split: str = setting("train", "the --dataset split to train on")
     eval_split: str = setting("test", "the --dataset split held out for evaluation")
-    question_field: str = setting("question", "column holding the problem (e.g. query, problem)")
-    answer_field: str = setting("answer", "column holding the gold answer: '#### N', \\boxed{N}, "
-                                          "'The answer is: N' or a bare number (e.g. response, solution)")
+    question_field: str = setting("question", "column holding the problem (e.g. query, problem; --task math: "
+                                              "problem unless set)")
+    answer_field: str = setting("answer", "column holding the gold answer: '#### X', \\boxed{X}, 'The answer is: "
+                                          "X' or a bare answer, X a number or any math-verify reads (e.g. "
+                                          "response, solution; --task math: solution unless set)")
     strip_calculator: bool = setting(False, "remove GSM8K calculator annotations <<a*b=c>> from targets")
     target_format: str = setting(
         "full", "gsm8k training targets: full (the worked solution), equations (only the <<expr=result>> chain "
@@ -396,8 +399,11 @@ class TrainConfig(ModelSettings):
                             f"{RunDir.CHECKPOINT_PREFIX}N dir)")
         if self.wandb_key_file is not None and not Path(self.wandb_key_file).is_file():
             problems.append(f"--wandb-key-file {self.wandb_key_file}: no such file")
-        if self.eval.samples > 0 and self.task == "file" and self.eval_file is None and self.dataset is None:
-            problems.append("--eval-samples with --task file needs --eval-file")
+        if self.eval.samples > 0 and self.eval_file is None and self.dataset is None:
+            from mathtune.tasks import TASK_NAMES, task_class
+
+            if self.task in TASK_NAMES and task_class(self.task).reads_dataset:  # no built-in held-out split
+                problems.append(f"--eval-samples with --task {self.task} needs --eval-file")
         if self.report_to is not None:
             # Trainer's spelling "a,b" as well as "a b"
             self.report_to = [t.strip() for item in self.report_to for t in item.split(",") if t.strip()]

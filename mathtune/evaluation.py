@@ -25,7 +25,9 @@ Files (read by comparison.py and report.py), in ``<output dir>``:
                                    sample), outputs, extracted, method, strict_extracted, correct,
                                    strict_correct, answered, majority, output_tokens, loop, calculator_calls
                                    ({"expr", "value"} per call; value null: refused), stop_reason (why the
-                                   first output ended: ``generation.settings.STOP_REASONS``)
+                                   first output ended: ``generation.settings.STOP_REASONS``), rule (numeric:
+                                   the task's number rule; symbolic: math-verify; lm-eval), gold_parsed and
+                                   parsed (gold and answer as the rule read them), note (e.g. a timeout)
                                    (+ sample_correct, sample_extracted, majority_correct, sample_loop,
                                    sample_calculator_calls, k > 1) (+ lm_eval_strict, lm_eval_flexible:
                                    lm-eval's filtered strings, under --protocol lm-eval)
@@ -47,8 +49,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mathtune import distributed
-from mathtune.answers import (LM_EVAL_FALLBACK, extract, extract_strict, judge, lm_eval_exact_match,
-                              lm_eval_extract_flexible, lm_eval_extract_strict, parse_number)
+from mathtune.answers import (LM_EVAL_FALLBACK, judge, judge_answer, lm_eval_exact_match, lm_eval_extract_flexible,
+                              lm_eval_extract_strict, parse_number)
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
 from mathtune.config import GenerationArgs
@@ -164,12 +166,10 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
         strict = _finite(parse_number(strict_text)) if strict_text != LM_EVAL_FALLBACK else None
     else:
         verdicts = None
-        judged = []
-        for text in outputs:
-            value, method = extract(text)
-            value = _finite(value)
-            judged.append((value, method if value is not None else "none"))
-        strict = _finite(extract_strict(outputs[0]))
+        # answers.judge_answer: the numeric rule for a number gold, math-verify for any other
+        judgements = [judge_answer(text, example.gold, judge_rule) for text in outputs]
+        judged = [(j.extracted, j.method) for j in judgements]
+        strict = judge_answer(outputs[0], example.gold, judge_rule, strict=True).extracted
     first_value, first_method = judged[0]
     record = {
         "id": example.id,
@@ -187,6 +187,10 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
     if verdicts is not None:
         record.update(verdicts[0])
         record["answered"] = verdicts[0]["lm_eval_flexible"] != LM_EVAL_FALLBACK
+        record["rule"] = "lm-eval"
+    else:  # which rule judged, the gold and the answer as it read them, and why a verdict is not its own
+        first = judgements[0]
+        record.update(rule=first.rule, gold_parsed=first.gold_parsed, parsed=first.parsed, note=first.note)
     values = [value for value, _ in judged]
     record["majority"] = majority_value(values)
     if len(outputs) > 1:

@@ -77,20 +77,25 @@ def _normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-def as_target(text: str, gold: float) -> str | None:
-    """A correct sample as a training target ending in ``#### N``; None when it cannot be one."""
-    from mathtune.answers import extract_strict, format_number
+def as_target(text: str, gold: float | str) -> str | None:
+    """A correct sample as a training target ending in ``#### X``; None when it cannot be one."""
+    from mathtune.answers import extract_strict, extract_symbolic, format_number, is_symbolic, judge
     from mathtune.tasks.gsm8k import check_row
 
+    symbolic = is_symbolic(gold)  # a symbolic gold is stated as its LaTeX after "#### "
     text = text.strip()
-    if extract_strict(text) is not None:
+    stated = extract_symbolic(text, strict=True)[0] if symbolic else extract_strict(text)
+    if symbolic and stated is not None and not judge(stated, gold, "exact"):
+        return None  # judged right by its last \boxed{}, but its "#### " line, which a target ends on, is wrong
+    if stated is not None:
         start = text.find("####")
         end = text.find("\n", start)
         text = text if end < 0 else text[:end].rstrip()  # what follows the answer line is noise
     else:
-        text = f"{text}\n#### {format_number(gold)}" if text else f"#### {format_number(gold)}"
+        final = gold if symbolic else format_number(gold)
+        text = f"{text}\n#### {final}" if text else f"#### {final}"
     try:
-        _question, answer, _gold = check_row({"question": "q", "answer": text})
+        _question, answer, _gold = check_row({"question": "q", "answer": text}, symbolic_ok=symbolic)
     except ValueError:
         return None  # e.g. two "####" in one sample
     return answer
@@ -140,11 +145,10 @@ def select_solutions(examples: Sequence, samples: Sequence[Sequence[str]], loops
 
 def task_judge(judge_rule: str) -> Callable[[str, object], bool]:
     """The task's judging rule on flexible extraction: what ``accuracy`` counts as right."""
-    from mathtune.answers import extract, judge
+    from mathtune.answers import judge_answer
 
     def is_correct(text: str, example) -> bool:
-        value, _method = extract(text)
-        return judge(value, example.gold, judge_rule)
+        return judge_answer(text, example.gold, judge_rule).correct
 
     return is_correct
 

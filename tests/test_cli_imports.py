@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "peft", "accelerate", "datasets", "gguf", "numpy", "matplotlib")
+HEAVY = ("torch", "transformers", "peft", "accelerate", "datasets", "gguf", "numpy", "matplotlib", "math_verify", "sympy")
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from mathtune.tasks import Example
 
 ITEM_FIELDS = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted",
                "correct", "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls",
-               "stop_reason"}
+               "stop_reason", "rule", "gold_parsed", "parsed", "note"}
 SUMMARY_FIELDS = {"model", "model_tag", "task", "judge_rule", "n", "accuracy", "strict_accuracy", "answer_rate",
                   "generation", "items_sha", "tokens_generated", "seconds", "tokens_per_second", "per_item_path"}
 

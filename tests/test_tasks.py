@@ -36,8 +36,8 @@ def write_jsonl(path: Path, rows, extra_lines=()) -> Path:
 
 
 def test_task_names_and_unknown_task():
-    assert TASK_NAMES == ["gsm8k", "unit-conversion", "file"]
-    with pytest.raises(MathtuneError, match="unknown task 'gsm9k': choose one of gsm8k, unit-conversion, file"):
+    assert TASK_NAMES == ["gsm8k", "unit-conversion", "file", "math"]
+    with pytest.raises(MathtuneError, match="unknown task 'gsm9k': choose one of gsm8k, unit-conversion, file, math"):
         get_task("gsm9k")
 
 
@@ -280,7 +280,8 @@ def test_file_task_json_list(tmp_path):
     [
         ([{"question": "a?", "answer": "1"}, {"question": "b?"}], "item 2: missing 'answer'"),
         ([{"question": "a?", "answer": "about ten"}], "item 1: 'answer' 'about ten' is neither"),
-        ([{"question": "a?", "answer": "It is\n#### ten"}], "item 1: gold after '####' is not a number"),
+        ([{"question": "a?", "answer": "It is\n#### ten"}], "item 1: gold after '####' is neither a number nor an answer "
+                                                             "math-verify reads: 'ten' holds the word 'ten'"),
         ([{"question": "a?", "answer": True}], "item 1: 'answer' must be a non-empty string"),
         ({"question": "a?", "answer": "1"}, "expected a JSON list of objects"),
         ([], "no examples"),
@@ -323,8 +324,8 @@ def test_file_task_csv(tmp_path):
         ("question,answer\nQ?,1\nTom has 2, Ann 3?,5\n", 3, "3 fields but the header has 2; quote fields"),
         ("question,answer\nQ?,1\nQ2?\n", 3, "missing 'answer'"),
         ("question,answer\nQ?,1\nQ2?,\n", 3, "'answer' must be a non-empty string"),
-        ("question,answer\n\nQ?,#### ten\n", 3, "gold after '####' is not a number"),
-        ("question,answer\nQ?,lots\n", 2, "is neither a solution ending in '#### <number>' nor a bare number"),
+        ("question,answer\n\nQ?,#### ten\n", 3, "gold after '####' is neither a number nor an answer math-verify reads"),
+        ("question,answer\nQ?,lots\n", 2, "is neither a solution ending in '#### <answer>' nor a bare answer"),
     ],
 )
 def test_file_task_csv_errors(tmp_path, text, line, reason):
@@ -486,7 +487,7 @@ def test_each_task_owns_its_policy_and_the_consumers_read_it(monkeypatch):
     from mathtune.tasks.gsm8k import GSM8KTask
 
     assert {name: task_class(name).calculator_by_default for name in TASK_NAMES} == {
-        "gsm8k": True, "unit-conversion": True, "file": False}
+        "gsm8k": True, "unit-conversion": True, "file": False, "math": False}
     assert task_class("gsm8k").hub_dataset == "openai/gsm8k" and task_class("file").hub_dataset is None
     assert GenerationArgs(calculator=None).resolved("gsm8k").calculator and not GenerationArgs(calculator=None).resolved("file").calculator
     assert not GenerationArgs(calculator=False).resolved("gsm8k").calculator and not GenerationArgs(calculator=None).resolved(None).calculator

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # imported here: mathtune.data/models import torch, which building the CLI parser must not
-    from mathtune.answers import format_number
+    from mathtune import symbolic
+    from mathtune.answers import format_number, is_symbolic
     from mathtune.data import is_chat_model, prepare_examples, render_supervised, take
     from mathtune.models.load import load_tokenizer
     from mathtune.models.spec import resolve_model_source
@@ -29,10 +30,18 @@ def run(args: argparse.Namespace) -> int:
     task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     source = config.dataset or config.train_file or f"task {config.task}"
-    print(f"columns: question <- '{config.question_field}', answer <- '{config.answer_field}' ({source})")
+    fields = getattr(task, "fields", None)  # the columns the task reads (task math: problem/solution by default)
+    question, answer = (fields.question, fields.answer) if fields else (config.question_field, config.answer_field)
+    print(f"columns: question <- '{question}', answer <- '{answer}' ({source})")
     for example in examples[: max(args.show, 3)]:
-        # the gold the judge compares against, and the last line of the target that states it
-        print(f"  {example.id}: gold {format_number(example.gold)}  <- {example.answer_text.splitlines()[-1][:60]!r}")
+        # the gold the judge compares against, and the last line of the target that states it; a symbolic
+        # gold with math-verify's reading of it (sympy's form), as eval's per-item log shows it
+        stated = example.answer_text.splitlines()[-1][:60]
+        if is_symbolic(example.gold):
+            parsed = symbolic.parse(symbolic.boxed(example.gold))
+            print(f"  {example.id}: gold {example.gold} (symbolic: math-verify reads {parsed})  <- {stated!r}")
+        else:
+            print(f"  {example.id}: gold {format_number(example.gold)}  <- {stated!r}")
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     rows, stats = prepare_examples(examples, tokenizer, config.max_length)
     style = "chat template" if is_chat_model(tokenizer) else "plain 'Question: ... Answer:' prompt"

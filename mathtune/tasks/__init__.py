@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mathtune.errors import MathtuneError
 
-TASK_NAMES: list[str] = ["gsm8k", "unit-conversion", "file"]
+TASK_NAMES: list[str] = ["gsm8k", "unit-conversion", "file", "math"]
 SPLITS = ("train", "eval")
 
 
@@ -18,15 +18,15 @@ SPLITS = ("train", "eval")
 class Example:
     id: str  # stable, e.g. "gsm8k-train-00012" or "file.jsonl:13"
     question: str
-    answer_text: str  # worked solution ending in "#### N" (the training target)
-    gold: float
+    answer_text: str  # worked solution ending in "#### X" (the training target)
+    gold: float | str  # one number (the numeric rule), or an answer's LaTeX text (math-verify judges it)
 
 
 class Task:
     """A named source of examples plus the rule that judges answers to them."""
 
     name: str = ""
-    judge_rule: str = "exact"  # "exact" | "rel_tol=0.05" (see mathtune.answers.judge)
+    judge_rule: str = "exact"  # "exact" | "rel_tol=0.05" for number golds (see mathtune.answers.judge)
     # The task's policy, read without building the task (``task_class(name).<attribute>``):
     calculator_by_default = False  # targets carry <<a*b=c>> annotations: calculator-assisted decoding on
     hub_dataset: str | None = None  # the Hugging Face dataset id its rows come from (a model card names it)
@@ -112,8 +112,9 @@ def source_problems(config) -> list[str]:
     cls = task_class(config.task)
     problems = []
     if config.dataset is not None and not cls.reads_dataset:
-        readers = ", ".join(n for n in TASK_NAMES if task_class(n).reads_dataset)
-        problems.append(f"--dataset is read by --task {readers} (got --task {config.task}): add --task {readers}")
+        readers = [n for n in TASK_NAMES if task_class(n).reads_dataset]
+        problems.append(f"--dataset is read by --task {' or '.join(readers)} (got --task {config.task}): "
+                        f"add --task {readers[0]}")
     if cls.reads_dataset and config.train_file is None and config.eval_file is None and config.dataset is None:
         problems.append(f"--task {config.task} needs --train-file and/or --eval-file, or --dataset")
     return problems
@@ -142,6 +143,10 @@ def task_class(name: str) -> type[Task]:
         from mathtune.tasks.files import FileTask
 
         return FileTask
+    if name == "math":
+        from mathtune.tasks.competition import MathTask
+
+        return MathTask
     raise MathtuneError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")
 
 
@@ -151,11 +156,12 @@ def get_task(
 ) -> Task:
     """Build the task ``name``; file paths are checked when a split is first read. ``dataset``,
     ``fields`` and ``splits`` (a hub dataset, its columns and splits) are read by task 'file' only."""
-    if name != "file" and dataset is not None:
-        raise MathtuneError(f"--dataset is read by --task file (got --task {name}): add --task file")
-    if name != "file" and fields is not None and (fields.question, fields.answer) != ("question", "answer"):
+    if name not in ("file", "math") and dataset is not None:
+        raise MathtuneError(f"--dataset is read by --task file or math (got --task {name}): add --task file")
+    mapped = fields is not None and (fields.question, fields.answer) != ("question", "answer")
+    if name not in ("file", "math") and mapped:
         # silently ignoring the mapping would read the wrong columns or fail on a missing one
-        raise MathtuneError(f"--question-field/--answer-field are read by --task file (got --task {name}): "
+        raise MathtuneError(f"--question-field/--answer-field are read by --task file or math (got --task {name}): "
                             "add --task file")
     if name == "gsm8k":
         from mathtune.tasks.gsm8k import GSM8KTask
@@ -173,13 +179,12 @@ def get_task(
         from mathtune.tasks.unit_conversion import UnitConversionTask
 
         return UnitConversionTask(seed=seed)
-    if name == "file":
+    if name in ("file", "math"):
         if train_file is None and eval_file is None and dataset is None:
-            raise MathtuneError("task 'file' needs --train-file and/or --eval-file (JSONL, JSON, CSV, Parquet or "
+            raise MathtuneError(f"task '{name}' needs --train-file and/or --eval-file (JSONL, JSON, CSV, Parquet or "
                                 "a datasets.save_to_disk dir), or --dataset ORG/NAME")
-        from mathtune.tasks.files import FileTask
         from mathtune.tasks.rows import Fields
 
-        return FileTask(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
-                        fields=fields or Fields(), dataset=dataset, splits=splits)
+        return task_class(name)(train_file=train_file, eval_file=eval_file, strip_calculator=strip_calculator,
+                                fields=fields or Fields(), dataset=dataset, splits=splits)
     raise MathtuneError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")

@@ -3,10 +3,12 @@ dir, or a Hugging Face dataset (``--dataset``, read in ``mathtune.tasks.hub``).
 
 Columns ``question`` and ``answer`` by default; ``--question-field`` / ``--answer-field`` map others
 (MetaMathQA's query/response, MATH's problem/solution). The answer is a worked solution ending in
-``#### N``, ``\\boxed{N}`` or "The answer is: N", or a bare number (``mathtune.answers.read_gold``).
-A solution without ``####`` is trained as itself plus a final ``#### N`` line, the form every task
-targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``), so a solution this task
-accepts is one the gsm8k task accepts too. Locations: JSONL and CSV by line (the CSV header is line
+``#### X``, ``\\boxed{X}`` or "The answer is: X", or a bare answer (``mathtune.answers.read_gold``); X
+is one number (judged by the numeric rule) or any answer math-verify reads (``\\frac{\\sqrt{3}}{2}``,
+``(2, 5]``: judged by math-verify). A solution without ``####`` is trained as itself plus a final
+``#### X`` line, the form every task targets. Rows are then checked by GSM8K's code (``mathtune.tasks.gsm8k``),
+so a solution this task accepts is one the gsm8k task accepts too when its X is a number (GSM8K's golds
+are; this task also takes the others). Locations: JSONL and CSV by line (the CSV header is line
 1), JSON by item, Parquet and dataset dirs by row (0-based, as ``dataset[N]`` reads it).
 """
 
@@ -129,10 +131,12 @@ def _build(path: Path, rows, strip_calc: bool, hint: str, *, by_item: bool = Fal
 
     if by_row:  # 0-based positions, reported as "row N" (build_examples would say "item N")
         try:
-            return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True)
+            return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=True,
+                                  symbolic_ok=True)
         except InputError as err:
             raise InputError(path, None, err.reason.replace("item ", "row ", 1)) from None
-    return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=by_item)
+    return build_examples(path, checked(), strip_calc=strip_calc, bare_number_ok=True, hint=hint, by_item=by_item,
+                          symbolic_ok=True)
 
 
 class FileTask(FileBackedTask):
@@ -154,5 +158,5 @@ class FileTask(FileBackedTask):
             return hub_examples(self.dataset, self.splits[split], self.fields, strip_calc=self.strip_calculator)
         flag = SPLIT_FLAGS[split]
         if self.files[split] is None:
-            raise MathtuneError(f"task 'file' has no {split} data: pass {flag}")
+            raise MathtuneError(f"task '{self.name}' has no {split} data: pass {flag}")
         return read_examples(self.files[split], flag, strip_calc=self.strip_calculator, fields=self.fields)

@@ -59,11 +59,13 @@ def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
             raise InputError(path, number, "JSON nested too deeply; write one flat JSON object per line") from None
 
 
-def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, float]:
+def check_row(row: object, *, bare_number_ok: bool = False, symbolic_ok: bool = False) -> tuple[str, str, float | str]:
     """Validate one ``{question, answer}`` row -> ``(question, answer_text, gold)``.
 
     Raises ValueError(reason) with the fix; the caller adds the file and line. With
-    ``bare_number_ok`` an answer that is just a number becomes the target ``"#### N"``.
+    ``bare_number_ok`` an answer that is just a number becomes the target ``"#### N"``. With
+    ``symbolic_ok`` the final ``#### X`` may be any answer math-verify reads (``answers.parse_gold``):
+    GSM8K's golds are numbers, other datasets' need not be.
     """
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object with 'question' and 'answer', got {type(row).__name__}")
@@ -93,7 +95,7 @@ def check_row(row: object, *, bare_number_ok: bool = False) -> tuple[str, str, f
         raise ValueError("'answer' has no final '#### <number>' line; end the solution with e.g. '#### 42'")
     if answer.count("####") > 1:
         raise ValueError("'answer' has more than one '####'; keep only the final '#### <number>' line")
-    gold = parse_gold(answer)
+    gold = parse_gold(answer, symbolic_ok=symbolic_ok)
     if "\n" in answer.split("####", 1)[1]:
         # a target that goes on after its answer teaches the model to keep talking
         raise ValueError("text after the '#### <number>' line; the final answer must be the last line")
@@ -135,10 +137,10 @@ def format_target(answer_text: str, *, strip_calc: bool, target_format: str = "f
 
 
 def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_ok: bool = False,
-                 target_format: str = "full") -> Example | None:
+                 target_format: str = "full", symbolic_ok: bool = False) -> Example | None:
     """``check_row`` plus the target format and optional calculator stripping (``format_target``);
     ValueError(reason) on a bad row, None for a row that ``equations-drop`` drops."""
-    question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok)
+    question, answer_text, gold = check_row(row, bare_number_ok=bare_number_ok, symbolic_ok=symbolic_ok)
     answer_text = format_target(answer_text, strip_calc=strip_calc, target_format=target_format)
     if answer_text is None:
         return None
@@ -147,7 +149,7 @@ def make_example(example_id: str, row: object, *, strip_calc: bool, bare_number_
 
 def build_examples(
     path: Path, numbered_rows: Iterable[tuple[int, object]], *, strip_calc: bool, bare_number_ok: bool,
-    hint: str, by_item: bool = False, target_format: str = "full",
+    hint: str, by_item: bool = False, target_format: str = "full", symbolic_ok: bool = False,
 ) -> list[Example]:
     """Examples with ids ``"<filename>:<number>"``; a bad row is an InputError at its line.
 
@@ -157,7 +159,8 @@ def build_examples(
     for number, row in numbered_rows:
         try:
             example = make_example(f"{path.name}:{number}", row, strip_calc=strip_calc,
-                                   bare_number_ok=bare_number_ok, target_format=target_format)
+                                   bare_number_ok=bare_number_ok, target_format=target_format,
+                                   symbolic_ok=symbolic_ok)
         except ValueError as err:
             if by_item:
                 raise InputError(path, None, f"item {number}: {err}") from err

@@ -59,7 +59,8 @@ def hub_examples(spec: str, split: str, fields, *, strip_calc: bool) -> list[Exa
         try:
             if isinstance(row, BadRow):
                 raise ValueError(row.reason)
-            examples.append(make_example(f"{spec}:{split}:{index}", row, strip_calc=strip_calc, bare_number_ok=True))
+            examples.append(make_example(f"{spec}:{split}:{index}", row, strip_calc=strip_calc, bare_number_ok=True,
+                                         symbolic_ok=True))
         except ValueError as err:
             raise MathtuneError(f"--dataset {spec} {split} row {index}: {err}") from None
     return examples

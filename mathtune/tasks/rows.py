@@ -26,7 +26,8 @@ def normalize_row(row: object, fields: Fields) -> object:
     """A source row -> ``{question, answer}`` in GSM8K's shape; ValueError(reason) when it cannot be.
 
     Renames the mapped columns, and turns a gold answer in another dataset's form (\\boxed{}, "The
-    answer is: N") into the solution plus a final ``#### N`` line (a fraction stays one: ``#### 3/4``).
+    answer is: X") into the solution plus a final ``#### X`` line (a fraction stays one: ``#### 3/4``;
+    a symbolic answer keeps its LaTeX: ``#### \\frac{\\sqrt{3}}{2}``).
     """
     if not isinstance(row, dict):
         return row  # check_row names the problem
@@ -41,7 +42,7 @@ def normalize_row(row: object, fields: Fields) -> object:
             _, plain, form = read_gold(answer)
         except ValueError as err:
             raise ValueError(f"'{fields.answer}' {err}") from None
-        answer = f"#### {plain}" if form == "number" else f"{answer.rstrip()}\n#### {plain}"
+        answer = f"#### {plain}" if form in ("number", "text") else f"{answer.rstrip()}\n#### {plain}"
     return {"question": question, "answer": answer}
 
 
