@@ -126,8 +126,11 @@ class RolloutSampler:
     the latest ``Rollout`` (the trainer's step statistics read it).
     """
 
-    def __init__(self, tokenizer, settings: RolloutSettings, *, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, tokenizer, settings: RolloutSettings, *, autocast_dtype: torch.dtype | None = None,
+                 logits_processors: Sequence = ()):
         self.tokenizer = tokenizer
+        # run on the tempered scores before the calculator; tests use them to script what a model writes
+        self.logits_processors = list(logits_processors)
         self.settings = settings
         self.autocast_dtype = autocast_dtype  # the trainer's mixed precision (None: fp32)
         self.generator = None  # mathtune's Generator for the model sampled last: owns the fast-path switch
@@ -140,7 +143,9 @@ class RolloutSampler:
     def __call__(self, prompts: Sequence, trainer) -> dict:
         model = trainer.accelerator.unwrap_model(trainer.model)
         prompt_ids = [self.encode(p) for p in prompts]
-        self.last = self.sample(model, prompt_ids)
+        # seeded by the step, not by a call count: a run resumed from checkpoint-N draws what the
+        # uninterrupted run drew at step N+1
+        self.last = self.sample(model, prompt_ids, step=trainer.state.global_step)
         return self.last.for_trl()
 
     def encode(self, prompt) -> list[int]:
@@ -167,14 +172,15 @@ class RolloutSampler:
             return str(exc)
         return None
 
-    def sample(self, model, prompt_ids: list[list[int]]) -> Rollout:
+    def sample(self, model, prompt_ids: list[list[int]], step: int | None = None) -> Rollout:
         started = time.perf_counter()
         self.calls += 1
+        draw = self.calls if step is None else step
         with self._session(model) as fast:
             if not fast:
                 raise FastPathUnsupported(self.generator._fast_unsupported or "the fast path is off for this model")
             # the seed moves with each call, so two steps never draw the same samples
-            torch.manual_seed(self.settings.seed * 1_000_003 + self.calls)
+            torch.manual_seed(self.settings.seed * 1_000_003 + draw)
             rollout = self._decode(model, prompt_ids)
         rollout.seconds = time.perf_counter() - started
         return rollout
@@ -230,7 +236,15 @@ class RolloutSampler:
                 if logits is None:
                     logits = decoder.step(decoder.sequences[:, -1])
                 scores = logits.float() / s.temperature
+                if not bool(torch.isfinite(scores).all()):
+                    from mathtune.errors import TrainingHalted
+
+                    raise TrainingHalted("nonfinite_logits", "the policy's logits hold NaN/inf while sampling: "
+                                         "the weights or the precision diverged: lower --learning-rate, use "
+                                         "--precision fp32, resume from the last good checkpoint")
                 policy = torch.log_softmax(scores, dim=-1)
+                for processor in self.logits_processors:
+                    scores = processor(decoder.sequences, scores)
                 forced = torch.zeros(len(live), dtype=torch.bool)
                 if calculator is not None:
                     # CalculatorForcing writes -inf over every token but the forced one, in the rows it forces
