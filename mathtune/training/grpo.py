@@ -93,7 +93,7 @@ def correctness_reward(judge_rule: str, stats: RLStats | None = None):
     def correctness(prompts, completions, completion_ids, gold, **kwargs):
         started = time.perf_counter()
         ids = kwargs.get("id") or [""] * len(completions)
-        rewards = [float(is_correct(text, g, judge_rule, i)) for text, g, i in zip(completions, gold, ids)]
+        rewards = [float(is_correct(_text(c), g, judge_rule, i)) for c, g, i in zip(completions, gold, ids)]
         if stats is not None:
             stats.record_scores(rewards, [len(c) for c in completion_ids], kwargs.get("stop_reason"),
                                 time.perf_counter() - started)
@@ -104,7 +104,12 @@ def correctness_reward(judge_rule: str, stats: RLStats | None = None):
 
 def format_reward(prompts, completions, **kwargs):
     """TRL reward function: 1.0 when the completion states its answer as ``#### N``."""
-    return [float(has_final_answer(text)) for text in completions]
+    return [float(has_final_answer(_text(c))) for c in completions]
+
+
+def _text(completion) -> str:
+    """A completion as TRL passes it: text, or (conversational prompts) ``[{"role": "assistant", "content": text}]``."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 # --------------------------------------------------------------------------- the trainer
