@@ -305,3 +305,28 @@ def test_nonfinite_loss_is_stopped_before_the_update(tiny_model_dir, tmp_path, o
     assert trainer.state.global_step == 2
     assert sorted(p.name for p in session.run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert all(torch.isfinite(p).all() for p in session.model.parameters())
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_take_trl_names_in_flags_and_yaml(tmp_path):
+    from mathtune.cli import build_parser
+    from mathtune.config import config_from_args
+    from mathtune.errors import ConfigError
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text("num_generations: 4\nmax-completion-length: 64\nper_device_train_batch_size: 8\n"
+                      "loss_type: dr_grpo\nbeta: 0.04\n")
+    args = build_parser(only="grpo").parse_args(["grpo", "--config", str(recipe), "--num_generations", "2",
+                                                 "--temperature", "0.7", "--scale_rewards", "none"])
+    config = config_from_args(GRPOSettings, args)
+    assert (config.num_generations, config.max_completion_length, config.batch_size) == (2, 64, 8)  # flag wins
+    assert (config.loss_type, config.beta, config.temperature, config.scale_rewards) == ("dr_grpo", 0.04, 0.7, "none")
+    assert config.questions_per_step == 4
+    recipe.write_text("loss_type: ppo\nshared_prefix: false\n")
+    with pytest.raises(ConfigError) as exc:
+        build_config(GRPOSettings, recipe, {})
+    problems = " | ".join(exc.value.problems)
+    assert "--loss-type 'ppo' is not one of dapo" in problems
+    assert "shared_prefix: False is a `mathtune train` setting that GRPO does not use" in problems
