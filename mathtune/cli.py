@@ -37,6 +37,7 @@ COMMANDS = {
     "data": ("mathtune.commands.data", "inspect how a task's rows are formatted, tokenized and masked"),
     "doctor": ("mathtune.commands.doctor", "quick health check: preflight, a few steps, collapse check"),
     "report": ("mathtune.commands.report", f"write {RunDir.REPORT} and plots for a run directory"),
+    "grpo": ("mathtune.commands.grpo", "reinforcement learning (GRPO, TRL) on the task's own answer judge"),
     "rft": ("mathtune.commands.rft", "rejection-sampling fine-tuning data: a model's distinct correct solutions"),
     "export": ("mathtune.commands.export", "merged Hugging Face model dir with a model card; --gguf for llama.cpp/Ollama"),
     "ask": ("mathtune.commands.ask", "answer questions from the command line, generated exactly as eval does"),

@@ -68,7 +68,8 @@ def setting(default, help: str, **flag_options):
     return field(default=default, **kwargs)
 
 
-def nested(factory, help: str, rename: dict[str, str] | None = None, flags: tuple[str, ...] | None = None):
+def nested(factory, help: str, rename: dict[str, str] | None = None, flags: tuple[str, ...] | None = None,
+           samples: bool = False):
     """A field holding a settings dataclass (``GenerationArgs``, ``EvalArgs``) whose own fields stay flat
     flags and YAML keys of the command: ``--temperature``, not ``--generation.temperature``, so every
     flag and YAML file written before the nesting keeps working.
@@ -76,9 +77,10 @@ def nested(factory, help: str, rename: dict[str, str] | None = None, flags: tupl
     ``rename`` maps an inner field's dotted path (relative to this field) to the flag name it takes
     here (train's end-of-run eval: ``generation.batch_size`` -> ``eval_batch_size``, since
     ``batch_size`` is the training batch); ``flags`` lists the inner paths this command exposes (None:
-    all). An unexposed field keeps its default and is neither a flag nor a YAML key of the command."""
+    all). An unexposed field keeps its default and is neither a flag nor a YAML key of the command.
+    ``samples``: these generation settings must draw different samples (temperature > 0: rft, grpo)."""
     return field(default_factory=factory, metadata={"help": help, "nested": True, "rename": dict(rename or {}),
-                                                    "flags": flags})
+                                                    "flags": flags, "samples": samples})
 
 
 @dataclass(frozen=True)
@@ -295,11 +297,13 @@ class ModelSettings:
         """``GenerationArgs.problems`` for every nested GenerationArgs, naming this command's flags."""
         leaves = flat_fields(type(self))
         problems = []
-        for f_path in {ff.path[:-1] for ff in leaves if len(ff.path) > 1}:
+        for f_path in sorted({ff.path[:-1] for ff in leaves if len(ff.path) > 1}):
             args = get_path(self, f_path)
             if isinstance(args, GenerationArgs):
                 names = {ff.path[-1]: ff.name for ff in leaves if ff.path[:-1] == f_path}
-                problems += args.problems(lambda name: f"--{_flag(names[name])}", require_sampling)
+                top = next(f for f in dataclasses.fields(self) if f.name == f_path[0])
+                sampling = require_sampling or top.metadata.get("samples", False)
+                problems += args.problems(lambda name: f"--{_flag(names[name])}", sampling)
         return problems
 
 

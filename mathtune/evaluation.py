@@ -199,17 +199,25 @@ def judge_item(example, outputs: Sequence[str], judge_rule: str, token_counts: S
         record["sample_extracted"] = values  # each sample's answer: maj@j over the first j samples
         # per item, so ``mathtune compare --score majority`` can pair maj@k against another log
         record["majority_correct"] = judge(record["majority"], example.gold, judge_rule)
-    # all samples' tokens: what the item cost to generate (None when the generator does not count)
-    record["output_tokens"] = int(sum(token_counts)) if token_counts is not None else None
-    # None when the generator does not report them (a plain list of texts)
-    record["loop"] = bool(loops[0]) if loops is not None else None
-    record["calculator_calls"] = list(calculator_calls[0]) if calculator_calls is not None else None
-    record["stop_reason"] = stop_reasons[0] if stop_reasons is not None else None
-    if len(outputs) > 1 and loops is not None:
-        record["sample_loop"] = [bool(flag) for flag in loops]
-    if len(outputs) > 1 and calculator_calls is not None:
-        record["sample_calculator_calls"] = [list(calls) for calls in calculator_calls]
+    record.update(_generation_fields(len(outputs), token_counts, loops, calculator_calls, stop_reasons))
     return record
+
+
+def _generation_fields(k: int, token_counts, loops, calculator_calls, stop_reasons) -> dict:
+    """What generating the item's ``k`` outputs did; None where the generator does not report it (a
+    plain list of texts)."""
+    fields = {
+        # all samples' tokens: what the item cost to generate
+        "output_tokens": int(sum(token_counts)) if token_counts is not None else None,
+        "loop": bool(loops[0]) if loops is not None else None,
+        "calculator_calls": list(calculator_calls[0]) if calculator_calls is not None else None,
+        "stop_reason": stop_reasons[0] if stop_reasons is not None else None,
+    }
+    if k > 1 and loops is not None:
+        fields["sample_loop"] = [bool(flag) for flag in loops]
+    if k > 1 and calculator_calls is not None:
+        fields["sample_calculator_calls"] = [list(calls) for calls in calculator_calls]
+    return fields
 
 
 def items_sha(examples) -> str:

@@ -69,7 +69,7 @@ def test_report_to_selects_trainer_integrations():
     pytest.importorskip("transformers")
     from transformers.integrations import is_tensorboard_available
 
-    from mathtune.training.recipe import _setup_report_to as _report_to
+    from mathtune.training.recipe import setup_report_to as _report_to
 
     assert _report_to(parse_train(["--report_to", "none"])) == []
     assert parse_train(["--report_to", "wandb"]).wandb is True  # one code path for W&B keys

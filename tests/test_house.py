@@ -120,3 +120,11 @@ def test_no_long_functions_in_the_generation_and_evaluation_path(relative):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
     assert long == []
+
+
+def test_every_flag_name_is_one_setting():
+    from mathtune.grpo_config import GRPOSettings
+
+    for cls in (TrainConfig, EvalConfig, RFTConfig, GRPOSettings):
+        names = [ff.name for ff in config_module.flat_fields(cls) if ff.exposed]
+        assert len(names) == len(set(names)), f"{cls.__name__}: {sorted(n for n in names if names.count(n) > 1)}"

@@ -290,7 +290,7 @@ class Generator:
         # sampling must not disturb the caller's random streams (CPU, and the model's GPU if any)
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         try:
-            with (torch.inference_mode(), torch.random.fork_rng(devices=rng_devices), self._fast_path() as fast,
+            with (torch.inference_mode(), torch.random.fork_rng(devices=rng_devices), self.fast_path() as fast,
                   contiguous_head_input(self.model), neutral_generation_config(self.model)):
                 torch.manual_seed(self.seed if seed is None else seed)
                 for b in range(0, len(rows), settings.batch_size):
@@ -315,7 +315,7 @@ class Generator:
     # ------------------------------------------------------------------ internals
 
     @contextlib.contextmanager
-    def _fast_path(self):
+    def fast_path(self):
         """Switch the model to mathtune's registered attention for the duration (and back), when the
         fast path applies: wanted (default: on CPU), not already given up on for this Generator, and
         the model on SDPA or eager attention that transformers' public setter can switch."""
@@ -351,6 +351,11 @@ class Generator:
         finally:
             restore()
             self._restore_attention = None
+
+    @property
+    def fast_unsupported(self) -> str | None:
+        """Why the fast path was given up for this Generator (None: it was not)."""
+        return self._fast_unsupported
 
     def _fall_back(self, reason: str) -> None:
         """Plain ``model.generate`` from here on, said once per Generator (never a crash)."""
@@ -412,12 +417,12 @@ class Generator:
         rows = _Rows(len(batch_ids))
         # one monitor and one calculator per batch, carried across chunks (their rows follow `live`)
         prompt_width = batch.sequences.shape[1]
-        monitor = LoopMonitor(self.tokenizer, len(batch_ids), prompt_width, settings.max_new_tokens, self._tables()[1])
+        monitor = LoopMonitor(self.tokenizer, len(batch_ids), prompt_width, settings.max_new_tokens, self.tables()[1])
         calculator = None
         if settings.calculator:
             from mathtune.calculator import CalculatorForcing
 
-            calculator = CalculatorForcing(self.tokenizer, len(batch_ids), prompt_width, self._tables()[0])
+            calculator = CalculatorForcing(self.tokenizer, len(batch_ids), prompt_width, self.tables()[0])
         processors = [*self.logits_processors, *([calculator] if calculator is not None else [])]
         remaining = settings.max_new_tokens
         while rows.live and remaining > 0:
@@ -441,7 +446,7 @@ class Generator:
         calls = calculator.calls if calculator is not None else [[] for _ in batch_ids]
         return list(zip(rows.tokens, rows.looped, calls, rows.reasons))
 
-    def _tables(self):
+    def tables(self):
         """(calculator trigger tokens, loop text-check tokens): vocabulary tables, built once per Generator."""
         if self._token_tables is None:
             from mathtune.calculator import trigger_table

@@ -34,8 +34,10 @@ class StepCallback(TrainerCallback):
     """
 
     def __init__(self, stats: StepStats, metrics_path: Path, budget: TimeBudget | None, seconds_offset: float = 0.0,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, extra_fields=None):
         self.stats = stats
+        # (logs, line) -> more fields for the line: a command's own figures (mathtune grpo: reward, pass rate)
+        self.extra_fields = extra_fields
         self.metrics_path = Path(metrics_path)
         self.budget = budget
         self.seconds_offset = seconds_offset  # training seconds of the run this one resumes
@@ -104,6 +106,8 @@ class StepCallback(TrainerCallback):
             # wall seconds since training started; a resumed run continues the count
             "seconds": self.seconds_offset + self.elapsed(),
         }
+        if self.extra_fields is not None:
+            line.update(self.extra_fields(logs, line))
         if distributed.is_main_process():  # logs are the same on every rank (losses gathered by Trainer)
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(line) + "\n")

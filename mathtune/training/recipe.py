@@ -155,19 +155,19 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
     The cheap checks come first (a bad --resume or a dir in use fails before a model loads); the run
     dir is written only once model and data have loaded (a failed load leaves no half-prepared dir).
     """
-    placement = _setup_placement(config, placement)
+    placement = setup_placement(config, placement)
     # the compiler lookup, once: --compile on without a compiler fails before the model loads, and
     # _setup_compile decides auto on the same answer
     compiler_missing = compilation.check_compiler(config.compile, placement.device)
-    run, resume_from = _setup_run_dir_checks(config)
+    run, resume_from = setup_run_dir_checks(config)
     model, tokenizer = _setup_model(config, placement)
     data = _setup_data(config, tokenizer)
     # LoRA matrices are initialised from the global RNG: seed first so a run is reproducible
     set_seed(config.seed)
-    config = _setup_lora_targets(config, model)
+    config = setup_lora_targets(config, model)
     model = _setup_trainable(config, placement, model)
-    seconds_offset = _setup_run_dir(config, run, resume_from)
-    report_to = _setup_report_to(config)
+    seconds_offset = setup_run_dir(config, run, resume_from)
+    report_to = setup_report_to(config)
     planned_steps, budget = _setup_time_budget(config, len(data.rows))
     callbacks = _setup_callbacks(config, placement, run, tokenizer, data, budget, seconds_offset)
     compile_decision = _setup_compile(config, placement, model, planned_steps, compiler_missing)
@@ -178,7 +178,7 @@ def setup(config: TrainConfig, placement: Placement | None = None) -> TrainingSe
                            callbacks=callbacks, trainer=trainer, compile=compile_decision)
 
 
-def _setup_placement(config: TrainConfig, placement: Placement | None) -> Placement:
+def setup_placement(config: TrainConfig, placement: Placement | None) -> Placement:
     from mathtune.hardware import check_training_device
 
     placement = placement or Placement.choose(config.device, config.precision)
@@ -189,9 +189,9 @@ def _setup_placement(config: TrainConfig, placement: Placement | None) -> Placem
     return placement
 
 
-def _setup_run_dir_checks(config: TrainConfig) -> tuple[RunDir, str | None]:
+def setup_run_dir_checks(config: TrainConfig) -> tuple[RunDir, str | None]:
     """--resume resolved, earlier checkpoints refused, the dir writable and (when it exists) locked:
-    all before spending time loading the model. A new dir is created (and locked) by _setup_run_dir."""
+    all before spending time loading the model. A new dir is created (and locked) by setup_run_dir."""
     run = RunDir(config.output_dir)
     resume_from = run.resolve_resume(config.resume)
     run.refuse_earlier_checkpoints(resume_from)
@@ -222,12 +222,12 @@ def _setup_data(config: TrainConfig, tokenizer) -> TrainingData:
     task = task_from_config(config)
     examples = take(task.examples("train"), config.max_samples, "train")
     rows, stats = prepare_examples(examples, tokenizer, config.max_length)
-    questions, source = _sample_questions(task, config)
+    questions, source = sample_questions(task, config)
     return TrainingData(rows=rows, stats=stats, judge_rule=task.judge_rule, sample_questions=questions,
                         sample_source=source)
 
 
-def _setup_lora_targets(config: TrainConfig, model) -> TrainConfig:
+def setup_lora_targets(config: TrainConfig, model) -> TrainConfig:
     """--target-modules unset: the model family's default (mathtune.families), resolved now so that the
     run's saved config, the start summary and the model card name the real list."""
     if config.method != "lora" or config.target_modules is not None:
@@ -296,7 +296,7 @@ def _fp32_output(module, args, output):
     return output.float()
 
 
-def _setup_run_dir(config: TrainConfig, run: RunDir, resume_from: str | None) -> float:
+def setup_run_dir(config: TrainConfig, run: RunDir, resume_from: str | None) -> float:
     """Prepare the run dir and save the resolved config (rank 0 writes; the others wait for it).
     Returns the training seconds of the run resumed."""
     from mathtune.models.spec import base_record
@@ -322,7 +322,7 @@ def _setup_compile(config: TrainConfig, placement: Placement, model, planned_ste
     return decision
 
 
-def _setup_report_to(config: TrainConfig) -> list[str]:
+def setup_report_to(config: TrainConfig) -> list[str]:
     from transformers.integrations import is_tensorboard_available, is_wandb_available
 
     targets = []
@@ -434,7 +434,7 @@ def _planned_steps(config: TrainConfig, n_rows: int, world: int = 1) -> int:
     return math.ceil(config.num_epochs * per_epoch)
 
 
-def _sample_questions(task, config: TrainConfig) -> tuple[list[str], str]:
+def sample_questions(task, config: TrainConfig) -> tuple[list[str], str]:
     """Three fixed held-out questions for the collapse detector, and where they came from."""
     try:
         held_out = task.examples("eval")[:SAMPLE_QUESTIONS]
@@ -536,7 +536,7 @@ def run(session: TrainingSession) -> TrainResult:
 
     run_dir = session.run_dir
     if interrupt_cb.stopped_at is not None:
-        _raise_interrupted(session)
+        raise_interrupted(session)
     trainer.save_model(str(run_dir))  # every rank calls it (FSDP gathers shards); Trainer writes on rank 0
     distributed.on_main(lambda: trainer.state.save_to_json(str(session.files.trainer_state)))
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
@@ -558,7 +558,7 @@ def run(session: TrainingSession) -> TrainResult:
     )
 
 
-def _raise_interrupted(session: TrainingSession) -> None:
+def raise_interrupted(session: TrainingSession) -> None:
     """After a signal stopped training: no final model (the checkpoint is the state), say how to continue."""
     import signal
 

@@ -1,0 +1,44 @@
+"""``mathtune grpo``: reinforcement learning from the task's verifiable answers (GRPO on TRL's GRPOTrainer).
+
+    mathtune grpo --model runs/sft --task gsm8k --max-time 3300 --num-generations 8
+    mathtune grpo --model tiny-model-dir --task unit-conversion --max-steps 2
+
+Flags are ``train``'s plus TRL GRPOConfig's names (``--num-generations``, ``--max-completion-length``,
+``--beta``, ``--loss-type``, ``--temperature``, ...), underscores accepted, in flags and YAML alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mathtune.config import add_config_arguments, config_from_args
+from mathtune.grpo_config import SFT_ONLY_FIELDS, GRPOSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (e.g. configs/smollm2-135m/grpo-gsm8k-cpu.yaml); flags win")
+    add_config_arguments(parser, GRPOSettings, skip=SFT_ONLY_FIELDS)
+    method = parser.add_mutually_exclusive_group()
+    method.add_argument("--lora", dest="method", action="store_const", const="lora",
+                        help="a fresh LoRA adapter on the (merged) starting model (same as --method lora; the default)")
+    method.add_argument("--full", dest="method", action="store_const", const="full",
+                        help="train every weight (same as --method full)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mathtune.interrupt import TrainingInterrupted, resume_command
+    from mathtune.training import grpo
+
+    config = config_from_args(GRPOSettings, args)
+    try:
+        result = grpo.train(config)
+    except TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr)
+        if stop.checkpoint is not None:
+            argv = sys.argv[1:]
+            argv = argv[argv.index("grpo"):] if "grpo" in argv else ["grpo", *argv]
+            print(f"continue with: {resume_command(argv)}", file=sys.stderr)
+        return stop.exit_code
+    print(grpo.end_summary(result))
+    return 0

@@ -1,0 +1,332 @@
+"""mathtune grpo on the tiny random model: the sampler is on-policy, forced tokens stay out of TRL's loss,
+the CLI writes a run dir, --max-time stops, SIGTERM checkpoints and --resume auto continues, and each RL
+guard fires (the failure zoo of reinforcement learning).
+
+The tiny model never writes an end-of-turn token nor a right answer, so rewards are scripted where a test
+needs a learning signal (``scripted_reward``: the trainer's reward function replaced, the rest real).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mathtune.config import build_config
+from mathtune.errors import TrainingHalted
+from mathtune.grpo_config import GRPOSettings
+from mathtune.run_dir import RunDir
+from mathtune.training import grpo
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def grpo_config(model_dir, out, **overrides) -> GRPOSettings:
+    settings = dict(model=str(model_dir), task="unit-conversion", max_samples=16, num_generations=4, batch_size=4,
+                    max_steps=2, max_completion_length=12, learning_rate=1e-2, output_dir=str(out), precision="fp32",
+                    device="cpu", guards=False, seed=0, sample_every=0, max_new_tokens=4)
+    settings.update(overrides)
+    return build_config(GRPOSettings, None, settings)
+
+
+def scripted_reward(session, rewards_for):
+    """Replace the trainer's correctness reward by ``rewards_for(n_completions, step) -> list[float]``,
+    still recording the step's figures for the guards and metrics."""
+    trainer = session.trainer
+
+    def scripted(prompts, completions, completion_ids, **kwargs):
+        rewards = rewards_for(len(completions), trainer.state.global_step + 1)
+        session.rl_stats.record_scores(rewards, [len(c) for c in completion_ids], kwargs.get("stop_reason"), 0.0)
+        return rewards
+
+    trainer.reward_funcs[0] = scripted
+
+
+def alternating(n, step):
+    return [float(i % 2) for i in range(n)]
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+def test_sampler_logprobs_equal_the_current_policy_after_an_update(tiny_model_dir, tmp_path, one_thread):
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1, temperature=0.7))
+    assert session.sampler == "mathtune"
+    scripted_reward(session, alternating)
+    model, trainer = session.model, session.trainer
+    before = trainable(model)
+    trainer.train()
+    after = trainable(model)
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4  # the step moved the weights
+
+    sampler = trainer.rollout_func
+    ids = [sampler.encode("How many metres are 3 km?")] * 4 + [sampler.encode("Convert 2 hours to minutes.")] * 4
+    rollout = sampler.sample(model, ids, step=11)
+    assert len(set(map(tuple, rollout.completion_ids))) > 1  # sampled, not greedy copies
+    worst_forward = worst_trl = 0.0
+    model.eval()
+    for prompt, completion, logps, mask in zip(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
+                                               rollout.env_mask):
+        x = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, len(prompt) - 1:-1].float()
+            reference = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+            # what TRL's loss scores: its fused LM head, temperature included
+            scored, _, _ = trainer._get_per_token_logps_and_entropies(model, x, torch.ones_like(x), len(completion))
+        chosen = torch.tensor(mask, dtype=torch.bool)
+        sampled = torch.tensor(logps)
+        worst_forward = max(worst_forward, float((sampled - reference)[chosen].abs().max()))
+        worst_trl = max(worst_trl, float((sampled - scored[0])[chosen].abs().max()))
+    assert worst_forward <= 1e-4 and worst_trl <= 1e-4, (worst_forward, worst_trl)
+
+
+class WriteCalculation:
+    """A logits processor that makes every row write ``<<2*3=`` first (a large bias, not a forcing), so
+    the calculator then forces ``6>>``."""
+
+    def __init__(self, tokenizer):
+        self.script = tokenizer.encode("<<2*3=", add_special_tokens=False)
+        self.start = None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None or input_ids.shape[1] <= self.start:
+            self.start = input_ids.shape[1]  # a new batch
+        written = input_ids.shape[1] - self.start
+        if written < len(self.script):
+            scores[:, self.script[written]] += 1e4
+        return scores
+
+
+def test_calculator_tokens_are_masked_and_do_not_change_trls_loss(tiny_model_dir, tmp_path, one_thread):
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", calculator=True))
+    trainer, model, tokenizer = session.trainer, session.model, session.tokenizer
+    trainer.rollout_func.logits_processors.append(WriteCalculation(tokenizer))
+    scripted_reward(session, alternating)  # advantages +-1: the loss depends on every unmasked token
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); the loss normaliser reads it
+    batch = [dict(trainer.train_dataset[0]) for _ in range(4)]
+    inputs = trainer._prepare_inputs(batch)  # rollout_func -> rewards -> advantages, TRL's own pipeline
+    mask = inputs["tool_mask"] * inputs["completion_mask"]
+    forced = (inputs["tool_mask"] == 0).nonzero().tolist()
+    assert forced, "the calculator forced nothing"
+    for row in range(mask.shape[0]):
+        tokens = inputs["completion_ids"][row][inputs["tool_mask"][row] == 0].tolist()
+        assert tokenizer.decode(tokens) == "6>>"  # exactly the calculator's tokens are masked
+    prompt_width = inputs["prompt_ids"].shape[1]
+    norm = model.get_base_model().model.norm
+
+    def loss_and_gradient(positions):
+        """TRL's loss and its gradient over the trainable weights, with the final hidden state (so every logit)
+        shifted by noise at the position that predicts each completion token in ``positions`` [(row, index)].
+        (On-policy the loss value is -mean advantage whatever the logits, so the gradient is what can move.)"""
+        def hook(module, args, output):
+            output = output.clone()
+            for row, t in positions:
+                output[row, prompt_width + t - 1] += 5.0 * torch.randn_like(output[row, prompt_width + t - 1])
+            return output
+
+        handle = norm.register_forward_hook(hook)
+        model.zero_grad(set_to_none=True)
+        try:
+            loss = trainer.compute_loss(model, inputs)
+            loss.backward()
+        finally:
+            handle.remove()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+        return float(loss), grads
+
+    base_loss, base_grad = loss_and_gradient([])
+    assert float(base_grad.abs().max()) > 1e-6  # a gradient that could move
+    loss, grad = loss_and_gradient(forced)
+    assert abs(loss - base_loss) <= 1e-6 and float((grad - base_grad).abs().max()) <= 1e-6
+    chosen = [(row, t) for row, t in (mask == 1).nonzero().tolist()][:4]
+    _, grad = loss_and_gradient(chosen)
+    assert float((grad - base_grad).abs().max()) > 1e-4  # the control: unmasked tokens do move it
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_cli(*args, env_extra=None, hooked=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    code = HOOKED_CLI if hooked else "import sys; from mathtune.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+TINY_FLAGS = ("--task", "unit-conversion", "--max-samples", 16, "--num-generations", 4, "--batch-size", 4,
+              "--max-completion-length", 8, "--precision", "fp32", "--device", "cpu", "--sample-every", 0,
+              "--max-new-tokens", 4, "--learning-rate", 1e-2)
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_trains_two_steps_and_writes_the_run_dir(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max_steps", 2, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sampler: mathtune" in proc.stdout and "G=4 samples per question" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / RunDir.TRAINER_STATE).is_file()
+    lines = metric_lines(out)
+    assert [line["step"] for line in lines] == [1, 2]
+    for key in ("loss", "reward", "pass_rate", "zero_signal_share", "completion_length", "sample_seconds",
+                "score_seconds", "train_seconds"):
+        assert lines[0][key] is not None, key
+    saved = (out / RunDir.CONFIG).read_text()
+    assert "num_generations: 4" in saved and "loss_type: dapo" in saved
+
+
+def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path):
+    proc = run_cli("grpo", "--model", tiny_model_dir, "--num-generations", 3, "--batch-size", 4, "--temperature", 0,
+                   "--output-dir", tmp_path / "run")
+    assert proc.returncode == 2
+    assert "not a multiple of --num-generations 3" in proc.stderr and "--temperature must be > 0" in proc.stderr
+
+
+def test_max_time_stops_and_saves(tiny_model_dir, tmp_path, one_thread):
+    config = grpo_config(tiny_model_dir, tmp_path / "run", max_steps=500, max_time=4.0)
+    result = grpo.train(config)
+    assert result.stopped_reason == "max_time" and 1 <= result.steps < 500
+    assert (result.run_dir / "adapter_model.safetensors").is_file()
+    assert metric_lines(result.run_dir)[-1]["seconds"] <= 4.0 + 5.0  # the step in flight finishes, no more
+
+
+HOOKED_CLI = r"""
+import os, signal, sys
+from mathtune import training
+at = int(os.environ["T_AT"])
+def on_step_begin(self, args, state, control, **kwargs):
+    if state.global_step == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+training.StepCallback.on_step_begin = on_step_begin
+from mathtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tmp_path):
+    def weights(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "adapter_model.safetensors"))
+
+    flags = ("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max-steps", 5)
+    straight = tmp_path / "straight"
+    proc = run_cli(*flags, "--output-dir", straight)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "run"
+    proc = run_cli(*flags, "--output-dir", out, env_extra={"T_AT": "2"}, hooked=True)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert [p.name for p in RunDir(out).complete_checkpoints()] == ["checkpoint-3"]
+    assert "continue with: mathtune grpo" in proc.stderr and "--resume auto" in proc.stderr
+    assert not (out / "adapter_model.safetensors").exists()
+
+    resumed = run_cli(*flags, "--output-dir", out, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert [line["step"] for line in metric_lines(out)] == [1, 2, 3, 4, 5]
+    a, b = weights(out), weights(straight)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6  # the same samples, the same updates
+
+
+# --------------------------------------------------------------------------- guards (the RL failure zoo)
+
+
+def guarded(tiny_model_dir, tmp_path, **overrides):
+    return grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", guards=True, **overrides))
+
+
+def signal_guard(session):
+    from mathtune.training.grpo_guards import RLSignalGuard
+
+    return session.callbacks.guard(RLSignalGuard)
+
+
+def test_no_learning_signal_fires_after_ten_steps(tiny_model_dir, tmp_path, one_thread):
+    # the real correctness reward: the random model solves nothing, so every group is all zeros
+    session = guarded(tiny_model_dir, tmp_path, max_steps=30)
+    with pytest.raises(TrainingHalted) as exc:
+        grpo.run(session)
+    assert exc.value.check == "no_signal" and exc.value.step == 10
+    assert "solves none of the sampled questions" in str(exc.value) and "start from an SFT run" in str(exc.value)
+    assert not (session.run_dir / "adapter_model.safetensors").exists()
+
+
+def test_runaway_length_fires(tiny_model_dir, tmp_path, one_thread):
+    # a learning signal, but the random model never ends a sample: every completion runs to the limit
+    session = guarded(tiny_model_dir, tmp_path, max_steps=30)
+    scripted_reward(session, alternating)
+    with pytest.raises(TrainingHalted) as exc:
+        grpo.run(session)
+    assert exc.value.check == "runaway_length" and exc.value.step == 10
+    assert "100% of completions ran to --max-completion-length 12" in str(exc.value)
+
+
+def test_reward_collapse_fires(tiny_model_dir, tmp_path, one_thread):
+    session = guarded(tiny_model_dir, tmp_path, max_steps=30)
+    guard = signal_guard(session)
+    guard.collapse_window, guard.runaway_steps = 5, 10**6  # a 5-step window keeps the test short
+    # half the samples right for 5 steps, then none (the no-signal guard needs 10 steps to judge that)
+    scripted_reward(session, lambda n, step: alternating(n, step) if step <= 5 else [0.0] * n)
+    with pytest.raises(TrainingHalted) as exc:
+        grpo.run(session)
+    # 5-step means: 0.5 (the best, step 5), 0.4, 0.3, then 0.2 < 0.25 at step 8
+    assert exc.value.check == "reward_collapse" and exc.value.step == 8
+    assert "below half of its best 0.500" in str(exc.value)
+
+
+def test_nonfinite_loss_is_stopped_before_the_update(tiny_model_dir, tmp_path, one_thread):
+    session = guarded(tiny_model_dir, tmp_path, max_steps=4, save_steps=1, save_total_limit=None)
+    scripted_reward(session, alternating)
+    trainer = session.trainer
+    mlp = session.model.get_base_model().model.layers[0].mlp
+
+    def poison(module, args, output):  # training forwards of step 3 only (the sampler runs in eval mode)
+        return output * float("nan") if module.training and trainer.state.global_step == 2 else output
+
+    mlp.register_forward_hook(poison)
+    with pytest.raises(TrainingHalted) as exc:
+        grpo.run(session)
+    assert exc.value.check == "nonfinite_loss" and exc.value.step == 3
+    assert "lower --learning-rate" in str(exc.value)
+    assert trainer.state.global_step == 2
+    assert sorted(p.name for p in session.run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert all(torch.isfinite(p).all() for p in session.model.parameters())
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_take_trl_names_in_flags_and_yaml(tmp_path):
+    from mathtune.cli import build_parser
+    from mathtune.config import config_from_args
+    from mathtune.errors import ConfigError
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text("num_generations: 4\nmax-completion-length: 64\nper_device_train_batch_size: 8\n"
+                      "loss_type: dr_grpo\nbeta: 0.04\n")
+    args = build_parser(only="grpo").parse_args(["grpo", "--config", str(recipe), "--num_generations", "2",
+                                                 "--temperature", "0.7", "--scale_rewards", "none"])
+    config = config_from_args(GRPOSettings, args)
+    assert (config.num_generations, config.max_completion_length, config.batch_size) == (2, 64, 8)  # flag wins
+    assert (config.loss_type, config.beta, config.sampling.temperature, config.scale_rewards) == ("dr_grpo", 0.04, 0.7, "none")
+    assert config.questions_per_step == 4
+    recipe.write_text("loss_type: ppo\nshared_prefix: false\n")
+    with pytest.raises(ConfigError) as exc:
+        build_config(GRPOSettings, recipe, {})
+    problems = " | ".join(exc.value.problems)
+    assert "--loss-type 'ppo' is not one of dapo" in problems
+    assert "shared_prefix: False is a `mathtune train` setting that GRPO does not use" in problems
