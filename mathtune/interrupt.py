@@ -120,3 +120,17 @@ def resume_command(argv: list[str]) -> str:
             continue
         kept.append(arg)
     return shlex.join(["mathtune", *kept, "--resume", "auto"])
+
+
+def report_interrupted(stop: "TrainingInterrupted", command: str) -> int:
+    """Print why a training command stopped and the command line that continues it (``train`` or
+    ``grpo``, as the user typed it with ``--resume auto``); returns the exit code. A signal, not a failure."""
+    import sys
+
+    print(f"interrupted: {stop}", file=sys.stderr)
+    if stop.checkpoint is not None:
+        argv = sys.argv[1:]
+        argv = argv[argv.index(command):] if command in argv else [command, *argv]
+        print(f"continue with: {resume_command(argv)}", file=sys.stderr)
+    return stop.exit_code
+

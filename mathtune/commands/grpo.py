@@ -10,7 +10,6 @@ Flags are ``train``'s plus TRL GRPOConfig's names (``--num-generations``, ``--ma
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mathtune.config import add_config_arguments, config_from_args
 from mathtune.grpo_config import SFT_ONLY_FIELDS, GRPOSettings
@@ -27,18 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mathtune.interrupt import TrainingInterrupted, resume_command
+    from mathtune.interrupt import TrainingInterrupted, report_interrupted
     from mathtune.training import grpo
 
     config = config_from_args(GRPOSettings, args)
     try:
         result = grpo.train(config)
     except TrainingInterrupted as stop:
-        print(f"interrupted: {stop}", file=sys.stderr)
-        if stop.checkpoint is not None:
-            argv = sys.argv[1:]
-            argv = argv[argv.index("grpo"):] if "grpo" in argv else ["grpo", *argv]
-            print(f"continue with: {resume_command(argv)}", file=sys.stderr)
-        return stop.exit_code
+        return report_interrupted(stop, "grpo")
     print(grpo.end_summary(result))
     return 0

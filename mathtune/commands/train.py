@@ -10,7 +10,6 @@ Every TrainConfig field is a flag (generated, so flags and YAML keys never drift
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mathtune.config import TrainConfig, add_config_arguments, config_from_args
 from mathtune.run_dir import RunDir
@@ -40,19 +39,13 @@ def comparison_lines(comparison: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from mathtune import training
-    from mathtune.interrupt import TrainingInterrupted, resume_command
+    from mathtune.interrupt import TrainingInterrupted, report_interrupted
 
     config = config_from_args(TrainConfig, args)
     try:
         result = training.train(config)
     except TrainingInterrupted as stop:
-        # a signal, not a failure: the checkpoint to continue from and the command that does it
-        print(f"interrupted: {stop}", file=sys.stderr)
-        if stop.checkpoint is not None:
-            argv = sys.argv[1:]
-            argv = argv[argv.index("train"):] if "train" in argv else ["train", *argv]
-            print(f"continue with: {resume_command(argv)}", file=sys.stderr)
-        return stop.exit_code
+        return report_interrupted(stop, "train")
     print(training.end_summary(result))
     if result.comparison is not None:
         for line in comparison_lines(result.comparison):

@@ -245,6 +245,11 @@ class FastDecoder:
 
     def prefill(self) -> None:
         """Run every prompt token; the logits of each row's first new token wait in ``pending``."""
+        self.pending = torch.cat(self.prefill_rows(list(range(len(self.rests)))))
+
+    def prefill_rows(self, rows: list[int]) -> list[torch.Tensor]:
+        """The shared prefix once, then ``rows``' own prompt tokens in groups of ``PREFILL_GROUP_ROWS``:
+        their keys/values land in the buffers; returns each group's next-token logits, in ``rows`` order."""
         p, w, device = self.prefix, self.width, self.device
         if p > 0:
             causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
@@ -252,8 +257,8 @@ class FastDecoder:
                           causal[None, None])
         logits = []
         slots = torch.arange(p + w, device=device)
-        for g in range(0, len(self.rests), PREFILL_GROUP_ROWS):
-            group = list(range(g, min(g + PREFILL_GROUP_ROWS, len(self.rests))))
+        for g in range(0, len(rows), PREFILL_GROUP_ROWS):
+            group = rows[g:g + PREFILL_GROUP_ROWS]
             gw = max(len(self.rests[r]) for r in group)  # this group's width
             index = torch.tensor(group, device=device)
             query_slots = slots[p + w - gw:]
@@ -267,7 +272,7 @@ class FastDecoder:
             positions = (p + real.cumsum(-1) - 1).clamp(min=p)
             logits.append(self._forward(ids, positions, index, p + w - gw, mask[:, None]))
         self.filled = p + w
-        self.pending = torch.cat(logits)
+        return logits
 
     def reserve(self, steps: int) -> None:
         """Buffers of exactly the filled slots plus ``steps`` more (and only the rows kept by

@@ -76,27 +76,10 @@ class GroupedDecoder(FastDecoder):
 
     def prefill(self) -> None:
         p, w, device = self.prefix, self.width, self.device
-        if p > 0:
-            causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
-            self._forward(self.sequences[:1, :p], torch.arange(p, device=device)[None], None, 0, causal[None, None])
         firsts: dict[tuple[int, ...], int] = {}
         owner = [firsts.setdefault(tuple(rest), row) for row, rest in enumerate(self.rests)]
         distinct = sorted(set(owner))
-        slots = torch.arange(p + w, device=device)
-        logits: dict[int, torch.Tensor] = {}
-        for g in range(0, len(distinct), PREFILL_GROUP_ROWS):
-            group = distinct[g:g + PREFILL_GROUP_ROWS]
-            gw = max(len(self.rests[r]) for r in group)
-            index = torch.tensor(group, device=device)
-            query_slots = slots[p + w - gw:]
-            causal = slots[None, :] <= query_slots[:, None]
-            diagonal = slots[None, :] == query_slots[:, None]
-            mask = causal[None] & (self.valid[index, None, : p + w] | diagonal[None])
-            ids = self.sequences[index, p + w - gw:]
-            real = self.valid[index, p + w - gw: p + w].long()
-            positions = (p + real.cumsum(-1) - 1).clamp(min=p)
-            out = self._forward(ids, positions, index, p + w - gw, mask[:, None])
-            logits.update(zip(group, out))
+        logits = dict(zip(distinct, torch.cat(self.prefill_rows(distinct))))
         # every other row of a group: the owner's prompt slots (same ids, same layout) and next-token logits
         copies = [(row, own) for row, own in enumerate(owner) if row != own]
         if copies:
@@ -105,7 +88,6 @@ class GroupedDecoder(FastDecoder):
             for layer in self.state.keys:
                 self.state.keys[layer][rows, ..., p:p + w] = self.state.keys[layer][owners, ..., p:p + w]
                 self.state.values[layer][rows, :, p:p + w] = self.state.values[layer][owners, :, p:p + w]
-        self.filled = p + w
         self.pending = torch.stack([logits[own] for own in owner])
 
 

@@ -329,35 +329,7 @@ def _setup_callbacks(config, placement, run: RunDir, tokenizer, data, budget, se
 
 def _grpo_arguments(trl, config: GRPOSettings, run_dir: Path, placement, report_to: list[str], weights):
     return trl.GRPOConfig(
-        output_dir=str(run_dir),
-        run_name=run_dir.name,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        logging_nan_inf_filter=False,  # a NaN step must show, not be replaced by the running mean
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps > 0 else "no",
-        save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit,
-        seed=config.seed,
-        data_seed=config.seed,
-        # GRPOConfig's defaults are bf16=True and gradient_checkpointing=True: mathtune's placement decides
-        bf16=placement.precision == "bf16",
-        fp16=False,
-        use_cpu=placement.device == "cpu",
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        report_to=report_to or "none",
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        ddp_find_unused_parameters=False,
+        **recipe.common_trainer_arguments(config, run_dir, placement.device, placement.precision, report_to),
         # GRPO
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,

@@ -450,9 +450,11 @@ def sample_questions(task, config: TrainConfig) -> tuple[list[str], str]:
     return [ex.question for ex in held_out], where
 
 
-def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precision: str,
-                        report_to: list[str]) -> TrainingArguments:
-    return TrainingArguments(
+def common_trainer_arguments(config: TrainConfig, run_dir: Path, device: str, precision: str,
+                             report_to: list[str]) -> dict:
+    """The ``TrainingArguments`` settings every mathtune trainer takes (train's, and grpo's
+    ``GRPOConfig``, a subclass): optimizer, schedule, logging, saving, placement, reporting."""
+    return dict(
         output_dir=str(run_dir),
         run_name=run_dir.name,
         per_device_train_batch_size=config.batch_size,
@@ -464,11 +466,6 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a fraction of the total steps (v5)
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        # PEFT's wrapper hides forward's signature: without this Trainer cannot find the labels
-        label_names=["labels"],
-        # under a launcher, divide by the supervised tokens of ALL ranks (Trainer gathers the count and
-        # scales by the world size, DDP averages): N ranks x batch b == 1 rank x batch N*b
-        average_tokens_across_devices=True,
         # every trainable weight (LoRA matrices, or all weights with --full) is on the loss path: the
         # default (True for PEFT models) costs an extra autograd-graph walk per step and warns each run
         ddp_find_unused_parameters=False,
@@ -479,14 +476,10 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=config.save_steps or 500,  # ignored by save_strategy "no", but must be > 0
         save_total_limit=config.save_total_limit,
-        # batches of similar-length rows: random batches of GSM8K rows pad to the longest of 8,
-        # 1.43x the real tokens; grouped ones (data.length_grouped_order, which the dataset applies
-        # per epoch, so the sampler reads it in sequence) to 1.11x on 64 rows, 1.02x on 256 or more
-        # (transformers' LengthGroupedSampler: 1.30x and 1.09x; equal from ~2,000 rows)
-        train_sampling_strategy="sequential" if config.group_by_length else "random",
         seed=config.seed,
         data_seed=config.seed,
-        # bf16: autocast on fp32 master weights (CPU or CUDA); fp16: CUDA autocast + GradScaler
+        # bf16: autocast on fp32 master weights (CPU or CUDA); fp16: CUDA autocast + GradScaler. Set
+        # always: GRPOConfig's own defaults (bf16=True, checkpointing on) must not decide
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -495,9 +488,26 @@ def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precisi
         # non-reentrant checkpointing needs no requires_grad on the (frozen) input embeddings
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         report_to=report_to or "none",
-        remove_unused_columns=False,  # our rows are plain dicts; nothing to drop
-        dataloader_num_workers=0,  # tokenized rows in memory: workers would only add fork overhead
+        dataloader_num_workers=0,  # rows in memory: workers would only add fork overhead
         disable_tqdm=False,  # keeps Trainer from adding PrinterCallback; its bar is swapped for ours
+    )
+
+
+def _training_arguments(config: TrainConfig, run_dir: Path, device: str, precision: str,
+                        report_to: list[str]) -> TrainingArguments:
+    return TrainingArguments(
+        **common_trainer_arguments(config, run_dir, device, precision, report_to),
+        # PEFT's wrapper hides forward's signature: without this Trainer cannot find the labels
+        label_names=["labels"],
+        # under a launcher, divide by the supervised tokens of ALL ranks (Trainer gathers the count and
+        # scales by the world size, DDP averages): N ranks x batch b == 1 rank x batch N*b
+        average_tokens_across_devices=True,
+        # batches of similar-length rows: random batches of GSM8K rows pad to the longest of 8,
+        # 1.43x the real tokens; grouped ones (data.length_grouped_order, which the dataset applies
+        # per epoch, so the sampler reads it in sequence) to 1.11x on 64 rows, 1.02x on 256 or more
+        # (transformers' LengthGroupedSampler: 1.30x and 1.09x; equal from ~2,000 rows)
+        train_sampling_strategy="sequential" if config.group_by_length else "random",
+        remove_unused_columns=False,  # our rows are plain dicts; nothing to drop
     )
 
 
