@@ -44,7 +44,9 @@ def _check_weights(path: Path, allow_pickle: bool, adapter: bool = False) -> Non
     """Refuse a pickle-only checkpoint unless opted in: unpickling can run arbitrary code."""
     stem = "adapter_model" if adapter else "model"
     pickle_stem = "adapter_model" if adapter else "pytorch_model"
-    if any(path.glob(f"{stem}*.safetensors")) or (path / f"{stem}.safetensors.index.json").is_file():
+    weights = sorted(path.glob(f"{stem}*.safetensors"))
+    if weights or (path / f"{stem}.safetensors.index.json").is_file():
+        _check_whole(weights)
         return
     pickles = sorted(p.name for p in path.glob(f"{pickle_stem}*.bin"))
     if pickles:
@@ -57,6 +59,18 @@ def _check_weights(path: Path, allow_pickle: bool, adapter: bool = False) -> Non
     raise MathtuneError(
         f"{path} has no weights ({stem}.safetensors): point --model at a directory save_pretrained wrote"
     )
+
+
+def _check_whole(files: list[Path]) -> None:
+    """A safetensors file cut short (a copy interrupted, a disk error) is one line naming it, not a
+    SafetensorError traceback from deep in the loader. Reads the headers only."""
+    from mathtune.integrity import safetensors_problem
+
+    for path in files:
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise MathtuneError(f"{path}: damaged weights file ({problem}): copy it again, or point --model at a "
+                                f"whole copy (a training run's checkpoint-N dirs hold one each)")
 
 
 def read_adapter_base(adapter_dir: Path) -> str:
@@ -125,7 +139,7 @@ def _auto_tokenizer(source: str, *, trust_remote_code: bool, local_files_only: b
 
 def _load_tokenizer_raw(kind: str, spec: str, source: str, trust_remote_code: bool):
     if kind in ("alias-gguf", "gguf-file"):
-        source = str(ensure_converted(kind, spec, Path(source)))
+        source = str(ensure_converted(kind, spec, Path(source), weights=False))  # the tokenizer alone is read
         return _auto_tokenizer(source, trust_remote_code=False)
     if kind == "hub":
         local_only = hub_local_only()
