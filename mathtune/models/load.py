@@ -44,9 +44,7 @@ def _check_weights(path: Path, allow_pickle: bool, adapter: bool = False) -> Non
     """Refuse a pickle-only checkpoint unless opted in: unpickling can run arbitrary code."""
     stem = "adapter_model" if adapter else "model"
     pickle_stem = "adapter_model" if adapter else "pytorch_model"
-    weights = sorted(path.glob(f"{stem}*.safetensors"))
-    if weights or (path / f"{stem}.safetensors.index.json").is_file():
-        _check_whole(weights)
+    if any(path.glob(f"{stem}*.safetensors")) or (path / f"{stem}.safetensors.index.json").is_file():
         return
     pickles = sorted(p.name for p in path.glob(f"{pickle_stem}*.bin"))
     if pickles:
@@ -61,12 +59,12 @@ def _check_weights(path: Path, allow_pickle: bool, adapter: bool = False) -> Non
     )
 
 
-def _check_whole(files: list[Path]) -> None:
+def _check_whole(path: Path, stem: str = "model") -> None:
     """A safetensors file cut short (a copy interrupted, a disk error) is one line naming it, not a
     SafetensorError traceback from deep in the loader. Reads the headers only."""
     from mathtune.integrity import safetensors_problem
 
-    for path in files:
+    for path in sorted(path.glob(f"{stem}*.safetensors")):
         problem = safetensors_problem(path)
         if problem is not None:
             raise MathtuneError(f"{path}: damaged weights file ({problem}): copy it again, or point --model at a "
@@ -203,6 +201,7 @@ def _from_pretrained(source: str, *, kind: str, dtype, trust_remote_code: bool, 
             raise hub_error(source, exc, offline=local_only, allow_pickle=allow_pickle) from exc
     if kind == "local-dir":
         _check_weights(Path(source), allow_pickle)
+        _check_whole(Path(source))
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -234,6 +233,7 @@ def load_model(
         adapter_dir = Path(source)
         _check_weights(adapter_dir, allow_pickle, adapter=True)
         base_spec = read_adapter_base(adapter_dir)
+        _check_whole(adapter_dir, "adapter_model")  # before the base loads: a cut file fails in a second
         base_kind, _ = resolve_model_source(base_spec)
         if base_kind == "adapter":
             raise _nested_adapter_error(adapter_dir, base_spec)
