@@ -5,7 +5,8 @@ mathtune.atomic, ``os.write`` of an append, ``torch.save``, safetensors' ``save_
 ``savefig``, the GGUF writer) and must end in one ``error:`` line (exit 1 at the CLI) naming the path,
 the bytes and the free space, with the partial output removed and the earlier complete output untouched
 and loadable. One test fills a real tmpfs (where the machine lets a mount namespace mount one), and the
-three cases of the issue are replayed through the CLI in subprocesses.
+three cases of the issue are replayed through the CLI in subprocesses. The failure zoo
+(tests/test_failure_zoo.py) has the same faults through the training API, and the cache rebuild.
 """
 
 from __future__ import annotations
@@ -286,15 +287,6 @@ def test_export_out_of_space_leaves_the_earlier_export(tiny_model_dir, tmp_path,
     assert no_temps(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model as a real GGUF file (mathtune's own f32 writer): stands in for the bundled GGUF."""
-    from mathtune.export import export_model
-
-    result = export_model(str(tiny_model_dir), tmp_path_factory.mktemp("gguf") / "export", gguf=True, gguf_type="f32")
-    return result.gguf
-
-
 def test_cache_build_out_of_space_leaves_no_cache(tiny_gguf, tmp_path, monkeypatch):
     import transformers.modeling_utils
     from mathtune.models.load import load_model
@@ -311,44 +303,6 @@ def test_cache_build_out_of_space_leaves_no_cache(tiny_gguf, tmp_path, monkeypat
     assert_one_line(str(err.value), str(tmp_path / "cache"), "out of disk space writing the fp32 conversion",
                     "free there", "MATHTUNE_CACHE")
     assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_damaged_cache_entry_is_rebuilt_with_one_line(tiny_gguf, tmp_path, monkeypatch, capfd):
-    """The conversion record's sizes and hashes are checked on load; a file cut short is rebuilt from the
-    GGUF (the weights read back equal to the first conversion's). The tiny GGUF's tokenizer reads back
-    without an eos token, so the weights are loaded here directly; the CLI replay (case 3) uses the
-    bundled model."""
-    from transformers import AutoModelForCausalLM
-
-    from mathtune.models import gguf_cache
-    from mathtune.models.spec import resolve_model_source
-
-    monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
-    kind, source = resolve_model_source(str(tiny_gguf))
-    target = gguf_cache.ensure_converted(kind, str(tiny_gguf), Path(source))
-    # copies: a loaded safetensors file is memory-mapped, and cutting it under the mapping would be SIGBUS
-    first = {name: tensor.clone() for name, tensor in load_file(str(target / "model.safetensors")).items()}
-    record = json.loads((target / gguf_cache.CONVERSION_MARKER).read_text())["files"]
-    assert record["model.safetensors"]["size"] == (target / "model.safetensors").stat().st_size
-    assert gguf_cache._cache_damage(target) is None
-    cut(target / "model.safetensors")
-    capfd.readouterr()
-    assert gguf_cache.ensure_converted(kind, str(tiny_gguf), Path(source)) == target
-    err = capfd.readouterr().err
-    rebuilt = [line for line in err.splitlines() if "rebuilding" in line]
-    assert len(rebuilt) == 1
-    assert_one_line(rebuilt[0], str(target), "damaged", "model.safetensors is", "its record says", str(tiny_gguf))
-    assert gguf_cache._cache_damage(target) is None
-    again = load_file(str(target / "model.safetensors"))
-    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    AutoModelForCausalLM.from_pretrained(str(target))  # loads
-    # a changed byte, same size: found by the hash, rebuilt the same way
-    data = bytearray((target / "tokenizer.json").read_bytes())
-    data[-2] ^= 1
-    (target / "tokenizer.json").write_bytes(bytes(data))
-    assert "tokenizer.json does not match its recorded SHA-256" in gguf_cache._cache_damage(target)
-    gguf_cache.ensure_converted(kind, str(tiny_gguf), Path(source), weights=False)
-    assert gguf_cache._cache_damage(target) is None and no_temps(tmp_path / "cache")
 
 
 def test_eval_cache_out_of_space_names_the_cache_fix(tmp_path, monkeypatch):
