@@ -155,11 +155,16 @@ class CheckpointMarker(TrainerCallback):
 
 
 def _resume_hint(run: RunDir, what: str, exclude: Path | None = None) -> str:
+    """What to do after a failed checkpoint or final-model save: make room, then continue from the newest
+    complete checkpoint (or, with none, train again)."""
     earlier = [p for p in run.complete_checkpoints() if p != exclude]
-    then = (f"then --resume auto continues from {earlier[-1].name}" if earlier else
-            "then train again (no checkpoint was complete yet)")
-    return (f"free space (keep fewer checkpoints: --save-total-limit N) or use another --output-dir; {then}"
-            if what == "checkpoint" else f"free space, {then} and saves the final model")
+    if what == "checkpoint":
+        then = (f"then --resume auto continues from {earlier[-1].name}" if earlier else
+                "then train again (no checkpoint was complete yet)")
+        return f"free space (keep fewer checkpoints: --save-total-limit N) or use another --output-dir; {then}"
+    if earlier:
+        return f"free space, then --resume auto continues from {earlier[-1].name} and saves the final model"
+    return "free space (or use another --output-dir), then train again (no checkpoint was written to resume from)"
 
 
 def checkpoint_write_failure(exc: BaseException, run: RunDir, step: int, *,
