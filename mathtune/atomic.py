@@ -24,7 +24,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from mathtune.errors import DiskFull, WriteFailed, first_line
+from mathtune.errors import DiskFull, MathtuneError, WriteFailed, first_line
 
 # What to do when a write ran out of room, where the caller names nothing better.
 DEFAULT_HINT = "free space on that filesystem (or write elsewhere) and run the command again"
@@ -123,6 +123,8 @@ def write_failure_kind(exc: BaseException, free_at_failure: int | None) -> str |
     """"full" (no room), "failed" (another I/O error of a write) or None (not a failed write)."""
     if is_disk_full(exc):
         return "full"
+    if isinstance(exc, MathtuneError):
+        return None  # a one-line error already (a GGUF that will not convert): it says what went wrong
     for e in _chain(exc):
         if isinstance(e, OSError) or any(t in str(e) for t in _WRITER_FAILURE_TEXTS):
             # the writer lost the errno: a disk left (nearly) without room is what stopped it

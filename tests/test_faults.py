@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT
 from mathtune import atomic
 from mathtune.atomic import append_whole, write_failure_kind, write_files_atomically, write_text_atomically
-from mathtune.errors import DiskFull
+from mathtune.errors import DiskFull, MathtuneError
 from mathtune.integrity import files_problem, record_files, safetensors_problem
 from mathtune.run_dir import RunDir
 
@@ -164,6 +164,13 @@ def test_a_writer_that_drops_the_errno_is_a_full_disk_only_when_the_disk_is_near
     assert write_failure_kind(torch_error, free_at_failure=10**11) == "failed"
     assert write_failure_kind(enospc(), free_at_failure=10**11) == "full"
     assert write_failure_kind(ValueError("a bug"), free_at_failure=0) is None
+    try:  # a one-line error raised from an OSError (a GGUF that will not read) is no failed write
+        try:
+            raise OSError("unreadable GGUF")
+        except OSError as cause:
+            raise MathtuneError("could not convert GGUF file m.gguf: unreadable GGUF") from cause
+    except MathtuneError as exc:
+        assert write_failure_kind(exc, free_at_failure=0) is None
 
 
 def test_records_find_a_file_cut_short_and_a_changed_byte(tmp_path):
@@ -403,7 +410,6 @@ def test_report_and_plots_out_of_space_keep_the_earlier_ones(tmp_path, monkeypat
 def test_damaged_run_dir_adapter_is_a_one_line_error(tiny_model_dir, tmp_path):
     from mathtune import training
     from conftest import tiny_train_config
-    from mathtune.errors import MathtuneError
     from mathtune.models.load import load_model
 
     result = training.train(tiny_train_config(tiny_model_dir, tmp_path / "run", max_steps=1, eval_samples=0))
@@ -424,7 +430,6 @@ def test_resume_with_every_checkpoint_damaged_says_how_to_start_over(tmp_path):
         run.marker(checkpoint).write_text(json.dumps({"step": step, "complete": True,
                                                       "files": record_files(checkpoint)}))
         cut(checkpoint / "adapter_model.safetensors")
-    from mathtune.errors import MathtuneError
 
     with pytest.raises(MathtuneError) as err:
         run.resolve_resume("auto")
