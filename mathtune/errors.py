@@ -34,6 +34,24 @@ class ConfigError(MathtuneError):
             super().__init__(f"{len(self.problems)} problems: " + "; ".join(self.problems))
 
 
+class WriteFailed(MathtuneError):
+    """A write that failed (full disk, quota, I/O error) after its partial output was removed: the message
+    names the path, the bytes needed or written, the free space left there, and what to do.
+    ``mathtune.atomic`` builds these (``write_failure``); ``DiskFull`` when the space ran out."""
+
+    def __init__(self, message: str, *, path, needed: int | None = None, written: int | None = None,
+                 free: int | None = None):
+        self.path = str(path)
+        self.needed = needed
+        self.written = written
+        self.free = free
+        super().__init__(message)
+
+
+class DiskFull(WriteFailed):
+    """The filesystem (or the user's quota) had no room for the write: ENOSPC / EDQUOT."""
+
+
 class Terminated(BaseException):
     """SIGTERM outside training (which saves a checkpoint first, mathtune.interrupt): stop, exit 143.
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it; raised by the

@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 from mathtune import distributed
 from mathtune.answers import (LM_EVAL_FALLBACK, judge, judge_answer, lm_eval_exact_match, lm_eval_extract_flexible,
                               lm_eval_extract_strict, parse_number)
-from mathtune.atomic import write_text_atomically
+from mathtune.atomic import write_files_atomically, write_text_atomically
 from mathtune.errors import MathtuneError
 from mathtune.config import GenerationArgs
 from mathtune.hardware import Placement
@@ -331,9 +331,11 @@ def write_eval_log(output_dir: str | Path, model_tag: str, task: str, records: S
     items_path, summary_path = log_paths(output_dir, model_tag, task)
     # allow_nan=False: a NaN would make the file unreadable by strict JSON readers; fail loudly instead
     lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-    write_text_atomically(items_path, lines)
     summary = dict(summary, per_item_path=str(items_path))
-    write_text_atomically(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    summary_text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    # both renamed into place only once both are written: a full disk leaves the earlier pair as it was
+    write_files_atomically({items_path: lines, summary_path: summary_text},
+                           hint="free space there or pass another --output, and run the eval again")
     return items_path, summary_path
 
 
@@ -441,7 +443,8 @@ def _store_cached(key: str, outputs, meta: dict) -> None:
     payload = dict(meta, generations=outputs.to_dict())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(path, json.dumps(payload, ensure_ascii=False))
+        write_text_atomically(path, json.dumps(payload, ensure_ascii=False),
+                              hint="free space, set MATHTUNE_CACHE to a disk with room, or pass --no-cache")
     except OSError as exc:
         raise MathtuneError(f"cannot write the eval cache {path} ({exc.strerror}): set MATHTUNE_CACHE to a "
                             f"writable directory") from exc

@@ -321,7 +321,8 @@ def export_model(spec: str, output: str | os.PathLike, *, dtype: str = "fp32", g
                           run_config=run_config, comparison=comparison, gguf_file=gguf_name, eot_token=eot)
         (tmp / CARD_FILE).write_text(card)
 
-    if not build_dir_atomically(target, build, replace=config.overwrite):
+    if not build_dir_atomically(target, build, replace=config.overwrite, what="the export",
+                                hint="free space there or pass another --output, and export again"):
         raise MathtuneError(f"--output {target} appeared while exporting: pass --overwrite or another path")
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
     return ExportResult(output=target, name=name, files=files, gguf=target / gguf_name if gguf_name else None,

@@ -519,9 +519,12 @@ class CollapseDetector(TrainerCallback):
 
         if is_main_process():  # every rank generates (FSDP needs all of them); rank 0 writes
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as fh:
-                for question, (text, _), f in zip(self.questions, outputs, flags):
-                    fh.write(json.dumps({"step": step, "prompt": question, "output": text, "flags": f}) + "\n")
+            from mathtune.atomic import append_whole
+
+            lines = "".join(json.dumps({"step": step, "prompt": question, "output": text, "flags": f}) + "\n"
+                            for question, (text, _), f in zip(self.questions, outputs, flags))
+            with self.path.open("a", encoding="utf-8") as fh:
+                append_whole(fh, lines)  # whole lines or none, also on a full disk (one error line)
         if all(flags):
             self.flagged_in_a_row += 1
         else:

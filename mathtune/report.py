@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+from mathtune.atomic import atomic_file, write_text_atomically
 from mathtune.errors import InputError, MathtuneError
 from mathtune.run_dir import RunDir
 
@@ -40,6 +41,16 @@ SAMPLE_CHARS = 600
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+
+
+REPORT_HINT = "free space in the run dir (or delete its old plots/), then run mathtune report again"
+
+
+def _save_png(fig, path) -> None:
+    """A plot written whole or not at all (an earlier plot of the same name stays until the new one is
+    complete); a full disk is one DiskFull line."""
+    with atomic_file(path, hint=REPORT_HINT) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def _jsonl(path: Path, what: str):
@@ -189,7 +200,7 @@ def plot_curve(metrics: list[dict], key: str, label: str, path: Path, log_scale_
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right" if not bad else "center right")
-    fig.savefig(path, format="png")
+    _save_png(fig, path)
     return True
 
 
@@ -217,7 +228,7 @@ def plot_accuracy(comparison: dict, path: Path) -> None:
     right.set_title(f"Δ {delta:+.1f} pp\nMcNemar p = {comparison['mcnemar_p']:.3g}", fontsize=10)
     right.legend(loc="best", fontsize=8)
     right.grid(axis="y", alpha=0.3)
-    fig.savefig(path, format="png")
+    _save_png(fig, path)
 
 
 def plot_learning_curve(curves, path: Path) -> bool:
@@ -245,7 +256,7 @@ def plot_learning_curve(curves, path: Path) -> bool:
     ax.set_title("learning curve: eval accuracy against training time (points: step)", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.savefig(path, format="png")
+    _save_png(fig, path)
     return True
 
 
@@ -518,5 +529,5 @@ def write_report(run_dir) -> Path:
     else:
         lines.append(f"No `{CONFIG_FILE}` in this run dir.")
     report = run_dir / REPORT_FILE
-    report.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    write_text_atomically(report, "\n".join(lines).rstrip("\n") + "\n", hint=REPORT_HINT)
     return report

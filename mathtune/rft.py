@@ -338,7 +338,8 @@ def run_rft(config: RFTConfig, *, is_correct: Callable[[str, object], bool] | No
                     rows += mine
                 # one write per group, on disk whole before a stop signal is let in: an interruption
                 # loses at most the group in flight, and leaves a file the task readers take as it is
-                append_whole(sink, _jsonl(rows))
+                append_whole(sink, _jsonl(rows), hint="free space (or pick another --output), then run the same "
+                                                      "command with --resume: the questions written are kept")
                 report.update(items=len(members) - max(0, done - first),
                               tokens=getattr(outputs, "tokens_generated", 0))
     except OSError as exc:

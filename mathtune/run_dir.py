@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from mathtune.atomic import write_text_atomically
 from mathtune.errors import MathtuneError
+from mathtune.integrity import files_problem, safetensors_problem
 
 LOCK_FILE = ".mathtune.lock"
 
@@ -57,6 +58,9 @@ class RunDir:
     COMPARISON: ClassVar[str] = "model_comparison.json"
     LOCK: ClassVar[str] = LOCK_FILE
     PREVIOUS_PREFIX: ClassVar[str] = "previous-"  # an earlier run's final model, moved aside
+    # a checkpoint that failed its check, moved out of Trainer's way when a resume redoes its steps
+    # (not "checkpoint-*": Trainer's rotation and --resume auto never see it)
+    DAMAGED_PREFIX: ClassVar[str] = "damaged-"
     # Files a training run writes as its final model (LoRA or full), plus its trainer state.
     WEIGHT_PATTERNS: ClassVar[tuple[str, ...]] = (
         "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
@@ -141,8 +145,27 @@ class RunDir:
         """checkpoint-N dirs that carry the completion marker, oldest step first."""
         return [path for path in self.checkpoints() if self.marker(path).is_file()]
 
+    @classmethod
+    def checkpoint_problem(cls, checkpoint: str | Path) -> str | None:
+        """None when a marked checkpoint's files are whole: each one's size and SHA-256 as its marker
+        recorded them once they were on disk (training's CheckpointMarker). A marker an older mathtune
+        wrote (no file record) gets the safetensors structure check. Else what failed, in words."""
+        checkpoint = Path(checkpoint)
+        marker = cls.marker(checkpoint)
+        if not marker.is_file():
+            return "no completion marker (its save was interrupted)"
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError) as exc:
+            return f"its {cls.CHECKPOINT_MARKER} is unreadable ({type(exc).__name__})"
+        files = record.get("files") if isinstance(record, dict) else None
+        if files is None:
+            return next(filter(None, (safetensors_problem(p) for p in sorted(checkpoint.glob("*.safetensors")))), None)
+        return files_problem(checkpoint, files)
+
     def resolve_resume(self, resume: str | None) -> str | None:
-        """--resume auto -> newest complete checkpoint here; --resume PATH -> PATH, checked."""
+        """--resume auto -> the newest complete checkpoint here whose files pass their check (a damaged
+        newer one is skipped, with a line saying what failed); --resume PATH -> PATH, checked."""
         if resume is None:
             return None
         if resume == "auto":
@@ -152,7 +175,20 @@ class RunDir:
                     f"--resume auto: no complete checkpoint in --output-dir {self.root} (write them with "
                     f"--save-steps N, point --output-dir at the run to continue, or drop --resume)"
                 )
-            return str(found[-1])
+            damaged = []
+            for path in reversed(found):
+                problem = self.checkpoint_problem(path)
+                if problem is None:
+                    for bad, why in damaged:
+                        print(f"--resume auto: skipping the damaged {bad.name} (each file's size and SHA-256 checked "
+                              f"against its marker: {why}); resuming from {path.name}", file=sys.stderr)
+                    return str(path)
+                damaged.append((path, problem))
+            listing = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+            raise MathtuneError(
+                f"--resume auto: no whole checkpoint in --output-dir {self.root} ({listing}): start over with a new "
+                f"--output-dir, or delete the damaged checkpoint-N dirs there and run without --resume"
+            )
         path = Path(resume)
         if not (path / self.TRAINER_STATE).is_file():
             raise MathtuneError(f"--resume {resume}: no {self.TRAINER_STATE} there; pass a checkpoint-N dir or "
@@ -162,6 +198,10 @@ class RunDir:
                 f"--resume {resume}: checkpoint not marked complete (its save was interrupted); "
                 f"use an earlier checkpoint or --resume auto"
             )
+        problem = self.checkpoint_problem(path)
+        if problem is not None:
+            raise MathtuneError(f"--resume {resume}: damaged checkpoint ({problem}): use --resume auto (the newest "
+                                f"whole checkpoint) or an earlier checkpoint-N")
         return str(path)
 
     def refuse_earlier_checkpoints(self, resume_from: str | None) -> None:
@@ -184,6 +224,7 @@ class RunDir:
             self.move_aside_earlier_weights()
         else:
             self.remove_unmarked_checkpoints(resume_from)
+            self.set_aside_damaged_checkpoints(resume_from)
         for name in self.DERIVED:
             target = self.root / name
             if target.is_dir():
@@ -244,6 +285,29 @@ class RunDir:
             print(f"removed {len(removed)} incomplete checkpoint(s) left by an interrupted save: "
                   f"{', '.join(p.name for p in removed)}")
         return removed
+
+    def set_aside_damaged_checkpoints(self, resume_from: str | Path) -> list[Path]:
+        """Move marked checkpoints newer than ``resume_from`` whose files fail their check (the ones
+        --resume auto skipped) to ``damaged-checkpoint-N``: Trainer saves that step again, and would
+        write into the damaged dir. Moved, not deleted: a copy cut short can still be copied again."""
+        resumed = self.checkpoint_step(resume_from) or 0
+        moved = []
+        for path in self.checkpoints():
+            if self.checkpoint_step(path) <= resumed or not self.marker(path).is_file():
+                continue
+            problem = self.checkpoint_problem(path)
+            if problem is None:
+                continue
+            aside = self.root / f"{self.DAMAGED_PREFIX}{path.name}"
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = self.root / f"{self.DAMAGED_PREFIX}{path.name}.{n}"
+            os.rename(path, aside)
+            moved.append(aside)
+            print(f"moved the damaged {path.name} ({problem}) to {aside.name}: training redoes its steps; delete "
+                  f"it once you no longer need it", file=sys.stderr)
+        return moved
 
 
 _held: dict[Path, int] = {}  # resolved run dir -> fd of its lock file, held by this process

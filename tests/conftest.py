@@ -93,6 +93,17 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a real GGUF file (mathtune's own f32 writer): stands in for the bundled GGUF
+    where a test needs a conversion into the cache (its tokenizer reads back without an eos token, so
+    load its weights, not ``load_model``)."""
+    from mathtune.export import export_model
+
+    result = export_model(str(tiny_model_dir), tmp_path_factory.mktemp("gguf") / "export", gguf=True, gguf_type="f32")
+    return result.gguf
+
+
 @pytest.fixture
 def tiny_model(smol_tokenizer):
     return build_tiny_model(smol_tokenizer)

@@ -7,11 +7,18 @@ For each failure the test checks three things:
     collapse is caught at the next sample check);
   * no weights with NaN/inf are written: every ``*.safetensors`` under the run dir (checkpoints
     and final model) is read back and must be finite, and no final model is saved after a halt.
+
+The last entries are faults of the machine, not of the numbers (issue 33): a disk that fills during a
+checkpoint, a newest checkpoint damaged after it was marked complete, a model cache entry cut short.
+Each ends in one line and a way on, and nothing complete is lost (the CLI replays: tests/test_faults.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +28,9 @@ from safetensors.torch import load_file
 from mathtune import guards, training
 from mathtune.config import TrainConfig
 from mathtune.data import IGNORE_INDEX, PreparedRow, RowDataset
-from mathtune.errors import TrainingHalted
+from mathtune.errors import DiskFull, TrainingHalted
+from mathtune.run_dir import RunDir
+from test_faults import assert_one_line, cut, no_temps
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -231,3 +240,84 @@ def test_exploding_learning_rate_is_stopped_before_nan_reaches_the_weights(tiny_
     last_good = session.trainer.state.global_step
     assert 1 <= last_good < 8 and exc.value.step == last_good + 1
     _assert_halted_cleanly(session, exc.value, last_good_step=last_good)
+
+
+# --------------------------------------------------------------------------- faults of the machine (issue 33)
+
+
+def test_disk_full_during_a_checkpoint_removes_it_and_keeps_the_earlier_one(tiny_model_dir, tmp_path, monkeypatch):
+    session = training.setup(_config(tiny_model_dir, tmp_path, save_steps=2))
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):  # the disk fills while the second checkpoint's optimizer state is written
+        if "checkpoint-4" in str(f):
+            Path(f).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(DiskFull) as exc:
+        training.run(session)
+    message = str(exc.value)
+    assert "\n" not in message and str(session.run_dir / "checkpoint-4") in message and "free there" in message
+    assert "--resume auto continues from checkpoint-2" in message
+    assert _checkpoints(session.run_dir) == ["checkpoint-2"]
+    assert RunDir(session.run_dir).checkpoint_problem(session.run_dir / "checkpoint-2") is None
+    assert len(_saved_weights(session.run_dir)) == 1  # the earlier checkpoint's adapter, whole and finite
+
+
+def test_damaged_newest_checkpoint_is_skipped_for_the_newest_whole_one(tiny_model_dir, tmp_path, capsys):
+    config = _config(tiny_model_dir, tmp_path, save_steps=2)
+    training.run(training.setup(config))
+    session_dir = Path(config.output_dir)
+    adapter = session_dir / "checkpoint-4" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])  # a copy cut short
+    capsys.readouterr()
+    session = training.setup(dataclasses.replace(config, resume="auto"))
+    assert session.resume_from == str(session_dir / "checkpoint-2")
+    err = capsys.readouterr().err
+    assert "skipping the damaged checkpoint-4" in err and "adapter_model.safetensors is 1000 bytes" in err
+    training.run(session)
+    assert session.trainer.state.global_step == 4
+    assert RunDir(session_dir).checkpoint_problem(session_dir / "checkpoint-4") is None  # saved again, whole
+    assert (session_dir / "damaged-checkpoint-4" / "adapter_model.safetensors").stat().st_size == 1000
+
+
+def test_damaged_model_cache_entry_is_rebuilt_from_its_gguf(tiny_gguf, tmp_path, monkeypatch, capfd):
+    """The conversion record's sizes and hashes are checked on load; a file cut short is rebuilt from the
+    GGUF (the weights read back equal to the first conversion's). The tiny GGUF's tokenizer reads back
+    without an eos token, so the weights are loaded here directly; the CLI replay (case 3) uses the
+    bundled model."""
+    from transformers import AutoModelForCausalLM
+
+    from mathtune.models import gguf_cache
+    from mathtune.models.spec import resolve_model_source
+
+    monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
+    kind, source = resolve_model_source(str(tiny_gguf))
+    target = gguf_cache.ensure_converted(kind, str(tiny_gguf), Path(source))
+    # copies: a loaded safetensors file is memory-mapped, and cutting it under the mapping would be SIGBUS
+    first = {name: tensor.clone() for name, tensor in load_file(str(target / "model.safetensors")).items()}
+    record = json.loads((target / gguf_cache.CONVERSION_MARKER).read_text())["files"]
+    assert record["model.safetensors"]["size"] == (target / "model.safetensors").stat().st_size
+    assert gguf_cache._cache_damage(target) is None
+    cut(target / "model.safetensors")
+    capfd.readouterr()
+    assert gguf_cache.ensure_converted(kind, str(tiny_gguf), Path(source)) == target
+    err = capfd.readouterr().err
+    rebuilt = [line for line in err.splitlines() if "rebuilding" in line]
+    assert len(rebuilt) == 1
+    assert_one_line(rebuilt[0], str(target), "damaged", "model.safetensors is", "its record says", str(tiny_gguf))
+    assert gguf_cache._cache_damage(target) is None
+    again = load_file(str(target / "model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    AutoModelForCausalLM.from_pretrained(str(target))  # loads
+    # a changed byte, same size: found by the hash, rebuilt the same way
+    data = bytearray((target / "tokenizer.json").read_bytes())
+    data[-2] ^= 1
+    (target / "tokenizer.json").write_bytes(bytes(data))
+    assert "tokenizer.json does not match its recorded SHA-256" in gguf_cache._cache_damage(target)
+    gguf_cache.ensure_converted(kind, str(tiny_gguf), Path(source), weights=False)
+    assert gguf_cache._cache_damage(target) is None and no_temps(tmp_path / "cache")
+
+

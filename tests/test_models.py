@@ -327,15 +327,20 @@ def test_unwritable_model_cache_directory_is_a_one_line_error(tmp_path, monkeypa
     assert "\n" not in str(err.value) and str(blocker / "cache") in str(err.value)
 
 
-def test_incomplete_cache_dir_is_reported(tmp_path):
+def test_incomplete_cache_dir_is_reported_and_rebuilt(tmp_path, isolated_cache, capfd):
+    """An incomplete entry is rebuilt from its GGUF with one line (here the GGUF is no GGUF: the rebuild's
+    own one-line error follows, and the incomplete entry is left as it was)."""
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf.write_bytes(b"not a gguf file at all")
     _, target = resolve_model_source(str(gguf))
     Path(target).mkdir(parents=True)
     (Path(target) / "config.json").write_text("{}")
     with pytest.raises(MathtuneError) as excinfo:
         load_model(str(gguf))
-    assert_one_line_error(excinfo, "incomplete", "model.safetensors", "delete it")
+    assert_one_line_error(excinfo, "could not convert GGUF file", "m.gguf")
+    rebuilding = [line for line in capfd.readouterr().err.splitlines() if "rebuilding it from" in line]
+    assert len(rebuilding) == 1 and "incomplete (missing" in rebuilding[0] and "model.safetensors" in rebuilding[0]
+    assert sorted(p.name for p in Path(target).iterdir()) == ["config.json"]
 
 
 def _complete(path: Path, tag: str) -> None:

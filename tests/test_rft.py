@@ -247,30 +247,21 @@ def send_sigterm_to(thread_kind: str) -> None:
     other.join()  # it ran the C-level handler before leaving the kernel: the main thread is flagged now
 
 
-class SignalMidWrite:
-    """The output file, with SIGTERM arriving halfway through the first write: Python runs the handler in
-    the main thread at its next bytecode, inside the write, unless the handler is held."""
+def signal_mid_write(monkeypatch, path, thread_kind):
+    """The output file, with SIGTERM arriving halfway through the first write of its lines (append_whole
+    writes them with os.write, so that a full disk can cut a partial write back): Python runs the handler
+    in the main thread at its next bytecode, inside the write, unless the handler is held."""
+    real_write, sent = os.write, []
 
-    def __init__(self, handle, thread_kind):
-        self.handle, self.thread_kind, self.sent = handle, thread_kind, False
+    def write(fd, data):
+        if sent or not (os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path))):
+            return real_write(fd, data)
+        sent.append(True)
+        written = real_write(fd, bytes(data[: len(data) // 2]))
+        send_sigterm_to(thread_kind)
+        return written  # a short write, as a signal makes one: the caller writes the rest
 
-    def write(self, text):
-        if self.sent:
-            return self.handle.write(text)
-        self.sent = True
-        self.handle.write(text[: len(text) // 2])
-        self.handle.flush()
-        send_sigterm_to(self.thread_kind)
-        return self.handle.write(text[len(text) // 2:])
-
-    def __getattr__(self, name):
-        return getattr(self.handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
+    monkeypatch.setattr(os, "write", write)
 
 
 @pytest.mark.parametrize("thread_kind", ["main thread", "another thread"])
@@ -278,9 +269,8 @@ def test_sigterm_during_a_write_leaves_whole_lines_and_says_how_to_resume(
         tiny_model_dir, tiny_sampler, five_questions, tmp_path, capsys, monkeypatch, thread_kind):
     """A stop signal is held while a group's rows are written: the file stays one a training run reads
     (no torn last line), and SIGTERM reports what was kept like Ctrl-C does."""
-    monkeypatch.setattr("mathtune.rft.open", lambda *a, **k: SignalMidWrite(open(*a, **k), thread_kind),
-                        raising=False)
     out = tmp_path / "rft.jsonl"
+    signal_mid_write(monkeypatch, out, thread_kind)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)  # as mathtune.cli.main installs it
     try:
         with pytest.raises(Terminated):

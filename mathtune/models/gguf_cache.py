@@ -9,6 +9,11 @@ saved as a plain fp32 safetensors checkpoint in ``cache_dir()``. Later loads rea
 The cache dir is written to a temporary sibling and renamed into place (``build_dir_atomically``,
 also used by ``mathtune export``), so a crash or a second process converting at the same time never
 leaves half a model behind.
+
+The conversion record holds each file's size and SHA-256, taken once the files are on disk; every
+load checks them (once per process: ``_verified``) and a damaged entry (a file cut short, a bit
+gone bad) is rebuilt from its GGUF with one line. A full disk during the build is one ``DiskFull``
+line naming the cache dir, the bytes written and the space left.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from mathtune.atomic import finish_tree, fsync_dir
-from mathtune.errors import MathtuneError, first_line
+from mathtune.atomic import DEFAULT_HINT, finish_tree, fsync_dir, make_durable, reporting_write_failures
+from mathtune.errors import MathtuneError, WriteFailed, first_line
+from mathtune.integrity import files_problem, record_files, safetensors_problem
 from mathtune.models.spec import bundled_gguf
 
 # Written last into a converted cache dir; its presence (with the weights) means "complete".
@@ -45,7 +51,8 @@ def _sweep_stale_temps(parent: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)  # leftover junk; failing to delete it is harmless
 
 
-def build_dir_atomically(target: Path, build: Callable[[Path], None], *, replace: bool = False) -> bool:
+def build_dir_atomically(target: Path, build: Callable[[Path], None], *, replace: bool = False,
+                         what: str = "the directory", hint: str = DEFAULT_HINT) -> bool:
     """Run ``build(tmp)`` on a fresh temp dir next to ``target``, then rename it to ``target``: the
     one atomic dir build of the GGUF cache and ``mathtune export``.
 
@@ -64,8 +71,9 @@ def build_dir_atomically(target: Path, build: Callable[[Path], None], *, replace
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        build(tmp)
-        finish_tree(tmp)  # umask modes (safetensors leaves 0600) and every file on disk before the rename
+        with reporting_write_failures(target, what=what, hint=hint, partial=tmp):
+            build(tmp)
+            finish_tree(tmp)  # umask modes (safetensors leaves 0600) and every file on disk before the rename
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()  # POSIX rename replaces an empty dir, Windows' does not
         if replace and target.exists():
@@ -131,6 +139,7 @@ def _dequantized_checkpoint(gguf: Path, out: Path) -> None:
     stat = gguf.stat()
     import transformers
 
+    make_durable(out)  # the files on disk first: the record vouches for what a power cut leaves
     (out / CONVERSION_MARKER).write_text(
         json.dumps(
             {
@@ -138,14 +147,56 @@ def _dequantized_checkpoint(gguf: Path, out: Path) -> None:
                 "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns,
                 "transformers": transformers.__version__,
+                # each file's size and SHA-256: a load checks them (_cache_damage)
+                "files": record_files(out, exclude=(CONVERSION_MARKER,)),
             },
             indent=2,
         )
     )
 
 
-def ensure_converted(kind: str, spec: str, target: Path) -> Path:
-    """The plain checkpoint for a GGUF spec, converting it on first use."""
+# (target, weights hashed?) -> the files' (name, size, mtime, inode) when this process last verified them
+_verified: dict[tuple[str, bool], tuple] = {}
+
+
+def _file_stats(target: Path, names) -> tuple:
+    stats = []
+    for name in names:
+        try:
+            st = (target / name).stat()
+            stats.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stats.append((name, None))
+    return tuple(stats)
+
+
+def _cache_damage(target: Path, *, weights: bool = True) -> str | None:
+    """None when the files of a complete cache entry match its record; else what differs. ``weights``
+    False (a tokenizer-only load): the weights get the size check, not the hash. A record an older
+    mathtune wrote (no ``files``) gets the safetensors structure check (header + size)."""
+    try:
+        record = json.loads((target / CONVERSION_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {CONVERSION_MARKER} is unreadable ({type(exc).__name__})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if files is None:
+        return next(filter(None, (safetensors_problem(p) for p in sorted(target.glob("*.safetensors")))), None)
+    if not isinstance(files, dict):
+        return f"its {CONVERSION_MARKER} lists no readable files"
+    key = (str(target), weights)
+    stats = _file_stats(target, [CONVERSION_MARKER, *files])
+    if _verified.get(key) == stats or _verified.get((str(target), True)) == stats:
+        return None  # checked by this process already, and unchanged since
+    problem = files_problem(target, files, hash_skip=() if weights else tuple(
+        name for name in files if name.endswith(".safetensors")))
+    if problem is None:
+        _verified[key] = stats
+    return problem
+
+
+def ensure_converted(kind: str, spec: str, target: Path, *, weights: bool = True) -> Path:
+    """The plain checkpoint for a GGUF spec, converting it on first use and rebuilding it when damaged.
+    ``weights`` False: the caller loads the tokenizer alone (the weights' hash is not read)."""
     gguf = bundled_gguf(spec.strip().lower()) if kind == "alias-gguf" else Path(spec.strip()).expanduser().resolve()
     problem = _cache_problem(target)
     if problem is None:
@@ -156,15 +207,24 @@ def ensure_converted(kind: str, spec: str, target: Path) -> Path:
                     f"cached conversion {target} was made from a different {gguf.name} (the package was "
                     f"upgraded?): delete {target} and it is converted again"
                 )
-        return target
+        damage = _cache_damage(target, weights=weights)
+        if damage is None:
+            return target
+        problem = f"damaged ({damage})"
     if problem != "missing":
-        raise MathtuneError(f"model cache {target} is {problem}: delete it and it is converted again")
+        # the GGUF it came from is the source of truth: convert again, replacing the damaged entry
+        print(f"mathtune: model cache {target} is {problem}: rebuilding it from {gguf}", file=sys.stderr, flush=True)
     from mathtune.progress import phase  # start, "still running" every 30 s, end (stderr)
 
     try:
         with phase(f"mathtune: one-time conversion of {gguf.name} into a plain fp32 checkpoint at {target} "
                    f"(~20 s; later loads reuse it)"):
-            build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp))
+            build_dir_atomically(target, lambda tmp: _dequantized_checkpoint(gguf, tmp), replace=problem != "missing",
+                                 what=f"the fp32 conversion of {gguf.name}",
+                                 hint="free space there, or set MATHTUNE_CACHE to a directory with room for "
+                                      "the converted model, and run the command again")
+    except WriteFailed:
+        raise
     except OSError as exc:  # unwritable or full cache dir: the fix is another MATHTUNE_CACHE
         raise MathtuneError(f"model cache {target.parent}: cannot write the conversion there ({exc.strerror or exc}): "
                             f"set MATHTUNE_CACHE to a writable directory with room for the converted model") from None

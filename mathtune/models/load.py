@@ -59,6 +59,18 @@ def _check_weights(path: Path, allow_pickle: bool, adapter: bool = False) -> Non
     )
 
 
+def _check_whole(path: Path, stem: str = "model") -> None:
+    """A safetensors file cut short (a copy interrupted, a disk error) is one line naming it, not a
+    SafetensorError traceback from deep in the loader. Reads the headers only."""
+    from mathtune.integrity import safetensors_problem
+
+    for path in sorted(path.glob(f"{stem}*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise MathtuneError(f"{path}: damaged weights file ({problem}): copy it again, or point --model at a "
+                                f"whole copy (a training run's checkpoint-N dirs hold one each)")
+
+
 def read_adapter_base(adapter_dir: Path) -> str:
     config_path = adapter_dir / "adapter_config.json"
     try:
@@ -125,7 +137,7 @@ def _auto_tokenizer(source: str, *, trust_remote_code: bool, local_files_only: b
 
 def _load_tokenizer_raw(kind: str, spec: str, source: str, trust_remote_code: bool):
     if kind in ("alias-gguf", "gguf-file"):
-        source = str(ensure_converted(kind, spec, Path(source)))
+        source = str(ensure_converted(kind, spec, Path(source), weights=False))  # the tokenizer alone is read
         return _auto_tokenizer(source, trust_remote_code=False)
     if kind == "hub":
         local_only = hub_local_only()
@@ -189,6 +201,7 @@ def _from_pretrained(source: str, *, kind: str, dtype, trust_remote_code: bool, 
             raise hub_error(source, exc, offline=local_only, allow_pickle=allow_pickle) from exc
     if kind == "local-dir":
         _check_weights(Path(source), allow_pickle)
+        _check_whole(Path(source))
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -220,6 +233,7 @@ def load_model(
         adapter_dir = Path(source)
         _check_weights(adapter_dir, allow_pickle, adapter=True)
         base_spec = read_adapter_base(adapter_dir)
+        _check_whole(adapter_dir, "adapter_model")  # before the base loads: a cut file fails in a second
         base_kind, _ = resolve_model_source(base_spec)
         if base_kind == "adapter":
             raise _nested_adapter_error(adapter_dir, base_spec)

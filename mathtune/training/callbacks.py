@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from mathtune import distributed
-from mathtune.atomic import finish_tree, write_text_atomically
+from mathtune.atomic import (append_whole, build_write_error, finish_tree, free_space, remove_path, tree_size,
+                             write_failure_kind, write_text_atomically)
 from mathtune.budget import TimeBudget
-from mathtune.errors import MathtuneError
+from mathtune.errors import DiskFull, MathtuneError, WriteFailed, first_line
+from mathtune.integrity import record_files
 from mathtune.interrupt import InterruptCallback
 from mathtune.run_dir import RunDir
 from mathtune.step_stats import StepStats
@@ -110,11 +112,16 @@ class StepCallback(TrainerCallback):
             line.update(self.extra_fields(logs, line))
         if distributed.is_main_process():  # logs are the same on every rank (losses gathered by Trainer)
             with self.metrics_path.open("a") as handle:
-                handle.write(json.dumps(line) + "\n")
+                # whole or not at all: a full disk cuts a partial line back and is one DiskFull line
+                append_whole(handle, json.dumps(line) + "\n", hint=CONTINUE_HINT)
         if self.first_loss is None:
             self.first_loss = logs["loss"]
         self.last_loss = logs["loss"]
         self.window = self._empty_window()
+
+
+CONTINUE_HINT = ("free space (keep fewer checkpoints: --save-total-limit N) or use another --output-dir, then "
+                 "--resume auto continues from the newest complete checkpoint")
 
 
 class CheckpointMarker(TrainerCallback):
@@ -122,7 +129,10 @@ class CheckpointMarker(TrainerCallback):
 
     on_save runs after the model, optimizer, scheduler, RNG state and trainer_state.json are on disk.
     Listed after the guards' callbacks, so a checkpoint a guard rejects is never marked. --resume auto
-    trusts only marked checkpoints: a crash mid-write leaves an unmarked, ignored directory.
+    trusts only marked checkpoints: a crash mid-write leaves an unmarked, ignored directory. The marker
+    records each file's size and SHA-256 (mathtune.integrity), taken after the files are fsynced, so a
+    file damaged later (a copy cut short, a disk error) is found before it is loaded
+    (``RunDir.checkpoint_problem``). A save that fails writing is ``checkpoint_write_failure``'s.
     """
 
     def __init__(self):
@@ -135,14 +145,90 @@ class CheckpointMarker(TrainerCallback):
             if not (checkpoint / RunDir.TRAINER_STATE).is_file():
                 raise MathtuneError(f"{checkpoint}: Trainer reported a save but wrote no {RunDir.TRAINER_STATE}")
             finish_tree(checkpoint)  # umask modes, every file on disk before the marker says "complete"
+            # what --resume checks before loading: each file's size and hash, as they reached the disk
+            files = record_files(checkpoint, exclude=(RunDir.CHECKPOINT_MARKER,))
             # atomic and durable: the marker is whole or absent
             write_text_atomically(RunDir.marker(checkpoint),
-                                  json.dumps({"step": state.global_step, "complete": True, "time": time.time()}) + "\n")
+                                  json.dumps({"step": state.global_step, "complete": True, "time": time.time(),
+                                              "files": files}) + "\n")
 
         # every rank writes its own shard/RNG state; on_main waits for all of them before rank 0 marks
         distributed.barrier()
         distributed.on_main(mark)
         self.last_complete = checkpoint
+
+
+def _resume_hint(run: RunDir, what: str, exclude: Path | None = None) -> str:
+    """What to do after a failed checkpoint or final-model save: make room, then continue from the newest
+    complete checkpoint (or, with none, train again)."""
+    earlier = [p for p in run.complete_checkpoints() if p != exclude]
+    if what == "checkpoint":
+        then = (f"then --resume auto continues from {earlier[-1].name}" if earlier else
+                "then train again (no checkpoint was complete yet)")
+        return f"free space (keep fewer checkpoints: --save-total-limit N) or use another --output-dir; {then}"
+    if earlier:
+        return f"free space, then --resume auto continues from {earlier[-1].name} and saves the final model"
+    return "free space (or use another --output-dir), then train again (no checkpoint was written to resume from)"
+
+
+def checkpoint_write_failure(exc: BaseException, run: RunDir, step: int, *,
+                             estimate: int | None = None) -> WriteFailed | None:
+    """The one line for a checkpoint save that failed writing (a full disk: torch.save's "iostream error",
+    safetensors' IoError, ENOSPC): the partial ``checkpoint-<step>`` is removed, earlier complete ones are
+    left as they are. None when ``exc`` is not a failed write, or no save of ``step`` was under way.
+
+    Found from the outside (``training.run`` calls it when ``trainer.train`` raises), so Trainer's own
+    checkpoint code stays untouched: a save in progress is a ``checkpoint-<step>`` dir without a marker.
+    ``estimate``: the bytes a checkpoint takes, for a run with no complete checkpoint to measure."""
+    partial = run.checkpoint(step)
+    if not partial.is_dir() or run.marker(partial).is_file():
+        return None
+    if isinstance(exc, WriteFailed):  # the marker's own write: the checkpoint is still partial
+        kind = "full" if isinstance(exc, DiskFull) else "failed"
+    else:
+        kind = write_failure_kind(exc, free_space(partial))
+        if kind is None:
+            return None
+    earlier = [p for p in run.complete_checkpoints() if p != partial]
+    needed = tree_size(earlier[-1]) if earlier else estimate
+    written = tree_size(partial)
+    remove_path(partial)  # never marked; --resume auto would skip it, but it holds the disk's last bytes
+    return build_write_error(kind, partial, what="a checkpoint", hint=_resume_hint(run, "checkpoint", partial),
+                             needed=needed, written=written, free=free_space(run.root), reason=first_line(exc))
+
+
+def snapshot_files(root: Path) -> dict[str, tuple]:
+    """Top-level files of ``root``: name -> (size, mtime_ns), to tell what a save wrote afterwards."""
+    found = {}
+    for path in Path(root).iterdir() if Path(root).is_dir() else ():
+        try:
+            if path.is_file():
+                st = path.stat()
+                found[path.name] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            continue
+    return found
+
+
+def final_save_failure(exc: BaseException, run: RunDir, before: dict[str, tuple], *,
+                       estimate: int | None = None) -> WriteFailed | None:
+    """The one line for a final-model save that failed writing: the files the save created or changed
+    (``before``: ``snapshot_files`` taken before it) are removed, the run's logs and checkpoints are kept.
+    None when ``exc`` is not a failed write."""
+    if isinstance(exc, WriteFailed):
+        kind = "full" if isinstance(exc, DiskFull) else "failed"
+    else:
+        kind = write_failure_kind(exc, free_space(run.root))
+        if kind is None:
+            return None
+    keep = {RunDir.CONFIG, RunDir.METRICS, RunDir.SAMPLES, RunDir.LOCK}
+    after = snapshot_files(run.root)
+    partial = [run.root / name for name, stat in after.items() if name not in keep and before.get(name) != stat]
+    written = sum(tree_size(p) for p in partial)
+    for path in partial:
+        remove_path(path)  # a cut adapter_model.safetensors would load as "the trained model"
+    return build_write_error(kind, run.root, what="the final model", hint=_resume_hint(run, "final"),
+                             needed=estimate, written=written, free=free_space(run.root), reason=first_line(exc))
 
 
 class ConsoleProgress(TrainerCallback):

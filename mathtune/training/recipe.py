@@ -51,7 +51,8 @@ from mathtune.shared_prefix import takes_cache
 from mathtune.step_stats import StepStats
 from mathtune.training.attention import AttentionByLength
 from mathtune.training.callbacks import (ESTIMATE_AFTER_STEPS, CheckpointMarker, ConsoleProgress, StepCallback,
-                                         TrainingCallbacks)
+                                         TrainingCallbacks, checkpoint_write_failure, final_save_failure,
+                                         snapshot_files)
 from mathtune.training.trainer import MathtuneTrainer
 
 SAMPLE_QUESTIONS = 3  # held-out questions the collapse detector samples from
@@ -540,6 +541,13 @@ def run(session: TrainingSession) -> TrainResult:
         if distributed.is_main_process():
             print(f"training halted; no final model saved; {kept}", file=sys.stderr)
         raise
+    except Exception as exc:
+        # a checkpoint save that ran out of space: the partial checkpoint-N goes, earlier ones stay
+        failure = checkpoint_write_failure(exc, session.files, trainer.state.global_step,
+                                           estimate=_checkpoint_bytes(session.model))
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         callbacks.progress.close()
     seconds = time.perf_counter() - started
@@ -547,8 +555,7 @@ def run(session: TrainingSession) -> TrainResult:
     run_dir = session.run_dir
     if interrupt_cb.stopped_at is not None:
         raise_interrupted(session)
-    trainer.save_model(str(run_dir))  # every rank calls it (FSDP gathers shards); Trainer writes on rank 0
-    distributed.on_main(lambda: trainer.state.save_to_json(str(session.files.trainer_state)))
+    _save_final_model(session)
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
     if stopped == "max_time":
         budget = trainer.time_budget
@@ -566,6 +573,27 @@ def run(session: TrainingSession) -> TrainResult:
         first_loss=step_cb.first_loss,
         last_loss=step_cb.last_loss,
     )
+
+
+def _checkpoint_bytes(model) -> int:
+    """About what a checkpoint takes before one exists to measure: the trained weights and AdamW's two
+    moments, fp32 each (the tokenizer's few MB aside)."""
+    return 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _save_final_model(session: TrainingSession) -> None:
+    """The final model and trainer state into the run dir; a save that fails writing (full disk) removes
+    what it wrote and is one line naming the checkpoint to resume from."""
+    trainer, run = session.trainer, session.files
+    before = snapshot_files(run.root)
+    try:
+        trainer.save_model(str(session.run_dir))  # every rank calls it (FSDP gathers shards); Trainer writes on rank 0
+        distributed.on_main(lambda: trainer.state.save_to_json(str(run.trainer_state)))
+    except Exception as exc:
+        failure = final_save_failure(exc, run, before, estimate=_checkpoint_bytes(session.model) // 3)
+        if failure is None:
+            raise
+        raise failure from exc
 
 
 def raise_interrupted(session: TrainingSession) -> None:
