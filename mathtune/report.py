@@ -46,7 +46,7 @@ SAMPLE_CHARS = 600
 REPORT_HINT = "free space in the run dir (or delete its old plots/), then run mathtune report again"
 
 
-def _save_png(fig, path) -> None:
+def _write_png(fig, path) -> None:
     """A plot written whole or not at all (an earlier plot of the same name stays until the new one is
     complete); a full disk is one DiskFull line."""
     with atomic_file(path, hint=REPORT_HINT) as tmp:
@@ -200,7 +200,7 @@ def plot_curve(metrics: list[dict], key: str, label: str, path: Path, log_scale_
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right" if not bad else "center right")
-    _save_png(fig, path)
+    _write_png(fig, path)
     return True
 
 
@@ -228,7 +228,7 @@ def plot_accuracy(comparison: dict, path: Path) -> None:
     right.set_title(f"Δ {delta:+.1f} pp\nMcNemar p = {comparison['mcnemar_p']:.3g}", fontsize=10)
     right.legend(loc="best", fontsize=8)
     right.grid(axis="y", alpha=0.3)
-    _save_png(fig, path)
+    _write_png(fig, path)
 
 
 def plot_learning_curve(curves, path: Path) -> bool:
@@ -256,7 +256,7 @@ def plot_learning_curve(curves, path: Path) -> bool:
     ax.set_title("learning curve: eval accuracy against training time (points: step)", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    _save_png(fig, path)
+    _write_png(fig, path)
     return True
 
 

@@ -362,13 +362,13 @@ def test_rft_output_out_of_space_keeps_whole_questions_and_resume_finishes(tmp_p
 
     monkeypatch.setattr(os, "write", write)
     with pytest.raises(DiskFull) as err:
-        run_rft(RFTConfig(**config), generator=generator, verbose=False)
+        run_rft(RFTConfig.from_flat(**config), generator=generator, verbose=False)
     assert_one_line(str(err.value), str(out), "out of disk space", "20 bytes written before it failed, removed",
                     "--resume")
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["rft"]["question"] for r in kept} == {0}  # question 0 whole, nothing of question 1
     monkeypatch.setattr(os, "write", real_write)
-    result = run_rft(RFTConfig(**config, resume=True), generator=generator, verbose=False)
+    result = run_rft(RFTConfig.from_flat(**config, resume=True), generator=generator, verbose=False)
     assert result["gold_rows"] == 3
 
 

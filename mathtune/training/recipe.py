@@ -555,7 +555,7 @@ def run(session: TrainingSession) -> TrainResult:
     run_dir = session.run_dir
     if interrupt_cb.stopped_at is not None:
         raise_interrupted(session)
-    _save_final_model(session)
+    _write_final_model(session)
     stopped = "max_time" if step_cb.stopped_on_time else "completed"
     if stopped == "max_time":
         budget = trainer.time_budget
@@ -581,7 +581,7 @@ def _checkpoint_bytes(model) -> int:
     return 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _save_final_model(session: TrainingSession) -> None:
+def _write_final_model(session: TrainingSession) -> None:
     """The final model and trainer state into the run dir; a save that fails writing (full disk) removes
     what it wrote and is one line naming the checkpoint to resume from."""
     trainer, run = session.trainer, session.files
