@@ -330,3 +330,52 @@ def test_settings_take_trl_names_in_flags_and_yaml(tmp_path):
     problems = " | ".join(exc.value.problems)
     assert "--loss-type 'ppo' is not one of dapo" in problems
     assert "shared_prefix: False is a `mathtune train` setting that GRPO does not use" in problems
+
+
+# --------------------------------------------------------------------------- MATH-style answers (issue 32)
+MATH_ROWS = [  # MATH's columns; golds: a number in LaTeX (the numeric rule) and expressions (math-verify)
+    {"problem": "What is half of $1$?", "solution": "Half of one is $\\boxed{\\frac{1}{2}}$."},
+    {"problem": "Simplify $\\sqrt{20}$.", "solution": "$\\sqrt{20} = \\sqrt{4 \\cdot 5} = \\boxed{2\\sqrt{5}}$."},
+    {"problem": "Compute $\\cos 45^\\circ$.", "solution": "It is $\\boxed{\\frac{\\sqrt{2}}{2}}$."},
+    {"problem": "Expand $(x+1)^2 - 2x$.", "solution": "We get $\\boxed{x^2 + 1}$."},
+]
+
+
+@pytest.fixture
+def math_file(tmp_path):
+    path = tmp_path / "math-train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in MATH_ROWS))
+    return path
+
+
+def test_correctness_reward_judges_latex_answers_in_other_forms(math_file):
+    from mathtune.tasks import get_task
+
+    # golds as grpo's dataset carries them: the math task's reading of the file, as JSON text
+    golds = [json.dumps(example.gold) for example in get_task("math", train_file=math_file).examples("train")]
+    right = ["So the answer is $\\boxed{0.5}$.", "$\\boxed{\\sqrt{20}}$", "$\\boxed{\\frac{1}{\\sqrt{2}}}$",
+             "$\\boxed{1 + x^2}$"]
+    wrong = ["So the answer is $\\boxed{\\frac{1}{3}}$.", "$\\boxed{2\\sqrt{3}}$", "$\\boxed{\\frac{\\sqrt{3}}{2}}$",
+             "$\\boxed{x^2 - 1}$"]
+    stats = grpo.RLStats(num_generations=4, max_completion_length=16)
+    reward = grpo.correctness_reward("exact", stats)
+    prompts = [row["problem"] for row in MATH_ROWS]
+    for completions, expected in ((right, 1.0), (wrong, 0.0)):
+        ids = [[1] * 3 for _ in completions]
+        assert reward(prompts, completions, ids, gold=golds) == [expected] * 4, completions
+    assert stats.window[-1]["pass_rate"] == 0.0 and stats.window[-2]["pass_rate"] == 1.0  # what metrics.jsonl logs
+
+
+def test_cli_trains_on_a_math_style_file(tiny_model_dir, math_file, tmp_path):
+    out = tmp_path / "run"
+    flags = TINY_FLAGS[4:]  # past --task unit-conversion --max-samples 16
+    proc = run_cli("grpo", "--model", tiny_model_dir, *flags, "--task", "math", "--train-file", math_file,
+                   "--max-samples", -1,
+                   "--max-steps", 2, "--max-completion-length", 6, "--output-dir", out,
+                   env_extra={"MATHTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task: math (reward: judge exact" in proc.stdout and f"{len(MATH_ROWS)} questions" in proc.stdout
+    lines = metric_lines(out)
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(line["reward"] is not None and line["pass_rate"] is not None for line in lines)
+    assert (out / "adapter_model.safetensors").is_file()
