@@ -379,3 +379,38 @@ def test_cli_trains_on_a_math_style_file(tiny_model_dir, math_file, tmp_path):
     assert [line["step"] for line in lines] == [1, 2]
     assert all(line["reward"] is not None and line["pass_rate"] is not None for line in lines)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- the report of a GRPO run
+
+
+def test_report_shows_reward_and_pass_rate_and_the_learning_curve_takes_grpo_checkpoints(tiny_model_dir, tmp_path,
+                                                                                          one_thread):
+    from mathtune.learning_curve import collect
+    from mathtune.report import read_metrics, write_report
+    from test_learning_curve import run_eval
+    from test_report import png_size
+
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", max_steps=3, save_steps=2,
+                                     save_total_limit=None))
+    # a pass rate that moves: 1 of 4 right at step 1, 2 at step 2, 3 at step 3
+    scripted_reward(session, lambda n, step: [float(i % 4 < step) for i in range(n)])
+    grpo.run(session)
+    RunDir(session.run_dir).unlock()
+    run = session.run_dir
+    for spec in (run / "checkpoint-2", run, tiny_model_dir):  # real greedy evals, as a user would run them
+        run_eval(spec, run / "eval" / "curve")
+
+    report = write_report(run).read_text()
+    for name in ("reward", "pass_rate", "learning_curve"):
+        assert png_size(run / "plots" / f"{name}.png")[0] > 0, name
+    assert "![GRPO reward](plots/reward.png)" in report and "![GRPO pass rate](plots/pass_rate.png)" in report
+    assert "| pass rate | first 0.25 (step 1) → last 0.75 (step 3), best 0.75 (step 3)" in report
+    for label in ("| reward | first", "| zero-signal share | first 0 (step 1)", "| completion length | first",
+                  "| seconds per step | sampling "):
+        assert label in report, label
+    assert "![learning curve](plots/learning_curve.png)" in report
+    settings = __import__("yaml").safe_load((run / RunDir.CONFIG).read_text())
+    (group,) = collect(run, read_metrics(run), settings).groups
+    assert [(p.role, p.step) for p in group.points] == [("base", 0), ("checkpoint", 2), ("final", 3)]
+    assert group.points[1].seconds is not None and group.points[2].seconds >= group.points[1].seconds
