@@ -173,14 +173,22 @@ def metric_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_cli_trains_two_steps_and_writes_the_run_dir(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max_steps", 2, "--output-dir", out)
+@pytest.fixture(scope="module")
+def cli_run(tiny_model_dir, tmp_path_factory):
+    """One 5-step ``mathtune grpo`` CLI run, straight through (its tests only read it): the run dir test
+    checks it, and the SIGTERM test compares its interrupted-and-resumed run's weights with it."""
+    out = tmp_path_factory.mktemp("grpo-cli") / "run"
+    proc = run_cli("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max_steps", 5, "--output-dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_cli_trains_and_writes_the_run_dir(cli_run):
+    proc, out = cli_run
     assert "sampler: mathtune" in proc.stdout and "G=4 samples per question" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file() and (out / RunDir.TRAINER_STATE).is_file()
     lines = metric_lines(out)
-    assert [line["step"] for line in lines] == [1, 2]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
     for key in ("loss", "reward", "pass_rate", "zero_signal_share", "completion_length", "sample_seconds",
                 "score_seconds", "train_seconds"):
         assert lines[0][key] is not None, key
@@ -188,11 +196,15 @@ def test_cli_trains_two_steps_and_writes_the_run_dir(tiny_model_dir, tmp_path):
     assert "num_generations: 4" in saved and "loss_type: dapo" in saved
 
 
-def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path):
-    proc = run_cli("grpo", "--model", tiny_model_dir, "--num-generations", 3, "--batch-size", 4, "--temperature", 0,
-                   "--output-dir", tmp_path / "run")
-    assert proc.returncode == 2
-    assert "not a multiple of --num-generations 3" in proc.stderr and "--temperature must be > 0" in proc.stderr
+def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path, capsys):
+    from mathtune.cli import main  # in-process: the exit code and message are main()'s, as the CLI's
+
+    code = main(["grpo", "--model", str(tiny_model_dir), "--num-generations", "3", "--batch-size", "4",
+                 "--temperature", "0", "--output-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert "not a multiple of --num-generations 3" in stderr and "--temperature must be > 0" in stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_max_time_stops_and_saves(tiny_model_dir, tmp_path, one_thread):
@@ -216,16 +228,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tmp_path):
+def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tmp_path, cli_run):
     def weights(path):
         from safetensors.torch import load_file
 
         return load_file(str(path / "adapter_model.safetensors"))
 
     flags = ("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max-steps", 5)
-    straight = tmp_path / "straight"
-    proc = run_cli(*flags, "--output-dir", straight)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = cli_run[1]  # the same flags, run straight through
 
     out = tmp_path / "run"
     proc = run_cli(*flags, "--output-dir", out, env_extra={"T_AT": "2"}, hooked=True)
@@ -246,7 +256,9 @@ def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tm
 
 
 def guarded(tiny_model_dir, tmp_path, **overrides):
-    return grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", guards=True, **overrides))
+    # short completions: the guards judge shares and means, which 6 tokens show as well as 12
+    return grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", guards=True,
+                                  **{"max_completion_length": 6, **overrides}))
 
 
 def signal_guard(session):
@@ -272,7 +284,7 @@ def test_runaway_length_fires(tiny_model_dir, tmp_path, one_thread):
     with pytest.raises(TrainingHalted) as exc:
         grpo.run(session)
     assert exc.value.check == "runaway_length" and exc.value.step == 10
-    assert "100% of completions ran to --max-completion-length 12" in str(exc.value)
+    assert "100% of completions ran to --max-completion-length 6" in str(exc.value)
 
 
 def test_reward_collapse_fires(tiny_model_dir, tmp_path, one_thread):
