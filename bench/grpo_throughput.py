@@ -10,8 +10,12 @@ same G, batch, accumulation, completion length, temperature, learning rate and l
   mathtune  ``mathtune.training.grpo`` (what ``mathtune grpo`` runs): the rollout sampler on mathtune's CPU
             fast path (one prefill per question group, calculator on for GSM8K), mathtune's callbacks and
             guards (guards off here: the tiny-model runs would stop on "no signal")
-  stock     ``trl.GRPOTrainer`` as its docs show it: conversational prompts, its own ``model.generate``,
-            the same correctness reward, no mathtune callbacks
+  stock     ``trl.GRPOTrainer`` as its docs show it, on its own model: the same weights loaded afresh with
+            ``AutoModelForCausalLM.from_pretrained`` (a GGUF alias from the plain dir mathtune converted it
+            to, a LoRA run dir merged and saved to a temporary dir first), never the model object mathtune
+            trained; the same LoRA settings handed to TRL as ``peft_config``; conversational prompts,
+            TRL's own ``model.generate`` (no ``rollout_func``), the same correctness reward, the same
+            GRPOConfig values, no mathtune callbacks
 
 questions/min = steps x questions per step / wall minutes of ``trainer.train()`` (model loading excluded).
 Prints both, the machine kind and ``speed-up: R×``.
@@ -20,6 +24,7 @@ Prints both, the machine kind and ``speed-up: R×``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -46,26 +51,63 @@ def settings(args, out: Path, sampler: str) -> GRPOSettings:
         learning_rate=1e-5))
 
 
-def mathtune_side(args, out: Path) -> tuple[float, str]:
+def mathtune_side(args, out: Path):
+    """(seconds, how it sampled, the training questions as a dataset): what ``mathtune grpo`` runs."""
     from mathtune.training import grpo
 
     session = grpo.setup(settings(args, out, "auto"))
     started = time.perf_counter()
     session.trainer.train()
     seconds = time.perf_counter() - started
-    return seconds, f"{session.sampler} ({session.sampler_reason}); precision {session.placement.precision}"
+    how = f"{session.sampler} ({session.sampler_reason}); precision {session.placement.precision}"
+    return seconds, how, session.trainer.train_dataset
 
 
-def stock_side(args, out: Path) -> float:
-    from trl import GRPOTrainer
+def plain_model_dir(spec: str, scratch: Path) -> str:
+    """A directory (or hub id) ``from_pretrained`` loads with no mathtune code: the model ``spec`` names."""
+    from mathtune.models.gguf_cache import ensure_converted
+    from mathtune.models.load import load_model
+    from mathtune.models.spec import resolve_model_source
 
-    from mathtune.training import grpo
+    kind, source = resolve_model_source(spec)
+    if kind in ("alias-gguf", "gguf-file"):
+        return str(ensure_converted(kind, spec, Path(source)))  # the plain HF dir the GGUF was converted to
+    if kind == "adapter":  # what mathtune grpo starts from: the run's adapter merged into its base
+        loaded = load_model(spec, dtype=torch.float32, merge_adapter=True)
+        loaded.model.save_pretrained(scratch)
+        loaded.tokenizer.save_pretrained(scratch)
+        del loaded
+        return str(scratch)
+    return source
+
+
+def stock_side(args, out: Path, dataset) -> float:
+    """Stock TRL on a freshly loaded model: nothing of the mathtune side's model, sampler or trainer."""
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mathtune.families import lora_target_modules
+    from mathtune.tasks import task_from_config
+    from mathtune.training import grpo, recipe
 
     config = settings(args, out, "trl")
-    session = grpo.setup(config)  # the same model, LoRA, questions, precision and GRPOConfig
-    dataset = session.trainer.train_dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    trainer = GRPOTrainer(model=session.model, reward_funcs=[grpo.correctness_reward(session.judge_rule)],
-                          args=session.trainer.args, train_dataset=dataset, processing_class=session.tokenizer)
+    source = plain_model_dir(args.model, out.parent / "stock-model")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)  # fp32 master weights, as ours
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=lora_target_modules(model), task_type="CAUSAL_LM")
+    # the same GRPOConfig values as the mathtune side (G, batch, lengths, temperature, loss, lr, precision)
+    placement = recipe.setup_placement(config, None)
+    grpo_args = grpo._grpo_arguments(trl, config, out, placement, [], [1.0])
+    judge_rule = task_from_config(config).judge_rule
+    prompts = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=[grpo.correctness_reward(judge_rule)], args=grpo_args,
+                              train_dataset=prompts, processing_class=tokenizer, peft_config=lora)
+    if trainer.rollout_func is not None:
+        raise SystemExit("the stock side must sample with TRL's own generation, but a rollout_func is set")
     started = time.perf_counter()
     trainer.train()
     return time.perf_counter() - started
@@ -97,8 +139,9 @@ def main(argv=None) -> int:
           f"({questions_per_step} questions per step); max completion {args.max_completion_length}; "
           f"T {args.temperature}; {args.steps} steps each")
     with tempfile.TemporaryDirectory() as tmp:
-        ours, how = mathtune_side(args, Path(tmp) / "mathtune")
-        theirs = stock_side(args, Path(tmp) / "stock")
+        ours, how, dataset = mathtune_side(args, Path(tmp) / "mathtune")
+        gc.collect()  # the mathtune side's model and trainer are gone before the stock side loads its own
+        theirs = stock_side(args, Path(tmp) / "stock", dataset)
     rate = lambda seconds: args.steps * questions_per_step / (seconds / 60)  # noqa: E731
     print(f"mathtune  {ours:.1f} s: {rate(ours):.2f} questions/min; sampler {how}")
     print(f"stock     {theirs:.1f} s: {rate(theirs):.2f} questions/min (TRL's own generation)")

@@ -26,11 +26,20 @@ COMPARISON_FILE = RunDir.COMPARISON
 SAMPLES_FILE = RunDir.SAMPLES
 REPORT_FILE = RunDir.REPORT
 PLOTS_DIR = RunDir.PLOTS
-PLOT_FILES = {"loss": "loss.png", "grad_norm": "grad_norm.png", "accuracy": "accuracy.png",
-              "learning_curve": "learning_curve.png"}
+PLOT_FILES = {"loss": "loss.png", "grad_norm": "grad_norm.png", "reward": "reward.png", "pass_rate": "pass_rate.png",
+              "accuracy": "accuracy.png", "learning_curve": "learning_curve.png"}
 # metrics.jsonl fields read as numbers; others are carried along untouched
 NUMERIC_FIELDS = ("loss", "grad_norm", "learning_rate", "supervised_tokens", "supervised_tokens_per_second",
-                  "epoch", "seconds")
+                  "epoch", "seconds") + (
+    # a GRPO run's figures (training.grpo_guards.RLStats.log_fields): means over the steps since the last line
+    "reward", "pass_rate", "zero_signal_share", "completion_length", "truncated_share", "sample_seconds",
+    "score_seconds", "train_seconds")
+# (metrics.jsonl field, report.md label, what it means) of a GRPO run, in the order report.md lists them
+RL_ROWS = (("reward", "reward", "TRL's weighted reward, mean over the samples"),
+           ("pass_rate", "pass rate", "share of samples judged correct"),
+           ("zero_signal_share", "zero-signal share", "share of question groups whose samples all scored alike"),
+           ("completion_length", "completion length", "mean tokens per sample"),
+           ("truncated_share", "truncated share", "share of samples cut at --max-completion-length"))
 _NON_FINITE_STRINGS = {"nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 COMPARISON_KEYS = ("n", "base", "trained", "accuracy_difference", "ci95", "bootstrap", "mcnemar_p",
                    "fixed", "broken", "both_correct", "both_wrong")
@@ -324,6 +333,7 @@ def _training_rows(metrics: list[dict]) -> list[tuple[str, str]]:
     if tokens:
         # each line counts the tokens of the steps since the previous line, so the sum is the total
         rows.append(("supervised tokens", f"{sum(tokens):,.0f} in all (mean {sum(tokens) / len(tokens):,.0f} per logged line)"))
+    rows += _rl_rows(metrics)
     _, seconds = _series(metrics, "seconds")
     if seconds and math.isfinite(seconds[-1]):
         rows.append(("training time", f"{seconds[-1]:,.1f} s to the last logged step"))
@@ -333,6 +343,29 @@ def _training_rows(metrics: list[dict]) -> list[tuple[str, str]]:
     _, epochs = _series(metrics, "epoch")
     if epochs:
         rows.append(("epochs", f"{epochs[-1]:.2f}"))
+    return rows
+
+
+def _rl_rows(metrics: list[dict]) -> list[tuple[str, str]]:
+    """A GRPO run's figures: first -> last (best) of each, and the seconds of a step by phase. None for SFT runs."""
+    rows = []
+    for key, label, meaning in RL_ROWS:
+        steps, values = _series(metrics, key)
+        finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+        if not finite:
+            continue
+        text = f"first {_fmt(finite[0][1], 3)} (step {finite[0][0]}) → last {_fmt(finite[-1][1], 3)} (step {finite[-1][0]})"
+        if key in ("reward", "pass_rate"):
+            best = max(finite, key=lambda p: p[1])
+            text += f", best {_fmt(best[1], 3)} (step {best[0]})"
+        rows.append((label, f"{text}; {meaning}"))
+    phases = []
+    for key, label in (("sample_seconds", "sampling"), ("score_seconds", "scoring"), ("train_seconds", "training")):
+        values = [v for v in _series(metrics, key)[1] if math.isfinite(v)]
+        if values:
+            phases.append(f"{label} {sum(values) / len(values):.2f}")
+    if phases:
+        rows.append(("seconds per step", ", ".join(phases) + " (means over the logged lines)"))
     return rows
 
 
@@ -486,6 +519,10 @@ def write_report(run_dir) -> Path:
         "loss": plot_curve(metrics, "loss", "training loss", plots_dir / PLOT_FILES["loss"]),
         "grad_norm": plot_curve(metrics, "grad_norm", "gradient norm (before clipping)",
                                 plots_dir / PLOT_FILES["grad_norm"], log_scale_ratio=100.0),
+        # GRPO runs: the curves of what the samples scored (an SFT run logs neither, so draws neither)
+        "reward": plot_curve(metrics, "reward", "reward (mean over the samples)", plots_dir / PLOT_FILES["reward"]),
+        "pass_rate": plot_curve(metrics, "pass_rate", "pass rate (share of samples correct)",
+                                plots_dir / PLOT_FILES["pass_rate"]),
         "accuracy": False,
         "learning_curve": plot_learning_curve(curves, plots_dir / PLOT_FILES["learning_curve"]),
     }
@@ -504,7 +541,8 @@ def write_report(run_dir) -> Path:
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in _training_rows(metrics)]
     lines += ["", "## Plots", ""]
-    titles = {"loss": "training loss", "grad_norm": "gradient norm", "accuracy": "base vs trained accuracy"}
+    titles = {"loss": "training loss", "grad_norm": "gradient norm", "reward": "GRPO reward",
+              "pass_rate": "GRPO pass rate", "accuracy": "base vs trained accuracy"}
     for name, done in made.items():
         if done and name in titles:  # the learning curve goes in its own section
             lines += [f"![{titles[name]}]({PLOTS_DIR}/{PLOT_FILES[name]})", ""]

@@ -173,14 +173,22 @@ def metric_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_cli_trains_two_steps_and_writes_the_run_dir(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max_steps", 2, "--output-dir", out)
+@pytest.fixture(scope="module")
+def cli_run(tiny_model_dir, tmp_path_factory):
+    """One 5-step ``mathtune grpo`` CLI run, straight through (its tests only read it): the run dir test
+    checks it, and the SIGTERM test compares its interrupted-and-resumed run's weights with it."""
+    out = tmp_path_factory.mktemp("grpo-cli") / "run"
+    proc = run_cli("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max_steps", 5, "--output-dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_cli_trains_and_writes_the_run_dir(cli_run):
+    proc, out = cli_run
     assert "sampler: mathtune" in proc.stdout and "G=4 samples per question" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file() and (out / RunDir.TRAINER_STATE).is_file()
     lines = metric_lines(out)
-    assert [line["step"] for line in lines] == [1, 2]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
     for key in ("loss", "reward", "pass_rate", "zero_signal_share", "completion_length", "sample_seconds",
                 "score_seconds", "train_seconds"):
         assert lines[0][key] is not None, key
@@ -188,11 +196,15 @@ def test_cli_trains_two_steps_and_writes_the_run_dir(tiny_model_dir, tmp_path):
     assert "num_generations: 4" in saved and "loss_type: dapo" in saved
 
 
-def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path):
-    proc = run_cli("grpo", "--model", tiny_model_dir, "--num-generations", 3, "--batch-size", 4, "--temperature", 0,
-                   "--output-dir", tmp_path / "run")
-    assert proc.returncode == 2
-    assert "not a multiple of --num-generations 3" in proc.stderr and "--temperature must be > 0" in proc.stderr
+def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path, capsys):
+    from mathtune.cli import main  # in-process: the exit code and message are main()'s, as the CLI's
+
+    code = main(["grpo", "--model", str(tiny_model_dir), "--num-generations", "3", "--batch-size", "4",
+                 "--temperature", "0", "--output-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert "not a multiple of --num-generations 3" in stderr and "--temperature must be > 0" in stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_max_time_stops_and_saves(tiny_model_dir, tmp_path, one_thread):
@@ -216,16 +228,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tmp_path):
+def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tmp_path, cli_run):
     def weights(path):
         from safetensors.torch import load_file
 
         return load_file(str(path / "adapter_model.safetensors"))
 
     flags = ("grpo", "--model", tiny_model_dir, *TINY_FLAGS, "--max-steps", 5)
-    straight = tmp_path / "straight"
-    proc = run_cli(*flags, "--output-dir", straight)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = cli_run[1]  # the same flags, run straight through
 
     out = tmp_path / "run"
     proc = run_cli(*flags, "--output-dir", out, env_extra={"T_AT": "2"}, hooked=True)
@@ -246,7 +256,9 @@ def test_sigterm_checkpoints_and_resume_auto_finishes_the_run(tiny_model_dir, tm
 
 
 def guarded(tiny_model_dir, tmp_path, **overrides):
-    return grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", guards=True, **overrides))
+    # short completions: the guards judge shares and means, which 6 tokens show as well as 12
+    return grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", guards=True,
+                                  **{"max_completion_length": 6, **overrides}))
 
 
 def signal_guard(session):
@@ -272,7 +284,7 @@ def test_runaway_length_fires(tiny_model_dir, tmp_path, one_thread):
     with pytest.raises(TrainingHalted) as exc:
         grpo.run(session)
     assert exc.value.check == "runaway_length" and exc.value.step == 10
-    assert "100% of completions ran to --max-completion-length 12" in str(exc.value)
+    assert "100% of completions ran to --max-completion-length 6" in str(exc.value)
 
 
 def test_reward_collapse_fires(tiny_model_dir, tmp_path, one_thread):
@@ -330,3 +342,87 @@ def test_settings_take_trl_names_in_flags_and_yaml(tmp_path):
     problems = " | ".join(exc.value.problems)
     assert "--loss-type 'ppo' is not one of dapo" in problems
     assert "shared_prefix: False is a `mathtune train` setting that GRPO does not use" in problems
+
+
+# --------------------------------------------------------------------------- MATH-style answers (issue 32)
+MATH_ROWS = [  # MATH's columns; golds: a number in LaTeX (the numeric rule) and expressions (math-verify)
+    {"problem": "What is half of $1$?", "solution": "Half of one is $\\boxed{\\frac{1}{2}}$."},
+    {"problem": "Simplify $\\sqrt{20}$.", "solution": "$\\sqrt{20} = \\sqrt{4 \\cdot 5} = \\boxed{2\\sqrt{5}}$."},
+    {"problem": "Compute $\\cos 45^\\circ$.", "solution": "It is $\\boxed{\\frac{\\sqrt{2}}{2}}$."},
+    {"problem": "Expand $(x+1)^2 - 2x$.", "solution": "We get $\\boxed{x^2 + 1}$."},
+]
+
+
+@pytest.fixture
+def math_file(tmp_path):
+    path = tmp_path / "math-train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in MATH_ROWS))
+    return path
+
+
+def test_correctness_reward_judges_latex_answers_in_other_forms(math_file):
+    from mathtune.tasks import get_task
+
+    # golds as grpo's dataset carries them: the math task's reading of the file, as JSON text
+    golds = [json.dumps(example.gold) for example in get_task("math", train_file=math_file).examples("train")]
+    right = ["So the answer is $\\boxed{0.5}$.", "$\\boxed{\\sqrt{20}}$", "$\\boxed{\\frac{1}{\\sqrt{2}}}$",
+             "$\\boxed{1 + x^2}$"]
+    wrong = ["So the answer is $\\boxed{\\frac{1}{3}}$.", "$\\boxed{2\\sqrt{3}}$", "$\\boxed{\\frac{\\sqrt{3}}{2}}$",
+             "$\\boxed{x^2 - 1}$"]
+    stats = grpo.RLStats(num_generations=4, max_completion_length=16)
+    reward = grpo.correctness_reward("exact", stats)
+    prompts = [row["problem"] for row in MATH_ROWS]
+    for completions, expected in ((right, 1.0), (wrong, 0.0)):
+        ids = [[1] * 3 for _ in completions]
+        assert reward(prompts, completions, ids, gold=golds) == [expected] * 4, completions
+    assert stats.window[-1]["pass_rate"] == 0.0 and stats.window[-2]["pass_rate"] == 1.0  # what metrics.jsonl logs
+
+
+def test_cli_trains_on_a_math_style_file(tiny_model_dir, math_file, tmp_path):
+    out = tmp_path / "run"
+    flags = TINY_FLAGS[4:]  # past --task unit-conversion --max-samples 16
+    proc = run_cli("grpo", "--model", tiny_model_dir, *flags, "--task", "math", "--train-file", math_file,
+                   "--max-samples", -1,
+                   "--max-steps", 2, "--max-completion-length", 6, "--output-dir", out,
+                   env_extra={"MATHTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task: math (reward: judge exact" in proc.stdout and f"{len(MATH_ROWS)} questions" in proc.stdout
+    lines = metric_lines(out)
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(line["reward"] is not None and line["pass_rate"] is not None for line in lines)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- the report of a GRPO run
+
+
+def test_report_shows_reward_and_pass_rate_and_the_learning_curve_takes_grpo_checkpoints(tiny_model_dir, tmp_path,
+                                                                                          one_thread):
+    from mathtune.learning_curve import collect
+    from mathtune.report import read_metrics, write_report
+    from test_learning_curve import run_eval
+    from test_report import png_size
+
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", max_steps=3, save_steps=2,
+                                     save_total_limit=None))
+    # a pass rate that moves: 1 of 4 right at step 1, 2 at step 2, 3 at step 3
+    scripted_reward(session, lambda n, step: [float(i % 4 < step) for i in range(n)])
+    grpo.run(session)
+    RunDir(session.run_dir).unlock()
+    run = session.run_dir
+    for spec in (run / "checkpoint-2", run, tiny_model_dir):  # real greedy evals, as a user would run them
+        run_eval(spec, run / "eval" / "curve")
+
+    report = write_report(run).read_text()
+    for name in ("reward", "pass_rate", "learning_curve"):
+        assert png_size(run / "plots" / f"{name}.png")[0] > 0, name
+    assert "![GRPO reward](plots/reward.png)" in report and "![GRPO pass rate](plots/pass_rate.png)" in report
+    assert "| pass rate | first 0.25 (step 1) → last 0.75 (step 3), best 0.75 (step 3)" in report
+    for label in ("| reward | first", "| zero-signal share | first 0 (step 1)", "| completion length | first",
+                  "| seconds per step | sampling "):
+        assert label in report, label
+    assert "![learning curve](plots/learning_curve.png)" in report
+    settings = __import__("yaml").safe_load((run / RunDir.CONFIG).read_text())
+    (group,) = collect(run, read_metrics(run), settings).groups
+    assert [(p.role, p.step) for p in group.points] == [("base", 0), ("checkpoint", 2), ("final", 3)]
+    assert group.points[1].seconds is not None and group.points[2].seconds >= group.points[1].seconds
