@@ -267,6 +267,19 @@ class ModelSettings:
             set_path(config, fields_by_name[name].path, value)
         return config
 
+    def with_flat(self, **values):
+        """A copy with settings changed by flag name (nested ones included), not validated."""
+        import copy
+
+        fields_by_name = exposed_fields(type(self))
+        unknown = sorted(set(values) - set(fields_by_name))
+        if unknown:
+            raise MathtuneError(f"unknown setting(s) of {type(self).__name__}: {', '.join(unknown)}")
+        config = copy.deepcopy(self)
+        for name, value in values.items():
+            set_path(config, fields_by_name[name].path, value)
+        return config
+
     def _common_problems(self) -> list[str]:
         problems = []
         # YAML values bypass argparse's choices and types: check both here, for YAML and flags alike

@@ -98,7 +98,7 @@ def doctor_config(config: TrainConfig, steps: int, run_dir: Path | None) -> Trai
                      logging_steps=1, max_time=None)
     if run_dir is not None:
         overrides["output_dir"] = str(run_dir)
-    return dataclasses.replace(config, **overrides).validate()
+    return config.with_flat(**overrides).validate()
 
 
 def rows_needed(config: TrainConfig, steps: int) -> int:

@@ -515,7 +515,7 @@ def test_compare_logs_errors_name_the_file(tmp_path, capsys):
     assert main(["compare", "--base-log", log_a, "--trained-log", log_a, "--calculator", "--max-samples", "5",
                  "--output", str(tmp_path / "o.json")]) == 2
     err = capsys.readouterr().err
-    assert "--calculator, --max-samples: with --base-log/--trained-log nothing is evaluated" in err
+    assert "--max-samples, --calculator: with --base-log/--trained-log nothing is evaluated" in err
     assert not (tmp_path / "o.json").exists()
 
 

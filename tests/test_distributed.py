@@ -244,7 +244,8 @@ def test_sharded_eval_equals_single_process_on_every_per_item_field(varied_model
     one = [json.loads(l) for l in log_paths(single, tag, "unit-conversion")[0].read_text().splitlines()]
     assert len(two) == len(one) == n
     fields = {"id", "question", "gold", "output", "outputs", "extracted", "method", "strict_extracted", "correct",
-              "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls", "stop_reason"}
+              "strict_correct", "answered", "majority", "output_tokens", "loop", "calculator_calls", "stop_reason",
+              "rule", "gold_parsed", "parsed", "note"}
     for i, (a, b) in enumerate(zip(two, one)):
         assert set(a) == set(b) == fields, i
         differ = sorted(f for f in fields if a[f] != b[f])

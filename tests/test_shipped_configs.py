@@ -52,6 +52,6 @@ def test_demo_recipe_fits_the_ten_minute_cpu_budget():
     # training budget + two 200-item evals (base, trained) of short answers must stay under 10 minutes
     config = build_config(TrainConfig, CONFIGS / "smollm2-135m/lora-unit-conversion.yaml")
     assert config.model == "smollm2-135m" and config.method == "lora" and config.task == "unit-conversion"
-    assert config.eval_samples == 200
+    assert config.eval.samples == 200
     assert config.max_time is not None and config.max_time <= 6 * 60
-    assert config.max_new_tokens <= 64  # targets are one line and '#### N'
+    assert config.eval.generation.max_new_tokens <= 64  # targets are one line and '#### N'

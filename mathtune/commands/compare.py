@@ -7,9 +7,8 @@ and the output JSON path are compare's own.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from mathtune.config import EvalConfig, add_config_arguments, config_from_args
+from mathtune.config import EvalConfig, add_config_arguments, config_from_args, exposed_fields
 from mathtune.errors import ConfigError
 from mathtune.run_dir import RunDir
 
@@ -58,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output, "--output", is_file=True)
     if from_logs:
         # every config flag defaults to None, so a typed one is not None: it would change nothing
-        typed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(EvalConfig)
-                 if f.name not in SKIPPED and getattr(args, f.name, None) is not None]
+        typed = [f"--{name.replace('_', '-')}" for name in exposed_fields(EvalConfig)
+                 if name not in SKIPPED and getattr(args, name, None) is not None]
         typed += ["--eval-dir"] * (args.eval_dir is not None) + ["--config"] * (getattr(args, "config", None) is not None)
         if typed:
             raise ConfigError([f"{', '.join(typed)}: with --base-log/--trained-log nothing is evaluated "
