@@ -70,12 +70,12 @@ versions: $(STAMP)
 
 # CI's second leg: a fresh venv where pip resolves the newest releases inside pyproject's bounds
 # (torch stays at TORCH_SPEC), running the tests that touch the libraries' APIs most: generation,
-# training, export, the CLI, mathtune/compat.py's shims of private library API (test_compat.py) and
-# math-verify's parse/verify (test_symbolic_answers.py). `make test-latest` builds .venv-latest from
-# scratch every time.
+# training, export, the CLI, mathtune/compat.py's shims of private library API (test_compat.py),
+# math-verify's parse/verify (test_symbolic_answers.py) and TRL's GRPOTrainer (test_grpo.py).
+# `make test-latest` builds .venv-latest from scratch every time.
 LATEST_TESTS ?= tests/test_generation.py tests/test_calculator.py tests/test_loops.py tests/test_training.py \
 	tests/test_shared_prefix.py tests/test_train_cli.py tests/test_export.py tests/test_cli_imports.py \
-	tests/test_compat.py tests/test_symbolic_answers.py
+	tests/test_compat.py tests/test_symbolic_answers.py tests/test_grpo.py
 test-latest:
 	rm -rf .venv-latest
 	$(MAKE) --no-print-directory VENV=.venv-latest CONSTRAINTS= install-test versions

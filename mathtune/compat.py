@@ -61,3 +61,42 @@ def hub_offline(offline: bool = True):
     finally:
         for module, value in saved:
             module.HF_HUB_OFFLINE = value
+
+
+# TRL's GRPOTrainer computes the completions' log-probabilities and entropies in one private method, the
+# only place a GRPO step runs the model with gradients; TRL has no public hook for it (``rollout_func``
+# covers sampling only). mathtune's shared-prompt pass (shared_prefix.score_completions_by_group) stands
+# in for it. Checked on TRL 1.16.0: called from ``_compute_loss`` (with gradients, the whole micro-batch)
+# and ``_generate_and_score_completions`` (without: old/reference log-probabilities), with this signature.
+_GRPO_SCORING = "_get_per_token_logps_and_entropies"
+_GRPO_SCORING_PARAMETERS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                            "compute_entropy", "compute_aux_loss")
+
+
+def grpo_scoring_problem(trainer_class) -> str | None:
+    """Why ``install_grpo_scoring`` cannot stand in for TRL's scoring on ``trainer_class``, or None."""
+    import inspect
+
+    method = getattr(trainer_class, _GRPO_SCORING, None)
+    if method is None:
+        return f"this TRL's GRPOTrainer has no {_GRPO_SCORING} (checked on TRL 1.16)"
+    parameters = inspect.signature(method).parameters
+    missing = [name for name in _GRPO_SCORING_PARAMETERS if name not in parameters]
+    if missing:
+        return f"this TRL's GRPOTrainer.{_GRPO_SCORING} lacks {', '.join(missing)} (checked on TRL 1.16)"
+    return None
+
+
+def install_grpo_scoring(trainer_class, scoring) -> str | None:
+    """Make ``scoring(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+    compute_aux_loss, **multimodal) -> (log_probs, entropies, aux_loss)`` the scoring method of
+    ``trainer_class`` (a GRPOTrainer subclass); ``call_trl_scoring`` reaches TRL's own. Returns why not, or None."""
+    problem = grpo_scoring_problem(trainer_class)
+    if problem is None:
+        setattr(trainer_class, _GRPO_SCORING, scoring)
+    return problem
+
+
+def call_trl_scoring(trainer, trl_class, *args, **kwargs):
+    """TRL's own scoring method (the per-row forward) on ``trainer``."""
+    return getattr(trl_class, _GRPO_SCORING)(trainer, *args, **kwargs)

@@ -67,6 +67,10 @@ class GRPOSettings(TrainConfig):
     # --- mathtune's
     format_reward: float = setting(0.0, "weight of a format reward (1 when the completion ends its answer with "
                                         "'#### N'); 0: correctness alone")
+    shared_prompt: bool = setting(True, "score each question's G completions on one pass of its prompt (the same "
+                                        "loss and gradients as TRL's per-row pass; one process, no gradient "
+                                        "checkpointing), and run groups whose rewards are all equal without a backward "
+                                        "pass (their loss is exactly zero when --beta is 0)")
     sampler: str = setting("auto", "who samples: mathtune (its CPU fast path: one prefill per question group, the "
                                    "calculator, loop stop), trl (GRPOTrainer's own model.generate), or auto (mathtune "
                                    "where its fast path serves the model, trl otherwise, said once)", choices=SAMPLERS)

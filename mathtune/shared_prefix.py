@@ -73,3 +73,62 @@ def split_off_prefix(model, inputs: dict, prefix: int) -> dict:
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "labels")}
     return {**rest, "input_ids": input_ids[:, prefix:], "labels": inputs["labels"][:, prefix:],
             "attention_mask": attention_mask, "cache": cache, "use_cache": True}
+
+
+# --------------------------------------------------------------------------- GRPO: one prompt per group
+#
+# A GRPO batch holds G completions of each question, its prompt repeated on G consecutive rows. TRL's
+# GRPOTrainer scores every row as prompt + completion, so each prompt runs G times forward and backward:
+# with GSM8K's chat prompts (~85-110 tokens) and equation-chain completions (~40), 4 questions x G 8 are
+# 32 x ~130 = ~4,100 positions where 4 x ~100 + 32 x 41 = ~1,700 carry distinct work. Here each group's
+# prompt (all but its last token) runs once at batch 1 into a cache that its G rows share, and the rows
+# run [last prompt token, completion] on top, scored by the same TRL LM head (``fused_lm_head=True``:
+# the temperature and the kernel are TRL's own), so log-probabilities, entropies and gradients are TRL's
+# to rounding (tests/test_grpo.py). Measured: bench/grpo_shared_prompt.py, BENCHMARKS.md.
+
+
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """Rows with identical (left-padded) prompts, each group's rows in order. Not only consecutive runs:
+    TRL shuffles a generation batch's rows before cutting it into micro-batches."""
+    groups: dict[tuple, list[int]] = {}
+    for row in range(prompt_ids.shape[0]):
+        key = tuple(prompt_ids[row][prompt_mask[row].bool()].tolist())
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
+def score_completions_by_group(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int,
+                               compute_entropy: bool, frozen_groups: set[int] = frozenset()):
+    """(log-probabilities, entropies or None), each (rows, completion_width), of the completion tokens
+    (the last ``completion_width`` columns, right-padded) under ``model`` patched with TRL's
+    ``add_fused_lm_head``. ``frozen_groups``: indices of groups run without gradients (their loss
+    terms are zero, e.g. all-zero advantages), which saves their backward pass."""
+    from transformers import DynamicCache
+
+    width = input_ids.shape[1] - completion_width
+    prompt_ids, prompt_mask = input_ids[:, :width], attention_mask[:, :width]
+    completion_ids, completion_mask = input_ids[:, width:], attention_mask[:, width:]
+    log_probs, entropies, order = [], [], []
+    for index, members in enumerate(prompt_groups(prompt_ids, prompt_mask)):
+        rows, take = len(members), torch.tensor(members, device=input_ids.device)
+        prompt = prompt_ids[members[0]][prompt_mask[members[0]].bool()]
+        length = prompt.numel()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and index not in frozen_groups):
+            cache = DynamicCache(config=model.config)
+            if length > 1:  # logits at no position: the prompt's last token runs with the rows below
+                model(input_ids=prompt[None, :-1], cache=cache, use_cache=True,
+                      logits_to_keep=torch.zeros(1, length - 1, dtype=torch.bool, device=prompt.device))
+                cache.batch_repeat_interleave(rows)
+            ids = torch.cat([prompt[-1:].expand(rows, 1), completion_ids[take]], dim=1)
+            mask = torch.cat([torch.ones(rows, length, dtype=completion_mask.dtype, device=ids.device),
+                              completion_mask[take]], dim=1)
+            labels = ids.masked_fill(mask[:, length - 1:] == 0, -100)
+            positions = torch.arange(length - 1, length + completion_width, device=ids.device).expand(rows, -1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels,
+                        fused_lm_head=True, **({"cache": cache} if length > 1 else {}))
+        log_probs.append(out.log_probs)
+        if compute_entropy:
+            entropies.append(out.entropy)
+        order.extend(members)
+    back = torch.argsort(torch.tensor(order, device=input_ids.device))  # the batch's own row order
+    return torch.cat(log_probs)[back], (torch.cat(entropies)[back] if compute_entropy else None)

@@ -99,3 +99,26 @@ def test_without_hub_offline_datasets_would_go_to_the_network(monkeypatch, tmp_p
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     with pytest.raises(NetworkUsed):
         datasets.load_dataset("nobody-xyz/not-a-dataset-123", cache_dir=str(tmp_path))
+
+
+def test_grpo_scoring_shim_fits_the_installed_trl_and_names_what_is_missing():
+    import trl
+
+    from mathtune.compat import grpo_scoring_problem, install_grpo_scoring
+
+    # the installed TRL's GRPOTrainer has the private scoring method with the parameters mathtune's pass takes
+    assert grpo_scoring_problem(trl.GRPOTrainer) is None
+
+    class Renamed:  # a TRL that moved or renamed it: the shim says so and installs nothing
+        def score(self, model, input_ids):
+            return None
+
+    problem = install_grpo_scoring(Renamed, lambda *a, **k: None)
+    assert problem is not None and "has no _get_per_token_logps_and_entropies" in problem
+    assert not hasattr(Renamed, "_get_per_token_logps_and_entropies")
+
+    class Narrower:
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep):
+            return None
+
+    assert "lacks batch_size, compute_entropy, compute_aux_loss" in grpo_scoring_problem(Narrower)

@@ -108,7 +108,8 @@ class WriteCalculation:
 
 
 def test_calculator_tokens_are_masked_and_do_not_change_trls_loss(tiny_model_dir, tmp_path, one_thread):
-    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", calculator=True))
+    # TRL's per-row pass: the hook below perturbs its layout (the shared-prompt pass is tied to it below)
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", calculator=True, shared_prompt=False))
     trainer, model, tokenizer = session.trainer, session.model, session.tokenizer
     trainer.rollout_func.logits_processors.append(WriteCalculation(tokenizer))
     scripted_reward(session, alternating)  # advantages +-1: the loss depends on every unmasked token
@@ -152,6 +153,86 @@ def test_calculator_tokens_are_masked_and_do_not_change_trls_loss(tiny_model_dir
     chosen = [(row, t) for row, t in (mask == 1).nonzero().tolist()][:4]
     _, grad = loss_and_gradient(chosen)
     assert float((grad - base_grad).abs().max()) > 1e-4  # the control: unmasked tokens do move it
+
+
+def mixed_then_equal(n, step):
+    """The first question's group gets rewards 0, 1, 0, 1 (a signal), the second's all 1 (zero advantages)."""
+    return [float(i % 2) for i in range(n // 2)] + [1.0] * (n - n // 2)
+
+
+def two_question_batch(session, rewards_for):
+    """One micro-batch through TRL's own pipeline (rollout_func -> rewards -> advantages): two questions,
+    G 4 each, the calculator forcing tokens on every row (so env_mask holes are in it too)."""
+    trainer, model = session.trainer, session.model
+    trainer.rollout_func.logits_processors.append(WriteCalculation(session.tokenizer))
+    scripted_reward(session, rewards_for)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); the loss normaliser reads it
+    batch = [dict(trainer.train_dataset[0]) for _ in range(4)] + [dict(trainer.train_dataset[1]) for _ in range(4)]
+    return trainer._prepare_inputs(batch)
+
+
+def loss_and_gradient(trainer, model, inputs, shared_prompt: bool):
+    trainer.shared_prompt = shared_prompt
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                       for p in model.parameters() if p.requires_grad])
+    return float(loss), grads
+
+
+def test_shared_prompt_pass_gives_trls_scores_loss_and_gradient(tiny_model_dir, tmp_path, one_thread):
+    from mathtune import compat
+
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", calculator=True, batch_size=8))
+    trainer, model = session.trainer, session.model
+    assert trainer.shared_prompt and trainer.shared_prompt_problem is None
+    assert "one prompt pass per question group" in grpo.scoring_mode(session)
+    inputs = two_question_batch(session, mixed_then_equal)
+    assert (inputs["tool_mask"] == 0).any() and inputs["prompt_ids"].shape[0] == 8
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+    scored = inputs["completion_mask"].bool()
+    with torch.no_grad():  # per-token log-probabilities and entropies: TRL's per-row pass vs one prompt pass per group
+        theirs = compat.call_trl_scoring(trainer, __import__("trl").GRPOTrainer, model, ids, mask, width,
+                                         compute_entropy=True)
+        ours = trainer._get_per_token_logps_and_entropies(model, ids, mask, width, compute_entropy=True)
+    assert float((theirs[0] - ours[0])[scored].abs().max()) <= 1e-5
+    assert float((theirs[1] - ours[1])[scored].abs().max()) <= 1e-5
+    # the second question's rows (shuffled among the first's by TRL) have all-zero advantages: no backward graph
+    trainer.loss_advantages = inputs["advantages"]
+    with torch.enable_grad():
+        frozen = grpo._frozen_groups(trainer, ids, mask, width)
+    groups = grpo.prompt_groups(inputs["prompt_ids"], inputs["prompt_mask"])
+    assert sorted(map(len, groups)) == [4, 4] and len(frozen) == 1
+    assert float(inputs["advantages"][groups[frozen.pop()]].abs().max()) == 0.0
+    trainer.loss_advantages = None
+    trl_loss, trl_grad = loss_and_gradient(trainer, model, inputs, shared_prompt=False)
+    loss, grad = loss_and_gradient(trainer, model, inputs, shared_prompt=True)
+    assert float(trl_grad.abs().max()) > 1e-6  # a gradient that could move
+    assert abs(loss - trl_loss) <= 1e-6
+    assert float((grad - trl_grad).abs().max()) <= 1e-5 * float(trl_grad.abs().max())
+
+
+def test_a_micro_batch_without_signal_trains_to_zero_gradient_without_a_backward_graph(tiny_model_dir, tmp_path,
+                                                                                       one_thread):
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", batch_size=8))
+    trainer, model = session.trainer, session.model
+    inputs = two_question_batch(session, lambda n, step: [1.0] * n)
+    assert float(inputs["advantages"].abs().max()) == 0.0
+    trl_loss, trl_grad = loss_and_gradient(trainer, model, inputs, shared_prompt=False)
+    loss, grad = loss_and_gradient(trainer, model, inputs, shared_prompt=True)
+    assert loss == trl_loss == 0.0
+    assert float(grad.abs().max()) == float(trl_grad.abs().max()) == 0.0
+
+
+def test_shared_prompt_falls_back_to_trls_pass_where_it_cannot_apply(tiny_model_dir, tmp_path):
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "a", shared_prompt=False))
+    assert grpo.scoring_mode(session) == "TRL's per-row pass (--no-shared-prompt)"
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "b", gradient_checkpointing=True))
+    assert grpo.scoring_mode(session) == "TRL's per-row pass (--gradient-checkpointing)"
 
 
 # --------------------------------------------------------------------------- the command

@@ -38,13 +38,14 @@ import torch
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from mathtune import distributed
+from mathtune import compat, distributed
 from mathtune.budget import TimeBudget
 from mathtune.config import save_config
 from mathtune.errors import MathtuneError, TrainingHalted
 from mathtune.grpo_config import GRPOSettings
 from mathtune.interrupt import InterruptCallback, signals_stop_training
 from mathtune.run_dir import RunDir
+from mathtune.shared_prefix import prompt_groups, score_completions_by_group
 from mathtune.step_stats import StepStats
 from mathtune.training import recipe
 from mathtune.training.callbacks import (ESTIMATE_AFTER_STEPS, CheckpointMarker, ConsoleProgress, StepCallback,
@@ -117,10 +118,20 @@ def _grpo_trainer_class():
         """TRL's GRPOTrainer with MathtuneTrainer's time-budget schedule and offline adapter saves, recording
         each micro-batch into ``StepStats`` (the guards and metrics.jsonl read it)."""
 
-        def __init__(self, *args, rl_stats: RLStats, **kwargs):
+        def __init__(self, *args, rl_stats: RLStats, shared_prompt: bool = False, **kwargs):
             # supervised_logits / shared_prefix / attention: MathtuneTrainer's SFT paths, off (GRPO's loss is TRL's)
             super().__init__(*args, supervised_logits=False, shared_prefix=False, attention=None, **kwargs)
             self.rl_stats = rl_stats
+            self.shared_prompt = shared_prompt
+            self.loss_advantages = None  # the micro-batch compute_loss is scoring (see score_completions)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.loss_advantages = inputs.get("advantages")
+            try:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            finally:
+                self.loss_advantages = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             first_of_step = self.step_stats.micro_batches == 0
@@ -133,7 +144,47 @@ def _grpo_trainer_class():
                 self.step_stats.step_started = started
             return loss
 
+    problem = compat.install_grpo_scoring(MathtuneGRPOTrainer, _score_completions)
+    MathtuneGRPOTrainer.shared_prompt_problem = problem
     return MathtuneGRPOTrainer
+
+
+def _score_completions(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                       compute_entropy=False, compute_aux_loss=False, **multimodal):
+    """TRL's scoring (completion log-probabilities and entropies) with each question group's prompt run
+    once (shared_prefix.score_completions_by_group); TRL's own per-row pass where that cannot apply."""
+    import trl
+
+    # DDP: one forward per backward (the prompt and row passes would be two); checkpointing drops caches
+    if (not self.shared_prompt or compute_aux_loss or self.args.gradient_checkpointing
+            or self.accelerator.num_processes > 1 or any(value is not None for value in multimodal.values())):
+        return compat.call_trl_scoring(self, trl.GRPOTrainer, model, input_ids, attention_mask, logits_to_keep,
+                                       batch_size=batch_size, compute_entropy=compute_entropy,
+                                       compute_aux_loss=compute_aux_loss, **multimodal)
+    frozen = _frozen_groups(self, input_ids, attention_mask, logits_to_keep)
+    with self.accelerator.autocast():
+        log_probs, entropies = score_completions_by_group(model, input_ids, attention_mask, logits_to_keep,
+                                                          compute_entropy, frozen)
+    if torch.is_grad_enabled() and not log_probs.requires_grad:
+        # every group frozen: the loss is exactly zero; a zero-weighted sum of the trainable weights
+        # gives backward() a graph whose gradients are zero, as TRL's pass would give
+        log_probs = log_probs + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+    return log_probs, entropies, None
+
+
+def _frozen_groups(trainer, input_ids, attention_mask, logits_to_keep) -> set[int]:
+    """Groups of the micro-batch being trained whose advantages are all zero. With no KL term (beta 0)
+    every loss type TRL offers here multiplies each token's term by its advantage, so such a group adds
+    exactly zero loss and zero gradient: it is scored without a backward graph (its log-probabilities
+    and entropies still count in TRL's metrics)."""
+    advantages = trainer.loss_advantages
+    if (advantages is None or not torch.is_grad_enabled() or trainer.beta != 0
+            or advantages.shape[0] != input_ids.shape[0]):
+        return set()
+    width = input_ids.shape[1] - logits_to_keep
+    groups = prompt_groups(input_ids[:, :width], attention_mask[:, :width])
+    flat = advantages.reshape(advantages.shape[0], -1)
+    return {index for index, rows in enumerate(groups) if not flat[rows].abs().sum().item()}
 
 
 def _as_labelled(batch: dict) -> dict:
@@ -220,7 +271,7 @@ def setup(config: GRPOSettings) -> GRPOSession:
     trainer = _grpo_trainer_class()(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
         callbacks=callbacks.in_order(), rollout_func=rollout, step_stats=callbacks.step.stats, time_budget=budget,
-        rl_stats=rl_stats,
+        rl_stats=rl_stats, shared_prompt=config.shared_prompt,
     )
     trainer.remove_callback(ProgressCallback)
     return GRPOSession(config=config, placement=placement, run_dir=run.root, resume_from=resume_from, model=model,
@@ -442,6 +493,7 @@ def start_summary(session: GRPOSession) -> str:
         f"({c.batch_size} batch x {c.gradient_accumulation_steps} accumulation / G), loss {c.loss_type}, beta "
         f"{c.beta:g}, temperature {c.sampling.temperature:g}, max completion {c.max_completion_length} tokens",
         f"sampler: {session.sampler} ({session.sampler_reason})",
+        f"scoring: {scoring_mode(session)}",
         f"optimizer: AdamW lr {c.learning_rate:g}, {c.lr_scheduler} schedule, warmup {c.warmup_ratio:g}; "
         f"steps: {session.planned_steps}",
     ]
@@ -453,6 +505,18 @@ def start_summary(session: GRPOSession) -> str:
     lines.append(f"run dir: {session.run_dir}; checkpoints: {checkpoints}; guards: "
                  f"{'on' if c.guards else 'OFF (--no-guards)'}")
     return "\n".join(lines)
+
+
+def scoring_mode(session: GRPOSession) -> str:
+    """How the loss pass runs the model: one prompt pass per question group, or TRL's per-row pass and why."""
+    c, trainer = session.config, session.trainer
+    why_not = ("--no-shared-prompt" if not c.shared_prompt else trainer.shared_prompt_problem
+               or ("--gradient-checkpointing" if c.gradient_checkpointing else None)
+               or ("more than one process" if distributed.world_size() > 1 else None))
+    if why_not:
+        return f"TRL's per-row pass ({why_not})"
+    skip = "groups with all-equal rewards without a backward pass" if c.beta == 0 else "every group with gradients (beta > 0)"
+    return f"one prompt pass per question group, shared by its G completions; {skip}"
 
 
 def end_summary(result: GRPOResult) -> str:
