@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import REPO_ROOT, tiny_train_config
 
@@ -114,3 +115,50 @@ def test_run_on_the_bundled_model_loads_with_peft_alone(tmp_path, one_thread, ca
 
     standalone = generate_without_mathtune(run)
     assert standalone["text"] == mathtune_text(run)
+
+
+def test_grpo_run_from_a_lora_run_loads_with_the_weights_it_trained(tiny_model_dir, tmp_path, one_thread):
+    """GRPO from a LoRA run dir trains a fresh LoRA on the merged SFT weights: the run keeps those as
+    start-model and every adapter of it names that dir, so mathtune, PEFT alone and a moved copy of the run
+    load what was trained, not the new LoRA on the SFT run's bare base."""
+    from mathtune.config import build_config
+    from mathtune.grpo_config import GRPOSettings
+    from mathtune.models.load import load_model
+    from mathtune.training import grpo
+
+    sft = train_one_step(tiny_model_dir, tmp_path / "sft", learning_rate=5e-2)
+    run = tmp_path / "grpo"
+    session = grpo.setup(build_config(GRPOSettings, None, dict(
+        model=str(sft), task="unit-conversion", max_samples=4, num_generations=2, batch_size=2, max_steps=1,
+        max_completion_length=4, max_new_tokens=4, learning_rate=5e-2, output_dir=str(run), precision="fp32",
+        device="cpu", guards=False, seed=0, sample_every=0, save_steps=1)))
+
+    def alternating(prompts, completions, completion_ids, **kwargs):  # a signal, so the new LoRA moves
+        rewards = [float(i % 2) for i in range(len(completions))]
+        session.rl_stats.record_scores(rewards, [len(c) for c in completion_ids], kwargs.get("stop_reason"), 0.0)
+        return rewards
+
+    session.trainer.reward_funcs[0] = alternating
+    grpo.run(session)
+    start = str((run / "start-model").resolve())
+    for adapter_dir in (run, run / "checkpoint-1"):
+        assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == start
+
+    ids = torch.tensor([[1, 20, 300, 4000, 50]])
+    model = session.model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        loaded = load_model(str(run), dtype=torch.float32).model.eval()
+        assert float((loaded(input_ids=ids).logits - trained).abs().max()) < 1e-4
+        with model.disable_adapter():  # the merged SFT weights: the new LoRA moved away from them
+            merged = model(input_ids=ids).logits
+        assert float((merged - trained).abs().max()) > 1e-3
+        bare = load_model(str(tiny_model_dir), dtype=torch.float32).model.eval()  # the SFT run's base alone
+        assert float((bare(input_ids=ids).logits - merged).abs().max()) > 1e-3  # the SFT adapter is in start-model
+    assert generate_without_mathtune(run)["text"] == mathtune_text(run)  # PEFT alone finds start-model
+    moved = tmp_path / "moved"
+    shutil.move(str(run), moved)  # copied elsewhere: the absolute path is gone, the run's own start-model is found
+    with torch.no_grad():
+        for adapter_dir in (moved, moved / "checkpoint-1"):
+            again = load_model(str(adapter_dir), dtype=torch.float32).model.eval()
+            assert float((again(input_ids=ids).logits - trained).abs().max()) < 1e-4

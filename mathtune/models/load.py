@@ -71,6 +71,10 @@ def _check_whole(path: Path, stem: str = "model") -> None:
                                 f"whole copy (a training run's checkpoint-N dirs hold one each)")
 
 
+# `mathtune grpo` from a LoRA run dir: the merged weights its new LoRA trains on (training/grpo.py)
+START_MODEL_DIR = "start-model"
+
+
 def read_adapter_base(adapter_dir: Path) -> str:
     config_path = adapter_dir / "adapter_config.json"
     try:
@@ -86,6 +90,11 @@ def read_adapter_base(adapter_dir: Path) -> str:
     if not base_path.is_absolute() and not base_path.exists() and (adapter_dir / base_path).exists():
         return str((adapter_dir / base_path).resolve())
     if base_path.is_absolute() and not base_path.exists():
+        # A GRPO run's own start-model, moved or copied with the run dir (checkpoint-N: in its parent)
+        if base_path.name == START_MODEL_DIR:
+            for run_dir in (adapter_dir, adapter_dir.parent):
+                if (run_dir / START_MODEL_DIR / "config.json").is_file():
+                    return str((run_dir / START_MODEL_DIR).resolve())
         # A run copied to another machine, or a cleared model cache: the absolute dir PEFT reads is
         # gone, but the run's own record names the spec it came from (an alias converts again).
         recorded = _recorded_base_spec(adapter_dir)

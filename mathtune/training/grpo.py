@@ -244,11 +244,15 @@ def setup(config: GRPOSettings) -> GRPOSession:
         raise MathtuneError("mathtune grpo runs in bf16 or fp32: use --precision bf16 or fp32")
     run, resume_from = recipe.setup_run_dir_checks(config)
     model, tokenizer = _setup_model(config, placement)
+    # a LoRA run dir was merged: a fresh LoRA on top needs those merged weights as its base (below)
+    start_weights = dict(model.state_dict()) if _starts_from_adapter(config) and config.method == "lora" else None
     dataset, judge_rule, calculator, dropped, sample_questions, sample_source = _setup_data(config, tokenizer)
     set_seed(config.seed)
     config = recipe.setup_lora_targets(config, model)
     model = _setup_trainable(config, placement, model)
     seconds_offset = recipe.setup_run_dir(config, run, resume_from)
+    if start_weights is not None:
+        _keep_start_model(model, tokenizer, start_weights, run.root)
     report_to = recipe.setup_report_to(config)
     planned_steps = config.max_steps if config.max_steps > 0 else _planned_steps(config, len(dataset))
     budget = None
@@ -280,17 +284,45 @@ def setup(config: GRPOSettings) -> GRPOSession:
                        callbacks=callbacks, trainer=trainer, rl_stats=rl_stats)
 
 
+def _starts_from_adapter(config: GRPOSettings) -> bool:
+    from mathtune.models.spec import resolve_model_source
+
+    return resolve_model_source(config.model)[0] == "adapter"
+
+
 def _setup_model(config: GRPOSettings, placement):
     """fp32 master weights. A LoRA run dir (adapter) is merged into its base first: GRPO then trains a
     fresh LoRA on top of the SFT model (``--method full``: every weight of the merged model)."""
     from mathtune.models.load import load_model
-    from mathtune.models.spec import resolve_model_source
 
-    merge = resolve_model_source(config.model)[0] == "adapter"
     loaded = load_model(config.model, device=distributed.local_device(placement.device), dtype=torch.float32,
                         trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
-                        merge_adapter=merge)
+                        merge_adapter=_starts_from_adapter(config))
     return loaded.model, loaded.tokenizer
+
+
+def _keep_start_model(model, tokenizer, start_weights: dict, run_root: Path) -> None:
+    """Save the merged starting weights as ``<run>/start-model`` (once; a resumed run finds them) and
+    make it the base every adapter of this run names, so the run dir and its checkpoints load as
+    base + adapter in mathtune, PEFT and export alike. Without it the new LoRA would name the SFT run's
+    own base and load without the SFT adapter it was trained on top of (~540 MB for SmolLM2-135M)."""
+    from mathtune.models.gguf_cache import build_dir_atomically
+    from mathtune.models.load import START_MODEL_DIR
+
+    target = run_root / START_MODEL_DIR
+
+    def build(tmp: Path) -> None:
+        model.get_base_model().save_pretrained(tmp, state_dict=start_weights)
+        tokenizer.save_pretrained(tmp)
+
+    def save() -> None:
+        if not (target / "config.json").is_file():
+            build_dir_atomically(target, build, what="the merged starting model",
+                                 hint="free space there or pass another --output-dir")
+
+    distributed.on_main(save)
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = str(target.resolve())
 
 
 def _setup_data(config: GRPOSettings, tokenizer):
