@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mathtune.config import TrainConfig, build_config
+from mathtune.grpo_config import GRPOSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -18,7 +19,13 @@ REQUIRED = (
     "smollm2-135m/full-gsm8k.yaml",
     "smollm2-135m/lora-gsm8k-cpu.yaml",
     "qwen2.5-0.5b/lora-gsm8k.yaml",
+    "smollm2-135m/grpo-gsm8k-cpu.yaml",
 )
+
+
+def is_grpo(path: Path) -> bool:
+    """GRPO recipes are grpo-<task>[-variant].yaml and run with `mathtune grpo`."""
+    return path.stem.startswith("grpo-")
 
 
 def test_required_recipes_are_shipped():
@@ -28,6 +35,14 @@ def test_required_recipes_are_shipped():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_recipe_loads_and_matches_its_name(path):
+    if is_grpo(path):
+        config = build_config(GRPOSettings, path)
+        # it starts from the run dir a shipped SFT recipe of the same model writes
+        sft_runs = {build_config(TrainConfig, p).output_dir for p in RECIPES if p.parent == path.parent and not is_grpo(p)}
+        assert config.model in sft_runs, (config.model, sft_runs)
+        assert path.stem.startswith(f"grpo-{config.task}")
+        assert not Path(config.output_dir).is_absolute()
+        return
     config = build_config(TrainConfig, path)
     # configs/<model>/<method>-<task>.yaml, or <method>-<task>-<variant>.yaml (e.g. -cpu)
     assert path.parent.name == config.model
@@ -45,7 +60,8 @@ def test_recipe_header_says_how_to_run_it(path):
             break
         header.append(line)
     assert header, f"{path.name}: starts without a comment header"
-    assert f"mathtune train --config configs/{path.relative_to(CONFIGS).as_posix()}" in "\n".join(header)
+    command = "grpo" if is_grpo(path) else "train"
+    assert f"mathtune {command} --config configs/{path.relative_to(CONFIGS).as_posix()}" in "\n".join(header)
 
 
 def test_demo_recipe_fits_the_ten_minute_cpu_budget():
