@@ -98,18 +98,21 @@ def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[l
 
 
 def score_completions_by_group(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int,
-                               compute_entropy: bool, frozen_groups: set[int] = frozenset()):
+                               compute_entropy: bool, groups: list[list[int]] | None = None,
+                               frozen_groups: set[int] = frozenset()):
     """(log-probabilities, entropies or None), each (rows, completion_width), of the completion tokens
     (the last ``completion_width`` columns, right-padded) under ``model`` patched with TRL's
-    ``add_fused_lm_head``. ``frozen_groups``: indices of groups run without gradients (their loss
-    terms are zero, e.g. all-zero advantages), which saves their backward pass."""
+    ``add_fused_lm_head``. ``groups``: the rows to score, grouped by prompt (``prompt_groups``; default:
+    every row); the result holds those rows in ascending row order. ``frozen_groups``: indices into
+    ``groups`` run without gradients (their loss terms are zero, e.g. all-zero advantages), which saves
+    their backward pass."""
     from transformers import DynamicCache
 
     width = input_ids.shape[1] - completion_width
     prompt_ids, prompt_mask = input_ids[:, :width], attention_mask[:, :width]
     completion_ids, completion_mask = input_ids[:, width:], attention_mask[:, width:]
     log_probs, entropies, order = [], [], []
-    for index, members in enumerate(prompt_groups(prompt_ids, prompt_mask)):
+    for index, members in enumerate(prompt_groups(prompt_ids, prompt_mask) if groups is None else groups):
         rows, take = len(members), torch.tensor(members, device=input_ids.device)
         prompt = prompt_ids[members[0]][prompt_mask[members[0]].bool()]
         length = prompt.numel()
@@ -130,5 +133,5 @@ def score_completions_by_group(model, input_ids: torch.Tensor, attention_mask: t
         if compute_entropy:
             entropies.append(out.entropy)
         order.extend(members)
-    back = torch.argsort(torch.tensor(order, device=input_ids.device))  # the batch's own row order
+    back = torch.argsort(torch.tensor(order, device=input_ids.device))  # ascending rows: the batch's own order
     return torch.cat(log_probs)[back], (torch.cat(entropies)[back] if compute_entropy else None)

@@ -335,6 +335,34 @@ def test_greedy_tokens_is_argmax_with_its_ties_and_nan(vocab, dtype):
     assert torch.equal(greedy_tokens(scores[:, : vocab - 1].contiguous()), scores[:, : vocab - 1].argmax(dim=-1))
 
 
+def test_sampled_tokens_draw_from_the_softmax_and_never_a_masked_token():
+    """The inverse-CDF draw of the decode loops has multinomial's distribution: frequencies over 200k
+    draws within 4 standard errors of softmax(scores) (a wrong cumulative sum, an off-by-one index or a
+    fp32 sum would shift them), -inf tokens never drawn, the first and last tokens reachable, a one-hot
+    row always gives its token."""
+    from mathtune.generation.cpu import sampled_tokens
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.05, 0.0, 0.15, 0.3, 0.0, 0.2, 0.3])
+    scores = probs.log().repeat(200_000, 1)
+    counts = torch.bincount(sampled_tokens(scores), minlength=len(probs)).double()
+    frequencies = counts / counts.sum()
+    standard_error = (probs.double() * (1 - probs.double()) / counts.sum()).sqrt()
+    assert counts[1] == 0 and counts[4] == 0
+    assert ((frequencies - probs.double()).abs() <= 4 * standard_error + 1e-12).all(), frequencies
+    # a vocabulary-sized row of random scores: drawn tokens follow softmax too (the top token's share)
+    wide = torch.randn(1, 49152) * 4
+    wide[0, 0], wide[0, -1] = 12.0, 12.0  # two tokens at the edges hold most of the mass
+    drawn = sampled_tokens(wide.repeat(20_000, 1))
+    share = torch.softmax(wide[0].double(), dim=-1)
+    for index in (0, 49151):
+        observed = (drawn == index).double().mean()
+        assert abs(observed - share[index]) < 4 * (share[index] * (1 - share[index]) / 20_000).sqrt()
+    forced = torch.full((3, 49152), float("-inf"))
+    forced[0, 0], forced[1, 49151], forced[2, 777] = 0.0, 0.0, 0.0
+    assert sampled_tokens(forced).tolist() == [0, 49151, 777]
+
+
 def test_fast_path_is_active_only_while_generating(varied_model, smol_tokenizer):
     """The registered attention (transformers offers no public way to remove a name) is mathtune's
     decode attention only inside mathtune's loop: the model runs it while generating, gets its own

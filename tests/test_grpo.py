@@ -73,21 +73,39 @@ def test_sampler_logprobs_equal_the_current_policy_after_an_update(tiny_model_di
     ids = [sampler.encode("How many metres are 3 km?")] * 4 + [sampler.encode("Convert 2 hours to minutes.")] * 4
     rollout = sampler.sample(model, ids, step=11)
     assert len(set(map(tuple, rollout.completion_ids))) > 1  # sampled, not greedy copies
-    worst_forward = worst_trl = 0.0
+    worst_forward = worst_trl = worst_entropy = 0.0
     model.eval()
-    for prompt, completion, logps, mask in zip(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
-                                               rollout.env_mask):
+    for prompt, completion, logps, entropies, mask in zip(rollout.prompt_ids, rollout.completion_ids,
+                                                          rollout.logprobs, rollout.entropies, rollout.env_mask):
         x = torch.tensor([prompt + completion])
         with torch.no_grad():
             logits = model(input_ids=x).logits[0, len(prompt) - 1:-1].float()
             reference = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
             # what TRL's loss scores: its fused LM head, temperature included
-            scored, _, _ = trainer._get_per_token_logps_and_entropies(model, x, torch.ones_like(x), len(completion))
+            scored, entropy, _ = trainer._get_per_token_logps_and_entropies(model, x, torch.ones_like(x),
+                                                                            len(completion), compute_entropy=True)
         chosen = torch.tensor(mask, dtype=torch.bool)
         sampled = torch.tensor(logps)
         worst_forward = max(worst_forward, float((sampled - reference)[chosen].abs().max()))
         worst_trl = max(worst_trl, float((sampled - scored[0])[chosen].abs().max()))
-    assert worst_forward <= 1e-4 and worst_trl <= 1e-4, (worst_forward, worst_trl)
+        # the entropies the trainer takes for groups without signal instead of rerunning them
+        worst_entropy = max(worst_entropy, float((torch.tensor(entropies) - entropy[0])[chosen].abs().max()))
+    assert worst_forward <= 1e-4 and worst_trl <= 1e-4 and worst_entropy <= 1e-4, (worst_forward, worst_trl,
+                                                                                   worst_entropy)
+
+
+def test_sampler_stops_on_nonfinite_logits(tiny_model_dir, tmp_path, one_thread):
+    """A NaN in the weights reaches every logit of a row; the sampler finds it from the chosen tokens'
+    log-probabilities and stops with the cause, instead of sampling from garbage."""
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run"))
+    sampler, model = session.trainer.rollout_func, session.model
+    ids = [sampler.encode("How many metres are 3 km?")] * 4
+    assert len(sampler.sample(model, ids, step=0).completion_ids) == 4
+    with torch.no_grad():
+        model.get_base_model().model.norm.weight[3] = float("nan")
+    with pytest.raises(TrainingHalted) as exc:
+        sampler.sample(model, ids, step=1)
+    assert exc.value.check == "nonfinite_logits" and "lower --learning-rate" in str(exc.value)
 
 
 class WriteCalculation:
@@ -201,14 +219,28 @@ def test_shared_prompt_pass_gives_trls_scores_loss_and_gradient(tiny_model_dir, 
         ours = trainer._get_per_token_logps_and_entropies(model, ids, mask, width, compute_entropy=True)
     assert float((theirs[0] - ours[0])[scored].abs().max()) <= 1e-5
     assert float((theirs[1] - ours[1])[scored].abs().max()) <= 1e-5
-    # the second question's rows (shuffled among the first's by TRL) have all-zero advantages: no backward graph
-    trainer.loss_advantages = inputs["advantages"]
-    with torch.enable_grad():
-        frozen = grpo._frozen_groups(trainer, ids, mask, width)
+    # the second question's rows (shuffled among the first's by TRL) have all-zero advantages: they need no
+    # backward graph, and no forward pass either: the sampler's log-probabilities and entropies stand in
     groups = grpo.prompt_groups(inputs["prompt_ids"], inputs["prompt_mask"])
-    assert sorted(map(len, groups)) == [4, 4] and len(frozen) == 1
-    assert float(inputs["advantages"][groups[frozen.pop()]].abs().max()) == 0.0
-    trainer.loss_advantages = None
+    trainer.loss_inputs = inputs
+    rows_run = []
+    hook = model.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda module, args, output: rows_run.append(args[0].shape[0]))
+    try:
+        with torch.enable_grad():
+            frozen = grpo._frozen_groups(trainer, groups, 8)
+            skipped = grpo._recorded_scores(trainer, ids, mask, width, groups, frozen)
+            logps, entropies, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, width,
+                                                                             compute_entropy=True)
+    finally:
+        hook.remove()
+        trainer.loss_inputs = None
+    assert sorted(map(len, groups)) == [4, 4] and len(frozen) == 1 and set(skipped) == frozen
+    idle = groups[next(iter(frozen))]
+    assert float(inputs["advantages"][idle].abs().max()) == 0.0
+    assert rows_run == [1, 4]  # one group's prompt pass and its 4 rows; the frozen group never ran
+    assert float((logps - theirs[0])[scored].abs().max()) <= 1e-4
+    assert float((entropies - theirs[1])[scored].abs().max()) <= 1e-4
     trl_loss, trl_grad = loss_and_gradient(trainer, model, inputs, shared_prompt=False)
     loss, grad = loss_and_gradient(trainer, model, inputs, shared_prompt=True)
     assert float(trl_grad.abs().max()) > 1e-6  # a gradient that could move

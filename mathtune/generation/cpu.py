@@ -334,10 +334,30 @@ def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
     return best * block + inside
 
 
+def sampled_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``[rows, vocab]`` scores, drawn from ``softmax(scores)``: the distribution
+    ``torch.multinomial(torch.softmax(scores, -1), 1)`` draws from, by inverse-CDF sampling with one
+    uniform number per row.
+
+    torch's CPU multinomial (one sample, no replacement) draws an exponential variate for every
+    vocabulary entry and takes argmax(p / q): 32 x 49152 random numbers per step, 59 ms for 32 rows
+    on two fp32 cores, 14% of a GRPO rollout (cProfile, 4 GSM8K questions x 8 samples x 128 tokens).
+    Here: the row's probabilities as multinomial gets them (softmax in the scores' precision), their
+    running sum in float64 (an fp32 sum over 49k entries drifts by ~1e-5, the size of a rare token's
+    probability), one uniform u in [0, total) per row, and the first index whose running sum exceeds u
+    (``searchsorted(right=True)``): 3.5 ms for the same rows. A token of probability 0 (-inf score:
+    top-p cut, calculator forcing) never exceeds the sum before it, so it is never drawn, and a
+    one-hot row returns its token.
+    """
+    cumulative = torch.softmax(scores, dim=-1).to(torch.float64).cumsum_(dim=-1)
+    uniform = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, uniform, right=True).squeeze(1).clamp_(max=scores.shape[1] - 1)
+
+
 def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, processors, stopping,
                  pad_id: int) -> torch.Tensor:
     """Up to ``steps`` tokens per row, as one ``generate()`` call would choose them: processors
-    (calculator), then greedy argmax or warped multinomial sampling; rows that ``stopping`` ends get
+    (calculator), then greedy argmax or warped sampling (``sampled_tokens``); rows that ``stopping`` ends get
     ``pad_id`` afterwards; stops early when every row has ended. Returns the new tokens ``[rows, n]``;
     the last one is fed at the start of the next chunk (after finished rows have left)."""
     start = decoder.sequences.shape[1]
@@ -364,7 +384,7 @@ def decode_chunk(decoder: FastDecoder, steps: int, *, greedy: bool, warpers, pro
         else:
             for warper in warpers:
                 scores = warper(decoder.sequences, scores)
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            tokens = sampled_tokens(scores)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_id))
         decoder.sequences = torch.cat([decoder.sequences, tokens[:, None]], dim=1)
         unfinished &= ~stopping(decoder.sequences, scores).to(unfinished.device)

@@ -13,9 +13,13 @@ in a row, and expects one completion per prompt back (TRL 1.16 grpo_trainer.py:2
                          plain temperature sampling from softmax(logits / T), no top-k/top-p, which is
                          exactly the distribution TRL's loss scores (its fused LM head divides the
                          logits by the same temperature), so the samples are on-policy
-  logprobs               log softmax(logits / T) of each chosen token, before any forcing: the
+  logprobs, entropies    log softmax(logits / T) of each chosen token, before any forcing: the
                          policy's own logprob (TRL uses them only for importance sampling; tests
-                         check them against a forward pass of the policy)
+                         check them against a forward pass of the policy), and the entropy of that
+                         distribution; the trainer takes both for groups without a learning signal
+                         instead of running them again (training/grpo.py ``_recorded_scores``)
+  draw                   ``cpu.sampled_tokens``: inverse-CDF sampling, multinomial's distribution at
+                         a sixth of its cost
   calculator             ``CalculatorForcing`` (mathtune.calculator) writes ``RESULT>>`` after
                          ``<<EXPR=`` as eval does; forced tokens get ``env_mask`` 0, so the loss never
                          trains the model on tokens it did not choose (grpo_trainer.py:2272, :2497)
@@ -32,6 +36,7 @@ fallback notice are the ``Generator``'s, so the sampler decides fast path or not
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -40,7 +45,7 @@ import torch
 
 from mathtune.config import GenerationArgs
 from mathtune.data import encode_prompt, format_prompt
-from mathtune.generation.cpu import PREFILL_GROUP_ROWS, FastDecoder, FastPathUnsupported
+from mathtune.generation.cpu import PREFILL_GROUP_ROWS, FastDecoder, FastPathUnsupported, sampled_tokens
 
 # Decode steps between two cuts of finished rows from the KV buffers (as the engine's CHUNK_TOKENS).
 CHUNK_TOKENS = 32
@@ -54,14 +59,24 @@ class Rollout:
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     logprobs: list[list[float]]
+    entropies: list[list[float]]  # entropy of softmax(logits / T) at each position, before any forcing
     env_mask: list[list[int]]  # 1: the model chose the token; 0: forced (calculator) or appended (loop stop)
     stop_reasons: list[str]
     seconds: float = 0.0
     calculator_calls: list[list[dict]] = field(default_factory=list)
+    _by_tokens: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def truncated(self) -> list[bool]:
         return [reason == "max_completion_length" for reason in self.stop_reasons]
+
+    def scores_of(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> tuple[list[float], list[float]] | None:
+        """(logprobs, entropies) of the sample with exactly these prompt and completion ids, or None. The
+        trainer looks rows up by their tokens because TRL shuffles and pads the rows it was given."""
+        if self._by_tokens is None:
+            self._by_tokens = {(tuple(p), tuple(c)): (lp, ent) for p, c, lp, ent
+                               in zip(self.prompt_ids, self.completion_ids, self.logprobs, self.entropies)}
+        return self._by_tokens.get((tuple(prompt_ids), tuple(completion_ids)))
 
     def for_trl(self) -> dict:
         """The dict ``rollout_func`` returns: TRL's three keys, ``env_mask``, and extra keys that reach the
@@ -224,13 +239,10 @@ class RolloutSampler:
         if logits is None:
             logits = decoder.step(decoder.sequences[:, -1])
         scores = logits.float() / self.settings.temperature
-        if not bool(torch.isfinite(scores).all()):
-            from mathtune.errors import TrainingHalted
-
-            raise TrainingHalted("nonfinite_logits", "the policy's logits hold NaN/inf while sampling: the weights "
-                                 "or the precision diverged: lower --learning-rate, use --precision fp32, resume "
-                                 "from the last good checkpoint")
         policy = torch.log_softmax(scores, dim=-1)
+        # the entropy TRL's scoring reports, kept so the trainer need not rerun groups without signal
+        # (training.grpo._score_completions); 32 x 49152: ~3 ms of a ~280 ms step
+        entropy = (policy.exp() * policy).sum(dim=-1).neg_().tolist()
         for processor in self.logits_processors:
             scores = processor(decoder.sequences, scores)
         forced = torch.zeros(len(state.live), dtype=torch.bool)
@@ -238,13 +250,22 @@ class RolloutSampler:
             # CalculatorForcing writes -inf over every token but the forced one, in the rows it forces
             scores = state.calculator(decoder.sequences, scores.clone())
             forced = torch.isneginf(scores).any(dim=-1).cpu()
-        chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        chosen = sampled_tokens(scores)
         # rows that ended earlier in this chunk decode on until the chunk's cut: feed them padding
         chosen = torch.where(torch.tensor(ended, device=chosen.device), gen.pad_id, chosen)
         logp = policy.gather(1, chosen[:, None]).squeeze(1).tolist()
+        if not all(map(math.isfinite, logp)):
+            # a NaN or +inf logit makes its row's whole log-softmax NaN/-inf, so checking the chosen
+            # token's logprob finds it without a pass over every logit (torch.isfinite on 32 x 49152
+            # scores: ~4 ms a step)
+            from mathtune.errors import TrainingHalted
+
+            raise TrainingHalted("nonfinite_logits", "the policy's logits hold NaN/inf while sampling: the weights "
+                                 "or the precision diverged: lower --learning-rate, use --precision fp32, resume "
+                                 "from the last good checkpoint")
         decoder.sequences = torch.cat([decoder.sequences, chosen[:, None]], dim=1)
         looped = state.monitor.step(decoder.sequences).cpu().tolist()
-        state.record(chosen.tolist(), logp, forced.tolist(), looped, ended, gen.eot_id, self.settings)
+        state.record(chosen.tolist(), logp, entropy, forced.tolist(), looped, ended, gen.eot_id, self.settings)
 
 
 @dataclass
@@ -257,20 +278,23 @@ class _SampleState:
     n: int
     tokens: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
+    entropies: list[list[float]] = field(default_factory=list)
     mask: list[list[int]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     live: list[int] = field(default_factory=list)  # prompt row of each decoder row
 
     def __post_init__(self):
-        self.tokens, self.logprobs, self.mask = [[] for _ in range(self.n)], [[] for _ in range(self.n)], [[] for _ in range(self.n)]
+        self.tokens, self.logprobs, self.entropies, self.mask = ([[] for _ in range(self.n)] for _ in range(4))
         self.reasons, self.live = ["max_completion_length"] * self.n, list(range(self.n))
 
-    def record(self, chosen, logp, forced, looped, ended: list[bool], eot_id: int, settings: GenerationArgs) -> None:
+    def record(self, chosen, logp, entropy, forced, looped, ended: list[bool], eot_id: int,
+               settings: GenerationArgs) -> None:
         for j, row in enumerate(self.live):
             if ended[j]:
                 continue
             self.tokens[row].append(chosen[j])
             self.logprobs[row].append(logp[j])
+            self.entropies[row].append(entropy[j])
             self.mask[row].append(0 if forced[j] else 1)
             if chosen[j] == eot_id:
                 ended[j], self.reasons[row] = True, "end_of_turn"
@@ -280,6 +304,7 @@ class _SampleState:
                     # closes the sample so TRL does not count it as truncated; not the model's choice
                     self.tokens[row].append(eot_id)
                     self.logprobs[row].append(0.0)
+                    self.entropies[row].append(0.0)
                     self.mask[row].append(0)
 
     def select(self, keep: list[int]) -> None:
@@ -292,8 +317,8 @@ class _SampleState:
 
     def rollout(self, prompt_ids) -> Rollout:
         calls = self.calculator.calls if self.calculator is not None else [[] for _ in range(self.n)]
-        return Rollout([list(ids) for ids in prompt_ids], self.tokens, self.logprobs, self.mask, self.reasons,
-                       calculator_calls=calls)
+        return Rollout([list(ids) for ids in prompt_ids], self.tokens, self.logprobs, self.entropies, self.mask,
+                       self.reasons, calculator_calls=calls)
 
 
 def _device(model) -> torch.device:

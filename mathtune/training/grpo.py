@@ -123,15 +123,15 @@ def _grpo_trainer_class():
             super().__init__(*args, supervised_logits=False, shared_prefix=False, attention=None, **kwargs)
             self.rl_stats = rl_stats
             self.shared_prompt = shared_prompt
-            self.loss_advantages = None  # the micro-batch compute_loss is scoring (see score_completions)
+            self.loss_inputs: dict | None = None  # the micro-batch compute_loss is scoring (_score_completions)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.loss_advantages = inputs.get("advantages")
+            self.loss_inputs = inputs
             try:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             finally:
-                self.loss_advantages = None
+                self.loss_inputs = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             first_of_step = self.step_stats.micro_batches == 0
@@ -161,10 +161,27 @@ def _score_completions(self, model, input_ids, attention_mask, logits_to_keep, b
         return compat.call_trl_scoring(self, trl.GRPOTrainer, model, input_ids, attention_mask, logits_to_keep,
                                        batch_size=batch_size, compute_entropy=compute_entropy,
                                        compute_aux_loss=compute_aux_loss, **multimodal)
-    frozen = _frozen_groups(self, input_ids, attention_mask, logits_to_keep)
-    with self.accelerator.autocast():
-        log_probs, entropies = score_completions_by_group(model, input_ids, attention_mask, logits_to_keep,
-                                                          compute_entropy, frozen)
+    rows, width = input_ids.shape[0], input_ids.shape[1] - logits_to_keep
+    groups = prompt_groups(input_ids[:, :width], attention_mask[:, :width])
+    frozen = _frozen_groups(self, groups, rows)
+    recorded = _recorded_scores(self, input_ids, attention_mask, logits_to_keep, groups, frozen)
+    run = [index for index in range(len(groups)) if index not in recorded]
+    log_probs = torch.zeros(rows, logits_to_keep, device=input_ids.device)
+    entropies = torch.zeros(rows, logits_to_keep, device=input_ids.device) if compute_entropy else None
+    if run:
+        scored_rows = sorted(row for index in run for row in groups[index])
+        with self.accelerator.autocast():
+            scored = score_completions_by_group(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                                                groups=[groups[index] for index in run],
+                                                frozen_groups={k for k, index in enumerate(run) if index in frozen})
+        log_probs = log_probs.to(scored[0].dtype).index_put((torch.tensor(scored_rows),), scored[0])
+        if compute_entropy:
+            entropies = entropies.to(scored[1].dtype).index_put((torch.tensor(scored_rows),), scored[1])
+    for index, (logps, ents) in recorded.items():
+        take = torch.tensor(groups[index])
+        log_probs[take] = logps.to(log_probs.dtype)
+        if compute_entropy:
+            entropies[take] = ents.to(entropies.dtype)
     if torch.is_grad_enabled() and not log_probs.requires_grad:
         # every group frozen: the loss is exactly zero; a zero-weighted sum of the trainable weights
         # gives backward() a graph whose gradients are zero, as TRL's pass would give
@@ -172,19 +189,50 @@ def _score_completions(self, model, input_ids, attention_mask, logits_to_keep, b
     return log_probs, entropies, None
 
 
-def _frozen_groups(trainer, input_ids, attention_mask, logits_to_keep) -> set[int]:
+def _frozen_groups(trainer, groups: list[list[int]], rows: int) -> set[int]:
     """Groups of the micro-batch being trained whose advantages are all zero. With no KL term (beta 0)
-    every loss type TRL offers here multiplies each token's term by its advantage, so such a group adds
-    exactly zero loss and zero gradient: it is scored without a backward graph (its log-probabilities
-    and entropies still count in TRL's metrics)."""
-    advantages = trainer.loss_advantages
-    if (advantages is None or not torch.is_grad_enabled() or trainer.beta != 0
-            or advantages.shape[0] != input_ids.shape[0]):
+    and no entropy bonus, every loss type TRL offers here multiplies each token's term by its
+    advantage, so such a group adds exactly zero loss and zero gradient: it needs no backward graph."""
+    advantages = (trainer.loss_inputs or {}).get("advantages")
+    if (advantages is None or not torch.is_grad_enabled() or trainer.beta != 0 or advantages.shape[0] != rows
+            or trainer.args.entropy_coef != 0 or trainer.args.use_adaptive_entropy):
         return set()
+    flat = advantages.reshape(rows, -1)
+    return {index for index, members in enumerate(groups) if not flat[members].abs().sum().item()}
+
+
+def _recorded_scores(trainer, input_ids, attention_mask, logits_to_keep, groups, frozen) -> dict[int, tuple]:
+    """Frozen groups whose log-probabilities and entropies the sampler already computed, by group index:
+    (log-probabilities, entropies) tensors of the group's rows. They need no forward pass at all.
+
+    Exact for the loss and gradient (a frozen group's terms are zero whatever its log-probabilities)
+    and for TRL's metrics to the sampler's rounding (its log-softmax of the same weights at the same
+    temperature; tests check 1e-4 in fp32), under the condition that makes them the same weights: TRL
+    computed no ``old_per_token_logps`` for the batch, i.e. the step trains the weights that sampled
+    it (one generation per optimizer step, one iteration). TRL features that read a frozen group's
+    entropies across the batch (``top_entropy_quantile`` < 1) or re-weigh by sampling log-probs
+    (``off_policy_mask_threshold``) keep the forward pass. Measured on GSM8K (79% of groups without
+    signal): BENCHMARKS.md, "Reinforcement learning"."""
+    from mathtune.generation.rollout import RolloutSampler
+
+    sampler, inputs = getattr(trainer, "rollout_func", None), trainer.loss_inputs or {}
+    if (not frozen or not isinstance(sampler, RolloutSampler) or sampler.last is None
+            or inputs.get("old_per_token_logps") is not None or trainer.args.top_entropy_quantile < 1.0
+            or trainer.args.off_policy_mask_threshold is not None):
+        return {}
     width = input_ids.shape[1] - logits_to_keep
-    groups = prompt_groups(input_ids[:, :width], attention_mask[:, :width])
-    flat = advantages.reshape(advantages.shape[0], -1)
-    return {index for index, rows in enumerate(groups) if not flat[rows].abs().sum().item()}
+    prompt_mask, completion_mask = attention_mask[:, :width].bool(), attention_mask[:, width:].bool()
+    recorded = {}
+    for index in frozen:
+        found = [sampler.last.scores_of(input_ids[row, :width][prompt_mask[row]].tolist(),
+                                        input_ids[row, width:][completion_mask[row]].tolist())
+                 for row in groups[index]]
+        if any(scores is None for scores in found):  # e.g. a completion TRL cut or masked: run the group
+            continue
+        padded = [[values + [0.0] * (logits_to_keep - len(values)) for values in pair] for pair in found]
+        recorded[index] = tuple(torch.tensor([pair[k] for pair in padded], device=input_ids.device)
+                                for k in range(2))
+    return recorded
 
 
 def _as_labelled(batch: dict) -> dict:
