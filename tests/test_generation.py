@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -361,6 +363,20 @@ def test_sampled_tokens_draw_from_the_softmax_and_never_a_masked_token():
     forced = torch.full((3, 49152), float("-inf"))
     forced[0, 0], forced[1, 49151], forced[2, 777] = 0.0, 0.0, 0.0
     assert sampled_tokens(forced).tolist() == [0, 49151, 777]
+
+
+def test_sampling_kernel_bench_runs_and_reports_a_ratio(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sampling_kernel", Path(__file__).resolve().parents[1]
+                                                  / "bench" / "sampling_kernel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--rows", "3", "--vocab", "64", "--repeats", "2", "--rounds", "1",
+                       "--check-draws", "20000"]) == 0
+    out = capsys.readouterr().out
+    gap = float(out.split("draws: ")[1].split(" standard")[0])
+    assert gap < 5.0 and "speed-up: " in out and "multinomial" in out
 
 
 def test_fast_path_is_active_only_while_generating(varied_model, smol_tokenizer):

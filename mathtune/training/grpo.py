@@ -152,7 +152,9 @@ def _grpo_trainer_class():
 def _score_completions(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                        compute_entropy=False, compute_aux_loss=False, **multimodal):
     """TRL's scoring (completion log-probabilities and entropies) with each question group's prompt run
-    once (shared_prefix.score_completions_by_group); TRL's own per-row pass where that cannot apply."""
+    once (shared_prefix.score_completions_by_group), groups without a learning signal run without a
+    backward graph (``_frozen_groups``) or not at all (``_recorded_scores``); TRL's own per-row pass
+    where that cannot apply."""
     import trl
 
     # DDP: one forward per backward (the prompt and row passes would be two); checkpointing drops caches
@@ -169,16 +171,16 @@ def _score_completions(self, model, input_ids, attention_mask, logits_to_keep, b
     log_probs = torch.zeros(rows, logits_to_keep, device=input_ids.device)
     entropies = torch.zeros(rows, logits_to_keep, device=input_ids.device) if compute_entropy else None
     if run:
-        scored_rows = sorted(row for index in run for row in groups[index])
+        scored_rows = torch.tensor(sorted(row for index in run for row in groups[index]), device=input_ids.device)
         with self.accelerator.autocast():
             scored = score_completions_by_group(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
                                                 groups=[groups[index] for index in run],
                                                 frozen_groups={k for k, index in enumerate(run) if index in frozen})
-        log_probs = log_probs.to(scored[0].dtype).index_put((torch.tensor(scored_rows),), scored[0])
+        log_probs = log_probs.to(scored[0].dtype).index_put((scored_rows,), scored[0])
         if compute_entropy:
-            entropies = entropies.to(scored[1].dtype).index_put((torch.tensor(scored_rows),), scored[1])
+            entropies = entropies.to(scored[1].dtype).index_put((scored_rows,), scored[1])
     for index, (logps, ents) in recorded.items():
-        take = torch.tensor(groups[index])
+        take = torch.tensor(groups[index], device=input_ids.device)
         log_probs[take] = logps.to(log_probs.dtype)
         if compute_entropy:
             entropies[take] = ents.to(entropies.dtype)
@@ -595,7 +597,8 @@ def scoring_mode(session: GRPOSession) -> str:
                or ("more than one process" if distributed.world_size() > 1 else None))
     if why_not:
         return f"TRL's per-row pass ({why_not})"
-    skip = "groups with all-equal rewards without a backward pass" if c.beta == 0 else "every group with gradients (beta > 0)"
+    skip = ("groups with all-equal rewards not run (the sampler's log-probabilities stand in; without a backward "
+            "pass where it has none)" if c.beta == 0 else "every group with gradients (beta > 0)")
     return f"one prompt pass per question group, shared by its G completions; {skip}"
 
 
