@@ -69,8 +69,11 @@ class GRPOSettings(TrainConfig):
                                         "'#### N'); 0: correctness alone")
     shared_prompt: bool = setting(True, "score each question's G completions on one pass of its prompt (the same "
                                         "loss and gradients as TRL's per-row pass; one process, no gradient "
-                                        "checkpointing), and run groups whose rewards are all equal without a backward "
-                                        "pass (their loss is exactly zero when --beta is 0)")
+                                        "checkpointing), and skip the groups whose rewards are all equal (their loss "
+                                        "is exactly zero when --beta is 0)")
+    no_signal_steps: int = setting(10, "steps the no-signal guard looks back over: it stops the run when nine in ten "
+                                       "or more of the question groups in them got all-equal rewards; with few questions a step, "
+                                       "a longer window keeps a chance streak from stopping a run that learns")
     sampler: str = setting("auto", "who samples: mathtune (its CPU fast path: one prefill per question group, the "
                                    "calculator, loop stop), trl (GRPOTrainer's own model.generate), or auto (mathtune "
                                    "where its fast path serves the model, trl otherwise, said once)", choices=SAMPLERS)
@@ -99,6 +102,8 @@ class GRPOSettings(TrainConfig):
             problems.append(f"--beta must be >= 0 (got {self.beta})")
         if not self.epsilon > 0:
             problems.append(f"--epsilon must be > 0 (got {self.epsilon})")
+        if not (isinstance(self.no_signal_steps, int) and self.no_signal_steps >= 1):
+            problems.append(f"--no-signal-steps must be a whole number >= 1 (got {self.no_signal_steps!r})")
         if self.format_reward < 0:
             problems.append(f"--format-reward must be >= 0 (got {self.format_reward})")
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -313,10 +313,11 @@ def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path, capsys):
     from mathtune.cli import main  # in-process: the exit code and message are main()'s, as the CLI's
 
     code = main(["grpo", "--model", str(tiny_model_dir), "--num-generations", "3", "--batch-size", "4",
-                 "--temperature", "0", "--output-dir", str(tmp_path / "run")])
+                 "--temperature", "0", "--no-signal-steps", "0", "--output-dir", str(tmp_path / "run")])
     stderr = capsys.readouterr().err
     assert code == 2
     assert "not a multiple of --num-generations 3" in stderr and "--temperature must be > 0" in stderr
+    assert "--no-signal-steps must be a whole number >= 1 (got 0)" in stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -388,6 +389,14 @@ def test_no_learning_signal_fires_after_ten_steps(tiny_model_dir, tmp_path, one_
     assert exc.value.check == "no_signal" and exc.value.step == 10
     assert "solves none of the sampled questions" in str(exc.value) and "start from an SFT run" in str(exc.value)
     assert not (session.run_dir / "adapter_model.safetensors").exists()
+
+
+def test_no_signal_window_is_a_setting(tiny_model_dir, tmp_path, one_thread):
+    session = guarded(tiny_model_dir, tmp_path, max_steps=30, no_signal_steps=3)
+    with pytest.raises(TrainingHalted) as exc:
+        grpo.run(session)
+    assert exc.value.check == "no_signal" and exc.value.step == 3
+    assert "over the last 3 steps" in str(exc.value) and "raise --no-signal-steps" in str(exc.value)
 
 
 def test_runaway_length_fires(tiny_model_dir, tmp_path, one_thread):
