@@ -10,9 +10,9 @@ are all equal (zero advantage: no learning signal), mean completion length, the 
   no_signal        >= 90% of groups all-equal over the last 10 steps (``--no-signal-steps``): the model
                    solves none (or all) of the sampled questions, so every advantage is 0 and nothing
                    is learned. 10 steps of 4 groups are a noisy window: a run at 79% all-equal groups
-                   (GSM8K from the 30-minute SFT recipe) crosses 90% by chance in ~78% of 90-step runs
-                   (simulated, groups independent), 13% at 20 steps, 2% at 30, 0.2% at 40; the
-                   GSM8K GRPO recipe sets 40
+                   (GSM8K from the 30-minute SFT recipe) crosses 90% by chance in 78% of 90-step runs,
+                   13% at 20 steps, 1.4% at 30, 0.15% at 40 (``python bench/no_signal_window.py``:
+                   groups independent); the GSM8K GRPO recipe sets 40
   reward_collapse  the reward's 50-step mean falls below half of its best 50-step mean
   runaway_length   >= 50% of completions cut at max_completion_length over the last 10 steps
 
