@@ -597,8 +597,8 @@ def scoring_mode(session: GRPOSession) -> str:
                or ("more than one process" if distributed.world_size() > 1 else None))
     if why_not:
         return f"TRL's per-row pass ({why_not})"
-    skip = ("groups with all-equal rewards not run (the sampler's log-probabilities stand in; without a backward "
-            "pass where it has none)" if c.beta == 0 else "every group with gradients (beta > 0)")
+    skip = ("groups with all-equal rewards not rerun (their loss is zero; TRL's metrics take the sampler's "
+            "log-probabilities and entropies)" if c.beta == 0 else "every group with gradients (beta > 0)")
     return f"one prompt pass per question group, shared by its G completions; {skip}"
 
 
