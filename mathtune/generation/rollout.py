@@ -241,7 +241,7 @@ class RolloutSampler:
         scores = logits.float() / self.settings.temperature
         policy = torch.log_softmax(scores, dim=-1)
         # the entropy TRL's scoring reports, kept so the trainer need not rerun groups without signal
-        # (training.grpo._score_completions); 32 x 49152: ~3 ms of a ~280 ms step
+        # (training.grpo._recorded_scores); one exp and one sum over the log-softmax just computed
         entropy = (policy.exp() * policy).sum(dim=-1).neg_().tolist()
         for processor in self.logits_processors:
             scores = processor(decoder.sequences, scores)
