@@ -350,8 +350,10 @@ def sampled_tokens(scores: torch.Tensor) -> torch.Tensor:
     top-p cut, calculator forcing) never exceeds the sum before it, so it is never drawn, and a
     one-hot row returns its token.
     """
-    cumulative = torch.softmax(scores, dim=-1).to(torch.float64).cumsum_(dim=-1)
-    uniform = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cumulative[:, -1:]
+    # MPS has no float64: there the sum stays in float32 (the fast path runs on MPS only when forced)
+    wide = torch.float32 if scores.device.type == "mps" else torch.float64
+    cumulative = torch.softmax(scores, dim=-1).to(wide).cumsum_(dim=-1)
+    uniform = torch.rand(scores.shape[0], 1, dtype=wide, device=scores.device) * cumulative[:, -1:]
     return torch.searchsorted(cumulative, uniform, right=True).squeeze(1).clamp_(max=scores.shape[1] - 1)
 
 
