@@ -199,8 +199,8 @@ def _frozen_groups(trainer, groups: list[list[int]], rows: int) -> set[int]:
     if (advantages is None or not torch.is_grad_enabled() or trainer.beta != 0 or advantages.shape[0] != rows
             or trainer.args.entropy_coef != 0 or trainer.args.use_adaptive_entropy):
         return set()
-    flat = advantages.reshape(rows, -1)
-    return {index for index, members in enumerate(groups) if not flat[members].abs().sum().item()}
+    zero_rows = (advantages.reshape(rows, -1).abs().sum(dim=-1) == 0).tolist()  # one device sync, not one a group
+    return {index for index, members in enumerate(groups) if all(zero_rows[row] for row in members)}
 
 
 def _recorded_scores(trainer, input_ids, attention_mask, logits_to_keep, groups, frozen) -> dict[int, tuple]:
