@@ -192,8 +192,12 @@ def test_max_time_stops_inside_the_budget_with_the_lr_at_its_floor_and_saves_a_l
     # it stops where the next step would overrun: within the budget, less than ~two steps short of it
     assert lines[-1]["seconds"] <= budget + 0.5
     assert lines[-1]["seconds"] >= budget - 2 * lines[-1]["step_seconds"] - 0.5
-    # the cosine was laid over the budget, not over 10,000 steps: it ends at its floor
-    assert lines[-1]["learning_rate"] < 0.05 * 1e-3, lines[-1]
+    # the cosine was laid over the budget, not over 10,000 steps (which would still be at ~100% of
+    # its peak here): it ends near its floor. On a real clock one step slowed by a loaded machine
+    # (CI runs two workers) makes the last step land before progress 1, e.g. progress 0.84 gives
+    # 6.5% of peak, so this asserts < 25%; the exact floor is asserted on a fake clock in
+    # test_budget.py::test_time_budget_completes_its_schedule_on_a_fake_clock.
+    assert lines[-1]["learning_rate"] < 0.25 * 1e-3, lines[-1]
     assert "stopped on time" in capsys.readouterr().out
     loaded = load_model(str(result.run_dir))
     assert loaded.is_adapter
