@@ -522,3 +522,20 @@ def test_generations_select_and_merge_keep_every_per_item_field(varied_model, sm
         assert getattr(merged, f.name) == getattr(out, f.name), f.name
     with pytest.raises(MathtuneError, match="item 1"):
         Generations.merge(parts[:1], len(QUESTIONS))
+
+
+def test_rollout_batch_bench_samples_every_size_and_reports_ratios(tiny_model_dir, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rollout_batch", Path(__file__).resolve().parents[1]
+                                                  / "bench" / "rollout_batch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tiny_model_dir), "--data", "unit-conversion", "--questions", "2",
+                       "--per-call", "1", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "questions a call" in line]
+    assert [line.split()[0] for line in lines] == ["1", "2"]
+    assert "1.00× of 1 a call" in lines[0] and "× of 1 a call" in lines[1]
+    with pytest.raises(SystemExit):  # a size that does not divide the questions would sample others
+        bench.main(["--model", str(tiny_model_dir), "--data", "unit-conversion", "--questions", "3",
+                    "--per-call", "2"])

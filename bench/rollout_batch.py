@@ -1,0 +1,107 @@
+"""GRPO sampling cost per question against the questions sampled in one rollout call.
+
+    .venv/bin/python bench/rollout_batch.py --model RUN_DIR --threads 2            # 16 GSM8K questions, 4 / 8 / 16 a call
+    .venv/bin/python bench/rollout_batch.py --model DIR --questions 2 --per-call 1 2 --max-new-tokens 8
+
+``mathtune grpo`` samples ``batch_size x gradient_accumulation_steps / num_generations`` questions a
+step in one call of its sampler (``generation.rollout.RolloutSampler``), G rows each. On a CPU a
+decode step of a small model reads every weight once whatever the number of rows (SmolLM2-135M:
+~540 MB in fp32), so below the rows where the matmuls turn compute-bound a step of 64 rows costs
+little more than one of 32: more questions a call buy more tokens a second. This bench samples the
+same questions (G each, same temperature, lengths and calculator) at each ``--per-call`` size, on the
+same loaded model in one run, and prints seconds per question and tokens/s for each, and each size's
+cost per question as a ratio of the first size's.
+
+GSM8K questions are read at run time from ../shared/data/gsm8k/train.jsonl (never copied into the
+repo); without it, unit-conversion questions. A trained run dir (an SFT run) gives realistic answer
+lengths; the bundled base model's answers are longer and more often cut at --max-new-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from bench.eval_throughput import load_questions, machine_kind  # noqa: E402
+from mathtune.data import encode_prompt, format_prompt  # noqa: E402
+from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
+from mathtune.models.load import load_model  # noqa: E402
+from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
+
+
+def sample_all(sampler, model, prompts, per_call: int, samples: int) -> tuple[int, float]:
+    """(tokens decoded, seconds) for every question, ``per_call`` questions x G rows a call."""
+    tokens, started = 0, time.perf_counter()
+    for b in range(0, len(prompts), per_call):
+        rows = [ids for ids in prompts[b:b + per_call] for _ in range(samples)]
+        rollout = sampler.sample(model, rows, step=b)
+        # forced calculator tokens run through the model like the others; a loop stop's appended
+        # end-of-turn token was not decoded
+        tokens += sum(map(len, rollout.completion_ids)) - rollout.stop_reasons.count("loop")
+    return tokens, time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--data", choices=("auto", "gsm8k", "unit-conversion"), default="auto")
+    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--per-call", type=int, nargs="+", default=[4, 8, 16],
+                        help="questions sampled in one call, each size in turn (the first is the reference)")
+    parser.add_argument("--samples", type=int, default=8, help="samples per question (G)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--calculator", action=argparse.BooleanOptionalAction, default=None,
+                        help="the calculator (default: on for GSM8K questions, as GRPO runs them)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    bad = [n for n in args.per_call if n < 1 or args.questions % n]
+    if bad:
+        parser.error(f"--per-call {' '.join(map(str, bad))}: each size must be >= 1 and divide --questions "
+                     f"{args.questions}, so every size samples the same questions")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from mathtune.config import GenerationArgs
+    from mathtune.generation.rollout import RolloutSampler
+
+    questions, where = load_questions(args.data, args.questions)
+    calculator = where.startswith("GSM8K") if args.calculator is None else args.calculator
+    precision, reason = choose_precision(args.precision, "cpu")
+    loaded = load_model(args.model, dtype=torch.float32)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in questions]
+    settings = GenerationArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              num_samples=args.samples, calculator=calculator)
+    sampler = RolloutSampler(tokenizer, settings, seed=0,
+                             autocast_dtype=dtype_of(precision) if precision != "fp32" else None)
+    why_not = sampler.fast_path_serves(model)
+    if why_not is not None:
+        raise SystemExit(f"error: mathtune's fast path cannot serve this model: {why_not}")
+    print(f"model {args.model}; {where}; G {args.samples} at T {args.temperature}; max_new_tokens "
+          f"{args.max_new_tokens}; calculator {'on' if calculator else 'off'}; precision {precision} ({reason})")
+    print(f"machine   {machine_kind()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs; load avg {os.getloadavg()[0]:.2f}")
+    sampler.sample(model, [prompts[0]] * 2, step=-1)  # warm-up: vocabulary tables, kernel selection
+    reference = None
+    for per_call in args.per_call:
+        tokens, seconds = sample_all(sampler, model, prompts, per_call, args.samples)
+        per_question = seconds / len(prompts)
+        reference = reference or per_question
+        print(f"{per_call:3d} questions a call ({per_call * args.samples} rows): {tokens:,} tokens in {seconds:.1f} s, "
+              f"{tokens / seconds:.1f} tok/s, {per_question:.2f} s a question; cost a question "
+              f"{per_question / reference:.2f}× of {args.per_call[0]} a call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
