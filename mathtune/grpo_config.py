@@ -26,9 +26,6 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
 # auto: mathtune's sampler where its CPU fast path serves the model family, TRL's generation otherwise
 SAMPLERS = ("auto", "mathtune", "trl")
-# what GRPO does with a LoRA run dir given as --model (an SFT run): merge it into its base and train a
-# fresh LoRA on top, or train that same LoRA further
-SFT_ADAPTER_STARTS = ("merge", "continue")
 
 # TrainConfig fields that drive `train`'s supervised loss path only (supervised LM head, shared
 # system-turn pass, length grouping of SFT rows, compiled layers): GRPO's loss is TRL's, so a value
@@ -77,10 +74,6 @@ class GRPOSettings(TrainConfig):
     no_signal_steps: int = setting(10, "steps the no-signal guard looks back over: it stops the run when nine in ten "
                                        "or more of the question groups in them got all-equal rewards; with few questions a step, "
                                        "a longer window keeps a chance streak from stopping a run that learns")
-    sft_adapter: str = setting("merge", "with a LoRA run dir as --model: merge (fold its LoRA into the base, train a "
-                                        "fresh LoRA on top, keep the merged start in the run dir's start-model/) or "
-                                        "continue (train that LoRA further: its own rank and targets, no copy of the "
-                                        "model)", choices=SFT_ADAPTER_STARTS)
     sampler: str = setting("auto", "who samples: mathtune (its CPU fast path: one prefill per question group, the "
                                    "calculator, loop stop), trl (GRPOTrainer's own model.generate), or auto (mathtune "
                                    "where its fast path serves the model, trl otherwise, said once)", choices=SAMPLERS)
@@ -111,9 +104,6 @@ class GRPOSettings(TrainConfig):
             problems.append(f"--epsilon must be > 0 (got {self.epsilon})")
         if not (isinstance(self.no_signal_steps, int) and self.no_signal_steps >= 1):
             problems.append(f"--no-signal-steps must be a whole number >= 1 (got {self.no_signal_steps!r})")
-        if self.sft_adapter == "continue" and self.method != "lora":
-            problems.append(f"--sft-adapter continue trains the SFT run's LoRA: it needs --method lora (got "
-                            f"--method {self.method}); full fine-tuning starts from the merged model")
         if self.format_reward < 0:
             problems.append(f"--format-reward must be >= 0 (got {self.format_reward})")
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mathtune.config import build_config
-from mathtune.errors import MathtuneError, TrainingHalted
+from mathtune.errors import TrainingHalted
 from mathtune.grpo_config import GRPOSettings
 from mathtune.run_dir import RunDir
 from mathtune.training import grpo
@@ -313,20 +313,12 @@ def test_bad_grpo_settings_are_usage_errors(tiny_model_dir, tmp_path, capsys):
     from mathtune.cli import main  # in-process: the exit code and message are main()'s, as the CLI's
 
     code = main(["grpo", "--model", str(tiny_model_dir), "--num-generations", "3", "--batch-size", "4",
-                 "--temperature", "0", "--no-signal-steps", "0", "--sft-adapter", "continue", "--method", "full",
-                 "--output-dir", str(tmp_path / "run")])
+                 "--temperature", "0", "--no-signal-steps", "0", "--output-dir", str(tmp_path / "run")])
     stderr = capsys.readouterr().err
     assert code == 2
     assert "not a multiple of --num-generations 3" in stderr and "--temperature must be > 0" in stderr
     assert "--no-signal-steps must be a whole number >= 1 (got 0)" in stderr
-    assert "--sft-adapter continue trains the SFT run's LoRA: it needs --method lora (got --method full)" in stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def test_continuing_an_adapter_needs_an_adapter(tiny_model_dir, tmp_path):
-    with pytest.raises(MathtuneError, match=r"--sft-adapter continue: --model .* is not a LoRA run dir"):
-        grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", sft_adapter="continue"))
-    assert not (tmp_path / "run").exists()
 
 
 def test_max_time_stops_and_saves(tiny_model_dir, tmp_path, one_thread):

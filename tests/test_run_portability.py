@@ -117,62 +117,6 @@ def test_run_on_the_bundled_model_loads_with_peft_alone(tmp_path, one_thread, ca
     assert standalone["text"] == mathtune_text(run)
 
 
-def test_grpo_continuing_an_sft_adapter_trains_that_adapter_and_loads_without_a_model_copy(
-        tiny_model_dir, tmp_path, one_thread, capsys):
-    """--sft-adapter continue: the SFT run's own LoRA (its rank and targets, loaded trainable, dropout as
-    GRPO's settings say) trains further; the run dir names the SFT run's base, keeps no start-model, and
-    loads what was trained in mathtune and in PEFT alone."""
-    from safetensors.torch import load_file
-
-    from mathtune.config import build_config
-    from mathtune.grpo_config import GRPOSettings
-    from mathtune.models.load import load_model
-    from mathtune.training import grpo
-
-    sft = train_one_step(tiny_model_dir, tmp_path / "sft", learning_rate=5e-2, lora_r=8, lora_alpha=16,
-                         lora_dropout=0.1)
-    sft_adapter = json.loads((sft / "adapter_config.json").read_text())
-    run = tmp_path / "grpo"
-    session = grpo.setup(build_config(GRPOSettings, None, dict(
-        model=str(sft), sft_adapter="continue", lora_r=4, lora_alpha=8, task="unit-conversion", max_samples=4,
-        num_generations=2, batch_size=2, max_steps=1, max_completion_length=4, max_new_tokens=4,
-        learning_rate=5e-2, output_dir=str(run), precision="fp32", device="cpu", guards=False, seed=0,
-        sample_every=0, save_steps=1)))
-    assert "--lora-r 4, --lora-alpha 8 do not apply" in capsys.readouterr().err
-    assert (session.config.lora_r, session.config.lora_alpha) == (8, 16)  # the adapter's, saved and summarised
-    assert sorted(session.config.target_modules) == sorted(sft_adapter["target_modules"])
-    assert "LoRA r=8 alpha=16 (the run dir's LoRA, continued)" in grpo.start_summary(session)
-    adapter = session.model.peft_config["default"]
-    assert adapter.lora_dropout == 0.0 and not adapter.inference_mode  # GRPO's dropout, trainable
-    sft_weights = load_file(str(sft / "adapter_model.safetensors"))
-    live = {name: param for name, param in session.model.named_parameters() if param.requires_grad}
-    assert len(live) == len(sft_weights) and all("lora_" in name for name in live)
-    before = {name: param.detach().clone() for name, param in live.items()}
-
-    def alternating(prompts, completions, completion_ids, **kwargs):  # a signal, so the LoRA moves
-        rewards = [float(i % 2) for i in range(len(completions))]
-        session.rl_stats.record_scores(rewards, [len(c) for c in completion_ids], kwargs.get("stop_reason"), 0.0)
-        return rewards
-
-    session.trainer.reward_funcs[0] = alternating
-    grpo.run(session)
-    assert not (run / "start-model").exists()  # no ~540 MB copy: the base is the SFT run's
-    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        sft_adapter["base_model_name_or_path"]
-    trained = load_file(str(run / "adapter_model.safetensors"))
-    assert sorted(trained) == sorted(sft_weights)  # the same adapter, trained further
-    # it started from the SFT weights (not a fresh LoRA, whose B is zero) and moved away from them
-    assert all(float(b.abs().max()) > 0 for name, b in before.items() if "lora_B" in name)
-    assert max(float((live[name].detach() - before[name]).abs().max()) for name in live) > 1e-4
-
-    ids = torch.tensor([[1, 20, 300, 4000, 50]])
-    with torch.no_grad():
-        expected = session.model.eval()(input_ids=ids).logits
-        loaded = load_model(str(run), dtype=torch.float32).model.eval()
-        assert float((loaded(input_ids=ids).logits - expected).abs().max()) < 1e-4
-    assert generate_without_mathtune(run)["text"] == mathtune_text(run)
-
-
 def test_grpo_run_from_a_lora_run_loads_with_the_weights_it_trained(tiny_model_dir, tmp_path, one_thread):
     """GRPO from a LoRA run dir trains a fresh LoRA on the merged SFT weights: the run keeps those as
     start-model and every adapter of it names that dir, so mathtune, PEFT alone and a moved copy of the run

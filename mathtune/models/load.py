@@ -226,8 +226,6 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     merge_adapter: bool = False,
-    trainable_adapter: bool = False,
-    adapter_dropout: float | None = None,
 ) -> LoadedModel:
     """Load a model spec (see the module docstring) in eval mode on ``device``.
 
@@ -235,13 +233,7 @@ def load_model(
     plain model. For inference only: every linear layer then runs one matmul instead of three (the
     demo's 200-item eval: 14.5 s merged vs 20.4 s unmerged, bf16 on CPU). The merge is done in fp32 and only then cast to ``dtype``, so a
     bf16 model rounds W + BA once instead of adding a bf16-rounded delta to bf16-rounded weights.
-
-    ``trainable_adapter``: load a LoRA adapter with its weights trainable (PEFT's ``is_trainable``), to
-    train it further; ``adapter_dropout`` then replaces the dropout saved in its config (GRPO needs 0:
-    its sampler runs without dropout, so a loss pass with dropout would score another policy).
     """
-    if trainable_adapter and merge_adapter:
-        raise ValueError("load_model: trainable_adapter and merge_adapter exclude each other")
     kind, source = resolve_model_source(spec)
     base_spec = None
     if kind == "adapter":
@@ -259,15 +251,8 @@ def load_model(
             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         )
         try:
-            adapter_config = None
-            if adapter_dropout is not None:
-                from peft import PeftConfig
-
-                adapter_config = PeftConfig.from_pretrained(str(adapter_dir))
-                adapter_config.lora_dropout = adapter_dropout
             with _quiet_peft_deprecation():
-                model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=trainable_adapter,
-                                                  config=adapter_config)
+                model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise MathtuneError(
                 f"could not apply adapter {adapter_dir} to its base '{base_spec}': {first_line(exc)}"

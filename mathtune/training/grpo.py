@@ -293,19 +293,13 @@ def setup(config: GRPOSettings) -> GRPOSession:
     if placement.precision == "fp16":
         raise MathtuneError("mathtune grpo runs in bf16 or fp32: use --precision bf16 or fp32")
     run, resume_from = recipe.setup_run_dir_checks(config)
-    start = _adapter_start(config)
-    model, tokenizer = _setup_model(config, placement, start)
+    model, tokenizer = _setup_model(config, placement)
     # a LoRA run dir was merged: a fresh LoRA on top needs those merged weights as its base (below)
-    start_weights = dict(model.state_dict()) if start == "merge" and config.method == "lora" else None
+    start_weights = dict(model.state_dict()) if _starts_from_adapter(config) and config.method == "lora" else None
     dataset, judge_rule, calculator, dropped, sample_questions, sample_source = _setup_data(config, tokenizer)
     set_seed(config.seed)
-    if start == "continue":
-        config = _continued_lora_settings(config, model)
-    else:
-        config = recipe.setup_lora_targets(config, model)
-        model = _setup_trainable(config, placement, model)
-    if start == "continue" and placement.precision == "bf16" and config.bf16_frozen_base:
-        recipe.store_frozen_weights_in_bf16(model)
+    config = recipe.setup_lora_targets(config, model)
+    model = _setup_trainable(config, placement, model)
     seconds_offset = recipe.setup_run_dir(config, run, resume_from)
     if start_weights is not None:
         _keep_start_model(model, tokenizer, start_weights, run.root)
@@ -340,54 +334,21 @@ def setup(config: GRPOSettings) -> GRPOSession:
                        callbacks=callbacks, trainer=trainer, rl_stats=rl_stats)
 
 
-def _adapter_start(config: GRPOSettings) -> str | None:
-    """None when --model is not a LoRA run dir; else --sft-adapter: "merge" or "continue"."""
+def _starts_from_adapter(config: GRPOSettings) -> bool:
     from mathtune.models.spec import resolve_model_source
 
-    if resolve_model_source(config.model)[0] == "adapter":
-        return config.sft_adapter
-    if config.sft_adapter == "continue":
-        raise MathtuneError(f"--sft-adapter continue: --model {config.model} is not a LoRA run dir (no "
-                            f"adapter_config.json), so there is no adapter to continue: pass the SFT run dir, or "
-                            f"drop --sft-adapter")
-    return None
+    return resolve_model_source(config.model)[0] == "adapter"
 
 
-def _setup_model(config: GRPOSettings, placement, start: str | None):
+def _setup_model(config: GRPOSettings, placement):
     """fp32 master weights. A LoRA run dir (adapter) is merged into its base first: GRPO then trains a
-    fresh LoRA on top of the SFT model (``--method full``: every weight of the merged model); with
-    ``--sft-adapter continue`` its LoRA is loaded trainable instead, without dropout unless asked."""
+    fresh LoRA on top of the SFT model (``--method full``: every weight of the merged model)."""
     from mathtune.models.load import load_model
 
     loaded = load_model(config.model, device=distributed.local_device(placement.device), dtype=torch.float32,
                         trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle,
-                        merge_adapter=start == "merge", trainable_adapter=start == "continue",
-                        adapter_dropout=config.lora_dropout if start == "continue" else None)
+                        merge_adapter=_starts_from_adapter(config))
     return loaded.model, loaded.tokenizer
-
-
-def _continued_lora_settings(config: GRPOSettings, model) -> GRPOSettings:
-    """The continued adapter's own rank, alpha and targets, written into the run's settings (its saved
-    config, start summary and model card then name what trains); said once where the settings asked
-    for others, since those cannot apply to an adapter that already exists."""
-    adapter = model.peft_config["default"]
-    targets = sorted(adapter.target_modules) if not isinstance(adapter.target_modules, str) else [adapter.target_modules]
-    own = {"lora_r": adapter.r, "lora_alpha": adapter.lora_alpha, "target_modules": targets}
-    differ = [f"--{name.replace('_', '-')} {_flag_value(getattr(config, name))}" for name, value in own.items()
-              if getattr(config, name) is not None and _normalized(getattr(config, name)) != _normalized(value)]
-    if differ:
-        print(f"mathtune grpo: --sft-adapter continue trains {config.model}'s own LoRA (r {adapter.r}, alpha "
-              f"{adapter.lora_alpha:g}, {len(targets)} target modules): {', '.join(differ)} do not apply",
-              file=sys.stderr)
-    return dataclasses.replace(config, **own)
-
-
-def _normalized(value):
-    return sorted(value) if isinstance(value, (list, tuple)) else value
-
-
-def _flag_value(value) -> str:
-    return ",".join(value) if isinstance(value, (list, tuple)) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _keep_start_model(model, tokenizer, start_weights: dict, run_root: Path) -> None:
@@ -605,9 +566,6 @@ def start_summary(session: GRPOSession) -> str:
     trainable = sum(p.numel() for p in session.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in session.model.parameters())
     how = f"LoRA r={c.lora_r} alpha={c.lora_alpha}" if c.method == "lora" else "full fine-tuning"
-    start = _adapter_start(c)
-    if start is not None and c.method == "lora":
-        how += " (the run dir's LoRA, continued)" if start == "continue" else " (fresh, on the run dir's LoRA merged)"
     lines = [
         f"model: {describe_model(c.model)}; {how}: {trainable:,} trainable of {total:,} parameters",
         f"task: {c.task} (reward: judge {session.judge_rule}, 1 correct / 0 wrong"
