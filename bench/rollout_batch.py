@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,22 +30,11 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from bench.eval_throughput import load_questions, machine_kind  # noqa: E402
+from bench.sampling_throughput import mathtune_side  # noqa: E402
 from mathtune.data import encode_prompt, format_prompt  # noqa: E402
 from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
 from mathtune.models.load import load_model  # noqa: E402
 from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
-
-
-def sample_all(sampler, model, prompts, per_call: int, samples: int) -> tuple[int, float]:
-    """(tokens decoded, seconds) for every question, ``per_call`` questions x G rows a call."""
-    tokens, started = 0, time.perf_counter()
-    for b in range(0, len(prompts), per_call):
-        rows = [ids for ids in prompts[b:b + per_call] for _ in range(samples)]
-        rollout = sampler.sample(model, rows, step=b)
-        # forced calculator tokens run through the model like the others; a loop stop's appended
-        # end-of-turn token was not decoded
-        tokens += sum(map(len, rollout.completion_ids)) - rollout.stop_reasons.count("loop")
-    return tokens, time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -71,30 +59,22 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from mathtune.config import GenerationArgs
-    from mathtune.generation.rollout import RolloutSampler
-
     questions, where = load_questions(args.data, args.questions)
-    calculator = where.startswith("GSM8K") if args.calculator is None else args.calculator
+    args.calculator = where.startswith("GSM8K") if args.calculator is None else args.calculator
     precision, reason = choose_precision(args.precision, "cpu")
+    autocast = dtype_of(precision) if precision != "fp32" else None
     loaded = load_model(args.model, dtype=torch.float32)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in questions]
-    settings = GenerationArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              num_samples=args.samples, calculator=calculator)
-    sampler = RolloutSampler(tokenizer, settings, seed=0,
-                             autocast_dtype=dtype_of(precision) if precision != "fp32" else None)
-    why_not = sampler.fast_path_serves(model)
-    if why_not is not None:
-        raise SystemExit(f"error: mathtune's fast path cannot serve this model: {why_not}")
     print(f"model {args.model}; {where}; G {args.samples} at T {args.temperature}; max_new_tokens "
-          f"{args.max_new_tokens}; calculator {'on' if calculator else 'off'}; precision {precision} ({reason})")
+          f"{args.max_new_tokens}; calculator {'on' if args.calculator else 'off'}; precision {precision} ({reason})")
     print(f"machine   {machine_kind()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; load avg {os.getloadavg()[0]:.2f}")
-    sampler.sample(model, [prompts[0]] * 2, step=-1)  # warm-up: vocabulary tables, kernel selection
     reference = None
     for per_call in args.per_call:
-        tokens, seconds = sample_all(sampler, model, prompts, per_call, args.samples)
+        # sampling_throughput's mathtune side: a fresh sampler, a warm-up call, then every question
+        tokens, seconds = mathtune_side(model, tokenizer, prompts, argparse.Namespace(**{
+            **vars(args), "questions_per_batch": per_call}), autocast)
         per_question = seconds / len(prompts)
         reference = reference or per_question
         print(f"{per_call:3d} questions a call ({per_call * args.samples} rows): {tokens:,} tokens in {seconds:.1f} s, "
