@@ -29,28 +29,15 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from bench.eval_throughput import load_questions, machine_kind  # noqa: E402
-from bench.sampling_throughput import mathtune_side  # noqa: E402
-from mathtune.data import encode_prompt, format_prompt  # noqa: E402
-from mathtune.hardware import choose_precision, dtype_of  # noqa: E402
-from mathtune.models.load import load_model  # noqa: E402
-from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
+from bench.eval_throughput import machine_kind  # noqa: E402
+from bench.sampling_throughput import add_sampling_arguments, load_sampling_setup, mathtune_side  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--data", choices=("auto", "gsm8k", "unit-conversion"), default="auto")
-    parser.add_argument("--questions", type=int, default=16)
+    add_sampling_arguments(parser, questions=16, max_new_tokens=128)
     parser.add_argument("--per-call", type=int, nargs="+", default=[4, 8, 16],
                         help="questions sampled in one call, each size in turn (the first is the reference)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per question (G)")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    parser.add_argument("--calculator", action=argparse.BooleanOptionalAction, default=None,
-                        help="the calculator (default: on for GSM8K questions, as GRPO runs them)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     bad = [n for n in args.per_call if n < 1 or args.questions % n]
     if bad:
@@ -59,13 +46,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    questions, where = load_questions(args.data, args.questions)
-    args.calculator = where.startswith("GSM8K") if args.calculator is None else args.calculator
-    precision, reason = choose_precision(args.precision, "cpu")
-    autocast = dtype_of(precision) if precision != "fp32" else None
-    loaded = load_model(args.model, dtype=torch.float32)
-    model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in questions]
+    model, tokenizer, prompts, where, precision, reason, autocast = load_sampling_setup(args)
     print(f"model {args.model}; {where}; G {args.samples} at T {args.temperature}; max_new_tokens "
           f"{args.max_new_tokens}; calculator {'on' if args.calculator else 'off'}; precision {precision} ({reason})")
     print(f"machine   {machine_kind()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -82,22 +82,23 @@ def baseline_side(model, tokenizer, prompts, args, autocast) -> tuple[int, float
     return tokens, time.perf_counter() - started
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, questions: int, max_new_tokens: int) -> None:
+    """The flags of a GRPO sampling bench (this one and bench/rollout_batch.py): what is sampled and how."""
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", choices=("auto", "gsm8k", "unit-conversion"), default="auto")
-    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--questions", type=int, default=questions)
     parser.add_argument("--samples", type=int, default=8, help="samples per question (G)")
-    parser.add_argument("--questions-per-batch", type=int, default=8, help="questions sampled together (both sides)")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--calculator", action=argparse.BooleanOptionalAction, default=None,
-                        help="mathtune side's calculator (default: on for GSM8K questions)")
+                        help="mathtune's calculator (default: on for GSM8K questions, as GRPO runs them)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def load_sampling_setup(args: argparse.Namespace):
+    """(model, tokenizer, encoded prompts, where the questions came from, precision, why, autocast dtype);
+    ``args.calculator`` left unset becomes on for GSM8K questions."""
     questions, where = load_questions(args.data, args.questions)
     if args.calculator is None:
         args.calculator = where.startswith("GSM8K")
@@ -106,6 +107,17 @@ def main(argv=None) -> int:
     loaded = load_model(args.model, dtype=torch.float32)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     prompts = [encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in questions]
+    return model, tokenizer, prompts, where, precision, reason, autocast
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_sampling_arguments(parser, questions=64, max_new_tokens=256)
+    parser.add_argument("--questions-per-batch", type=int, default=8, help="questions sampled together (both sides)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, prompts, where, precision, reason, autocast = load_sampling_setup(args)
     print(f"model {args.model}; {where}; {args.samples} samples each at T {args.temperature}; max_new_tokens "
           f"{args.max_new_tokens}; {args.questions_per_batch} questions per call; precision {precision} ({reason}); "
           f"calculator {'on' if args.calculator else 'off'} (mathtune side)")
