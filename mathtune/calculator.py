@@ -161,12 +161,16 @@ class CalculatorForcing:
         self.pending: list[list[int]] = [[] for _ in range(rows)]
         self.calls: list[list[dict]] = [[] for _ in range(rows)]
         self.rows = list(range(rows))  # batch row of each tensor row
+        # tensor rows the last call forced (GRPO's env_mask reads them: a scan of the scores for -inf
+        # would also take tokens some other processor masked, and costs a pass over every logit)
+        self.forced_rows: list[int] = []
 
     def select(self, keep: list[int]) -> None:
         self.pending = [self.pending[j] for j in keep]
         self.rows = [self.rows[j] for j in keep]
 
     def __call__(self, input_ids, scores):
+        self.forced_rows = []
         if input_ids.shape[1] <= self.start:
             return scores
         last = input_ids[:, -1].cpu()
@@ -188,7 +192,7 @@ class CalculatorForcing:
                 forced[j] = tokens[0]
                 self.pending[j] = tokens[1:]
         if forced:
-            rows = list(forced)
+            rows = self.forced_rows = list(forced)
             scores[rows] = float("-inf")
             scores[rows, list(forced.values())] = 0.0
         return scores

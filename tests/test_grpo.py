@@ -125,6 +125,31 @@ class WriteCalculation:
         return scores
 
 
+class BanToken:
+    """A logits processor that bans one token with -inf, as a bad-words list does (no forcing)."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token] = float("-inf")
+        return scores
+
+
+def test_env_mask_holds_exactly_the_calculators_tokens_beside_a_processor_that_writes_minus_inf(
+        tiny_model_dir, tmp_path, one_thread):
+    """A forced token is one the calculator forced, not any row with a -inf logit: a processor that bans a
+    token leaves every other token the model chose in the loss (env_mask 1)."""
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", calculator=True))
+    sampler, tokenizer = session.trainer.rollout_func, session.tokenizer
+    sampler.logits_processors += [WriteCalculation(tokenizer), BanToken(tokenizer.encode("!", add_special_tokens=False)[0])]
+    rollout = sampler.sample(session.model, [sampler.encode("How many metres are 3 km?")] * 4, step=0)
+    for tokens, mask in zip(rollout.completion_ids, rollout.env_mask):
+        masked = [token for token, keep in zip(tokens, mask) if not keep]
+        assert tokenizer.decode(masked) in ("6>>", "6>>" + tokenizer.eos_token), (tokenizer.decode(tokens), mask)
+        assert sum(mask) == len(tokens) - len(masked) >= len(tokenizer.encode("<<2*3=", add_special_tokens=False))
+
+
 def test_calculator_tokens_are_masked_and_do_not_change_trls_loss(tiny_model_dir, tmp_path, one_thread):
     # TRL's per-row pass: the hook below perturbs its layout (the shared-prompt pass is tied to it below)
     session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", calculator=True, shared_prompt=False))

@@ -248,8 +248,9 @@ class RolloutSampler:
         forced = torch.zeros(len(state.live), dtype=torch.bool)
         if state.calculator is not None:
             # CalculatorForcing writes -inf over every token but the forced one, in the rows it forces
-            scores = state.calculator(decoder.sequences, scores.clone())
-            forced = torch.isneginf(scores).any(dim=-1).cpu()
+            # (in place: ``policy`` above is its own tensor), and names those rows
+            scores = state.calculator(decoder.sequences, scores)
+            forced[state.calculator.forced_rows] = True
         chosen = sampled_tokens(scores)
         # rows that ended earlier in this chunk decode on until the chunk's cut: feed them padding
         chosen = torch.where(torch.tensor(ended, device=chosen.device), gen.pad_id, chosen)
