@@ -526,6 +526,14 @@ def _field_type(f: dataclasses.Field):
     return None
 
 
+def add_method_arguments(parser: argparse.ArgumentParser, *, lora_help: str, full_help: str) -> None:
+    """``--lora`` / ``--full``: short for ``--method lora`` / ``--method full``, one or the other."""
+    method = parser.add_mutually_exclusive_group()
+    method.add_argument("--lora", dest="method", action="store_const", const="lora",
+                        help=f"{lora_help} (same as --method lora; the default)")
+    method.add_argument("--full", dest="method", action="store_const", const="full",
+                        help=f"train every weight (same as --method full; {full_help})")
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -155,3 +155,21 @@ def test_a_signal_landing_as_main_installs_its_handler_still_exits_143(tmp_path,
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["report", str(tmp_path)]) == cli.EXIT_SIGTERM  # never reaches report: 1 if it did
     assert signal.getsignal(signal.SIGTERM) == before  # main put the previous handler back
+
+
+@pytest.mark.parametrize("command", ["train", "grpo"])
+def test_lora_and_full_are_short_for_method_and_exclude_each_other(command, capsys):
+    from mathtune.grpo_config import GRPOSettings
+
+    settings = {"train": TrainConfig, "grpo": GRPOSettings}[command]
+    parser = cli.build_parser(only=command)
+
+    def method(argv):
+        return config_from_args(settings, parser.parse_args([command, *argv])).method
+
+    assert (method([]), method(["--full"]), method(["--lora"]), method(["--method", "full"])) == (
+        "lora", "full", "lora", "full")
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([command, "--lora", "--full"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument --lora" in capsys.readouterr().err

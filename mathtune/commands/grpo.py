@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 
-from mathtune.config import add_config_arguments, config_from_args
+from mathtune.config import add_config_arguments, add_method_arguments, config_from_args
 from mathtune.grpo_config import SFT_ONLY_FIELDS, GRPOSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML recipe (e.g. configs/smollm2-135m/grpo-gsm8k-cpu.yaml); flags win")
     add_config_arguments(parser, GRPOSettings, skip=SFT_ONLY_FIELDS)
-    method = parser.add_mutually_exclusive_group()
-    method.add_argument("--lora", dest="method", action="store_const", const="lora",
-                        help="a fresh LoRA adapter on the (merged) starting model (same as --method lora; the default)")
-    method.add_argument("--full", dest="method", action="store_const", const="full",
-                        help="train every weight (same as --method full)")
+    add_method_arguments(parser, lora_help="a fresh LoRA adapter on the (merged) starting model",
+                         full_help="--learning-rate's default, 1e-5, is set for it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 
-from mathtune.config import TrainConfig, add_config_arguments, config_from_args
+from mathtune.config import TrainConfig, add_config_arguments, add_method_arguments, config_from_args
 from mathtune.run_dir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML recipe (e.g. configs/smollm2-135m/lora-unit-conversion.yaml); flags win")
     add_config_arguments(parser, TrainConfig)
-    method = parser.add_mutually_exclusive_group()
-    method.add_argument("--lora", dest="method", action="store_const", const="lora",
-                        help="LoRA adapters on a frozen base (same as --method lora; the default)")
-    method.add_argument("--full", dest="method", action="store_const", const="full",
-                        help="train every weight (same as --method full; use a ~10x lower --learning-rate)")
+    add_method_arguments(parser, lora_help="LoRA adapters on a frozen base",
+                         full_help="use a ~10x lower --learning-rate")
 
 
 def comparison_lines(comparison: dict) -> list[str]:
