@@ -38,13 +38,13 @@ from mathtune.models.load import load_model  # noqa: E402
 from mathtune.models.spec import DEFAULT_MODEL  # noqa: E402
 
 
-def mathtune_side(model, tokenizer, prompts, args, autocast) -> tuple[int, float]:
+def mathtune_side(model, tokenizer, prompts, args, autocast, merge_lora: bool = True) -> tuple[int, float]:
     from mathtune.config import GenerationArgs
     from mathtune.generation.rollout import RolloutSampler
 
     settings = GenerationArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               num_samples=args.samples, calculator=args.calculator)
-    sampler = RolloutSampler(tokenizer, settings, seed=0, autocast_dtype=autocast)
+    sampler = RolloutSampler(tokenizer, settings, seed=0, autocast_dtype=autocast, merge_lora=merge_lora)
     why_not = sampler.fast_path_serves(model)
     if why_not is not None:
         raise SystemExit(f"error: mathtune's fast path cannot serve this model: {why_not}")

@@ -365,13 +365,17 @@ def test_sampled_tokens_draw_from_the_softmax_and_never_a_masked_token():
     assert sampled_tokens(forced).tolist() == [0, 49151, 777]
 
 
-def test_sampling_kernel_bench_runs_and_reports_a_ratio(capsys):
+def load_bench(name: str):
+    """bench/NAME.py as a module (the benches are scripts, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sampling_kernel", Path(__file__).resolve().parents[1]
-                                                  / "bench" / "sampling_kernel.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+def test_sampling_kernel_bench_runs_and_reports_a_ratio(capsys):
+    bench = load_bench("sampling_kernel")
     assert bench.main(["--rows", "3", "--vocab", "64", "--repeats", "2", "--rounds", "1",
                        "--check-draws", "20000"]) == 0
     out = capsys.readouterr().out
@@ -524,13 +528,18 @@ def test_generations_select_and_merge_keep_every_per_item_field(varied_model, sm
         Generations.merge(parts[:1], len(QUESTIONS))
 
 
-def test_rollout_batch_bench_samples_every_size_and_reports_ratios(tiny_model_dir, capsys):
-    import importlib.util
+def test_lora_merge_bench_samples_both_ways_the_same_tokens_and_prints_a_speed_up(tiny_model_dir, capsys):
+    bench = load_bench("rollout_lora_merge")
+    assert bench.main(["--model", str(tiny_model_dir), "--data", "unit-conversion", "--questions", "2",
+                       "--per-call", "1", "--samples", "2", "--max-new-tokens", "4", "--threads", "1",
+                       "--rounds", "1", "--lora-r", "2"]) == 0
+    out = capsys.readouterr().out
+    rounds = [line.split() for line in out.splitlines() if line.startswith("round 1")]
+    assert [r[2] for r in rounds] == ["unmerged", "merged"] and rounds[0][3] == rounds[1][3]  # same tokens
+    assert "merge + unmerge:" in out and out.strip().splitlines()[-1].startswith("speed-up: ")
 
-    spec = importlib.util.spec_from_file_location("rollout_batch", Path(__file__).resolve().parents[1]
-                                                  / "bench" / "rollout_batch.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_rollout_batch_bench_samples_every_size_and_reports_ratios(tiny_model_dir, capsys):
+    bench = load_bench("rollout_batch")
     assert bench.main(["--model", str(tiny_model_dir), "--data", "unit-conversion", "--questions", "2",
                        "--per-call", "1", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "questions a call" in line]

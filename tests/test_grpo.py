@@ -94,6 +94,83 @@ def test_sampler_logprobs_equal_the_current_policy_after_an_update(tiny_model_di
                                                                                    worst_entropy)
 
 
+class SeesLoraMerged:
+    """A logits processor that records, at each decode step, whether the model's LoRA is merged."""
+
+    def __init__(self, layers):
+        self.layers, self.seen = layers, []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(all(layer.merged for layer in self.layers))
+        return scores
+
+
+def test_a_lora_policy_samples_merged_the_tokens_and_logprobs_of_its_unmerged_adapter(tiny_model_dir, tmp_path,
+                                                                                       one_thread):
+    """The sampler folds the LoRA into the base weights while it decodes and takes it out after: the same
+    draws and log-probabilities as the unmerged adapter, the base weights back to float32 rounding."""
+    from peft.tuners.lora import LoraLayer
+
+    from mathtune.generation.rollout import RolloutSampler
+
+    session = grpo.setup(grpo_config(tiny_model_dir, tmp_path / "run", temperature=0.7))
+    model, sampler = session.model, session.trainer.rollout_func
+    assert "LoRA merged while sampling" in grpo.start_summary(session)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B is zero at the start, which would make merging a no-op
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+    base = {id(layer): layer.get_base_layer().weight.detach().clone() for layer in layers}
+    ids = [sampler.encode("How many metres are 3 km?")] * 4 + [sampler.encode("Convert 2 hours to minutes.")] * 4
+
+    rollouts, seen = {}, {}
+    for merge in (True, False):
+        watch = SeesLoraMerged(layers)
+        twin = RolloutSampler(sampler.tokenizer, sampler.settings, seed=0, logits_processors=[watch],
+                              merge_lora=merge)
+        rollouts[merge], seen[merge] = twin.sample(model, ids, step=3), set(watch.seen)
+        assert not any(layer.merged for layer in layers)
+    assert seen == {True: {True}, False: {False}}
+    assert rollouts[True].completion_ids == rollouts[False].completion_ids
+    assert len(set(map(tuple, rollouts[True].completion_ids))) > 1
+    worst = max(abs(a - b) for merged, plain in zip(rollouts[True].logprobs, rollouts[False].logprobs)
+                for a, b in zip(merged, plain))
+    assert worst <= 1e-5, worst
+    # unmerging subtracted the delta it added: float32 rounding of the merged weight, nothing more
+    for layer in layers:
+        before, after = base[id(layer)], layer.get_base_layer().weight.detach()
+        delta = layer.get_delta_weight("default")
+        assert float(delta.abs().max()) > 1e-3
+        assert float((after - before).abs().max()) <= 2 ** -23 * float((before.abs() + delta.abs()).max())
+
+
+def test_lora_merged_leaves_a_bf16_base_alone_and_unmerges_on_an_error(tiny_model):
+    from peft.tuners.lora import LoraLayer
+
+    from mathtune.models.load import apply_lora, lora_merge_blocker, lora_merged
+
+    assert lora_merge_blocker(tiny_model) == "no LoRA adapter"
+    bf16 = apply_lora(build_tiny_copy(tiny_model, torch.bfloat16), r=2, alpha=4, dropout=0.0)
+    with lora_merged(bf16) as why_not:
+        assert "bfloat16" in why_not and "float32 only" in why_not
+        assert not any(m.merged for m in bf16.modules() if isinstance(m, LoraLayer))
+
+    fp32 = apply_lora(tiny_model, r=2, alpha=4, dropout=0.0)
+    layers = [m for m in fp32.modules() if isinstance(m, LoraLayer)]
+    with pytest.raises(RuntimeError, match="mid-rollout"):
+        with lora_merged(fp32) as why_not:
+            assert why_not is None and all(layer.merged for layer in layers)
+            raise RuntimeError("mid-rollout")
+    assert not any(layer.merged for layer in layers)
+
+
+def build_tiny_copy(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
 def test_sampler_stops_on_nonfinite_logits(tiny_model_dir, tmp_path, one_thread):
     """A NaN in the weights reaches every logit of a row; the sampler finds it from the chosen tokens'
     log-probabilities and stops with the cause, instead of sampling from garbage."""

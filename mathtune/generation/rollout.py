@@ -13,6 +13,10 @@ in a row, and expects one completion per prompt back (TRL 1.16 grpo_trainer.py:2
                          plain temperature sampling from softmax(logits / T), no top-k/top-p, which is
                          exactly the distribution TRL's loss scores (its fused LM head divides the
                          logits by the same temperature), so the samples are on-policy
+  LoRA merged            a LoRA policy decodes with its adapter folded into the float32 base weights
+                         and taken out after (``models.load.lora_merged``: PEFT's merge_adapter /
+                         unmerge_adapter): one matmul a projection instead of five ops, the same
+                         distribution to float32 rounding (tests/test_grpo.py)
   logprobs, entropies    log softmax(logits / T) of each chosen token, before any forcing: the
                          policy's own logprob (TRL uses them only for importance sampling; tests
                          check them against a forward pass of the policy), and the entropy of that
@@ -115,13 +119,16 @@ class RolloutSampler:
     """
 
     def __init__(self, tokenizer, settings: GenerationArgs, *, seed: int = 0, autocast_dtype: torch.dtype | None = None,
-                 logits_processors: Sequence = ()):
+                 logits_processors: Sequence = (), merge_lora: bool = True):
         self.tokenizer = tokenizer
         # run on the tempered scores before the calculator; tests use them to script what a model writes
         self.logits_processors = list(logits_processors)
         self.settings = settings.resolved(None).validate()  # calculator: as the command decided it
         self.seed = seed
         self.autocast_dtype = autocast_dtype  # the trainer's mixed precision (None: fp32)
+        # a LoRA policy samples with its adapter merged into the base weights (models.load.lora_merged)
+        self.merge_lora = merge_lora
+        self.lora_unmerged_why: str | None = None  # why the last call sampled an unmerged LoRA, if it did
         self.generator = None  # mathtune's Generator for the model sampled last: owns the fast-path switch
         self._encoded: dict[str, list[int]] = {}
         self.last: Rollout | None = None
@@ -179,6 +186,7 @@ class RolloutSampler:
         """Eval mode, no autograd, the trainer's autocast, the fast-path attention switched in; the caller's
         random streams and training mode restored afterwards."""
         from mathtune.generation.engine import Generator, contiguous_head_input
+        from mathtune.models.load import lora_merged
 
         if self.generator is None or self.generator.model is not model:
             self.generator = Generator(model, self.tokenizer, progress=False)
@@ -188,9 +196,11 @@ class RolloutSampler:
         was_training = model.training
         model.eval()
         rng_devices = [device.index or 0] if device.type == "cuda" else []
+        merged = lora_merged(model) if self.merge_lora else contextlib.nullcontext("merging switched off")
         try:
             with (torch.no_grad(), torch.random.fork_rng(devices=rng_devices), autocast,
-                  self.generator.fast_path() as fast, contiguous_head_input(model)):
+                  self.generator.fast_path() as fast, contiguous_head_input(model), merged as unmerged_why):
+                self.lora_unmerged_why = unmerged_why
                 yield fast
         finally:
             model.train(was_training)

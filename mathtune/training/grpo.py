@@ -435,6 +435,10 @@ def _setup_sampler(config: GRPOSettings, placement, model, tokenizer, calculator
     why_not = rollout.fast_path_serves(model)
     if why_not is None:
         how = "mathtune's fast path: one prefill per question group"
+        if rollout.lora_unmerged_why is None:
+            how += ", LoRA merged while sampling"
+        elif rollout.lora_unmerged_why != "no LoRA adapter":
+            how += f", LoRA unmerged ({rollout.lora_unmerged_why})"
         return "mathtune", f"{how}{', calculator on (forced tokens masked)' if calculator else ''}", rollout
     if config.sampler == "mathtune":
         raise MathtuneError(f"--sampler mathtune: its fast path cannot serve this model ({why_not}): use --sampler "
