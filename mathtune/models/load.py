@@ -361,7 +361,7 @@ def lora_merged(model):
 
     Why: an unmerged LoRA projection runs the base matmul, then A, B, the scale and an add, five ops
     where a merged one runs one, and a decode step of SmolLM2-135M has 210 such projections (30 layers
-    x 7): on a 2-core fp32 CPU the GRPO sampler ran 1.20x faster merged, for a merge + unmerge of 0.38 s
+    x 7): on a 2-core fp32 CPU the GRPO sampler ran 1.20x faster merged, for a merge + unmerge of 0.4-0.6 s
     a rollout call (bench/rollout_lora_merge.py). Yields None when merged, else why not
     (``lora_merge_blocker``); the model is then left as it is."""
     why_not = lora_merge_blocker(model)
