@@ -534,6 +534,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, lora_help: str, ful
     method.add_argument("--full", dest="method", action="store_const", const="full",
                         help=f"train every weight (same as --method full; {full_help})")
 
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -338,10 +338,11 @@ def _lora_layers(model) -> list:
 def lora_merge_blocker(model) -> str | None:
     """Why ``lora_merged`` would leave ``model``'s LoRA unmerged, or None when it merges.
 
-    Only float32 base weights merge: unmerging subtracts the same delta again, which gives a float32
-    weight back to within about one unit in its last place (2^-24 ~ 6e-8 relative: a run of 1,000
-    rollouts drifts ~1e-6 at worst), but a bfloat16 weight only to within 2^-9 ~ 2e-3 relative, and
-    1,000 rollouts of that would train the LoRA on top of a different model."""
+    Only float32 base weights merge: adding the delta and subtracting it again gives a float32 weight
+    back to within two roundings (each at most 2^-24 ~ 6e-8 relative), a random walk over a run: after
+    1,000 rollouts ~sqrt(1000) x 6e-8 ~ 2e-6 relative typically, 1.2e-4 if every rounding went one way.
+    A bfloat16 weight rounds at 2^-9 ~ 2e-3 relative, so 1,000 rollouts would walk it ~6e-2: the LoRA
+    would train on top of a different model."""
     layers = _lora_layers(model)
     if not layers:
         return "no LoRA adapter"
