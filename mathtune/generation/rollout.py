@@ -128,7 +128,6 @@ class RolloutSampler:
         self.autocast_dtype = autocast_dtype  # the trainer's mixed precision (None: fp32)
         # a LoRA policy samples with its adapter merged into the base weights (models.load.lora_merged)
         self.merge_lora = merge_lora
-        self.lora_unmerged_why: str | None = None  # why the last call sampled an unmerged LoRA, if it did
         self.generator = None  # mathtune's Generator for the model sampled last: owns the fast-path switch
         self._encoded: dict[str, list[int]] = {}
         self.last: Rollout | None = None
@@ -196,11 +195,10 @@ class RolloutSampler:
         was_training = model.training
         model.eval()
         rng_devices = [device.index or 0] if device.type == "cuda" else []
-        merged = lora_merged(model) if self.merge_lora else contextlib.nullcontext("merging switched off")
+        merged = lora_merged(model) if self.merge_lora else contextlib.nullcontext()
         try:
             with (torch.no_grad(), torch.random.fork_rng(devices=rng_devices), autocast,
-                  self.generator.fast_path() as fast, contiguous_head_input(model), merged as unmerged_why):
-                self.lora_unmerged_why = unmerged_why
+                  self.generator.fast_path() as fast, contiguous_head_input(model), merged):
                 yield fast
         finally:
             model.train(was_training)

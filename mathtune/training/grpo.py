@@ -426,6 +426,7 @@ def _planned_steps(config: GRPOSettings, questions: int) -> int:
 def _setup_sampler(config: GRPOSettings, placement, model, tokenizer, calculator: bool):
     """("mathtune" | "trl", why, the rollout_func or None). Decided once, on a probe through the real fast path."""
     from mathtune.generation.rollout import RolloutSampler
+    from mathtune.models.load import lora_merge_blocker
 
     if config.sampler == "trl":
         return "trl", "--sampler trl", None
@@ -435,10 +436,11 @@ def _setup_sampler(config: GRPOSettings, placement, model, tokenizer, calculator
     why_not = rollout.fast_path_serves(model)
     if why_not is None:
         how = "mathtune's fast path: one prefill per question group"
-        if rollout.lora_unmerged_why is None:
+        unmerged_why = lora_merge_blocker(model)  # what the sampler's lora_merged will find at each call
+        if unmerged_why is None:
             how += ", LoRA merged while sampling"
-        elif rollout.lora_unmerged_why != "no LoRA adapter":
-            how += f", LoRA unmerged ({rollout.lora_unmerged_why})"
+        elif unmerged_why != "no LoRA adapter":
+            how += f", LoRA unmerged ({unmerged_why})"
         return "mathtune", f"{how}{', calculator on (forced tokens masked)' if calculator else ''}", rollout
     if config.sampler == "mathtune":
         raise MathtuneError(f"--sampler mathtune: its fast path cannot serve this model ({why_not}): use --sampler "
