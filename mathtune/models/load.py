@@ -251,7 +251,7 @@ def load_model(
             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         )
         try:
-            with _quiet_peft_deprecation():
+            with quiet_checkpointing_deprecation():
                 model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise MathtuneError(
@@ -321,9 +321,10 @@ def _linear_module_names(model) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_peft_deprecation():
-    """PEFT 0.21 calls transformers 5's deprecated ``is_gradient_checkpointing``: a FutureWarning
-    about library internals on every LoRA load, nothing a user can act on. Only that one is hidden."""
+def quiet_checkpointing_deprecation():
+    """PEFT 0.21 (on every LoRA load) and TRL 1.16 (``GRPOTrainer``'s scoring pass) call transformers 5's
+    deprecated ``is_gradient_checkpointing``: a FutureWarning about library internals, nothing a user can
+    act on. Only that one is hidden."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
@@ -428,6 +429,6 @@ def apply_lora(
         target_modules=targets,
         bias="none",
     )
-    with _quiet_peft_deprecation():
+    with quiet_checkpointing_deprecation():
         return get_peft_model(model, config)
 

@@ -509,6 +509,8 @@ class GRPOProgress(ConsoleProgress):
 
 
 def run(session: GRPOSession) -> GRPOResult:
+    from mathtune.models.load import quiet_checkpointing_deprecation
+
     config, trainer, callbacks = session.config, session.trainer, session.callbacks
     if config.guards:
         from mathtune import guards
@@ -523,7 +525,7 @@ def run(session: GRPOSession) -> GRPOResult:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
     try:
-        with signals_stop_training(callbacks.interrupt):
+        with signals_stop_training(callbacks.interrupt), quiet_checkpointing_deprecation():
             trainer.train(resume_from_checkpoint=session.resume_from)
     except TrainingHalted:
         callbacks.progress.close()
