@@ -125,6 +125,14 @@ def _grpo_trainer_class():
             self.shared_prompt = shared_prompt
             self.loss_inputs: dict | None = None  # the micro-batch compute_loss is scoring (_score_completions)
 
+        def train(self, *args, **kwargs):
+            # GRPOTrainer's scoring pass asks transformers' deprecated is_gradient_checkpointing: hidden here, so
+            # every caller of this trainer (the command, the Python API, the benches) is spared the library noise
+            from mathtune.models.load import quiet_checkpointing_deprecation
+
+            with quiet_checkpointing_deprecation():
+                return super().train(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.loss_inputs = inputs
             try:
@@ -509,8 +517,6 @@ class GRPOProgress(ConsoleProgress):
 
 
 def run(session: GRPOSession) -> GRPOResult:
-    from mathtune.models.load import quiet_checkpointing_deprecation
-
     config, trainer, callbacks = session.config, session.trainer, session.callbacks
     if config.guards:
         from mathtune import guards
@@ -525,7 +531,7 @@ def run(session: GRPOSession) -> GRPOResult:
         print(f"resuming from {session.resume_from}")
     started = time.perf_counter()
     try:
-        with signals_stop_training(callbacks.interrupt), quiet_checkpointing_deprecation():
+        with signals_stop_training(callbacks.interrupt):
             trainer.train(resume_from_checkpoint=session.resume_from)
     except TrainingHalted:
         callbacks.progress.close()
